@@ -1,0 +1,13 @@
+"""hf_flash: tiled Triton attention and a paged KV cache for Hugging Face Transformers.
+
+``import hf_flash`` registers the attention implementation ``"hf_flash"``; then
+``AutoModelForCausalLM.from_pretrained(name, attn_implementation="hf_flash")`` runs every forward, generate and
+perplexity pass through hf_flash's kernels.
+"""
+from .integration import register
+from .ops import attention, attention_varlen, attention_with_kvcache, merge_state
+
+__version__ = "0.1.0"
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "merge_state", "register", "__version__"]
+
+register()

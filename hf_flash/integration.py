@@ -1,0 +1,70 @@
+"""Glue between transformers and ``hf_flash.ops``.
+
+transformers treats every ``attn_implementation`` whose name contains "flash" as a flash-attn request: it loads
+that implementation's ``flash_attn_func`` / ``flash_attn_varlen_func`` through the private hook
+``modeling_flash_attention_utils._lazy_imports`` and fails for any name it does not know. We answer that hook
+for ``"hf_flash"`` with flash-attn-compatible functions built on ``hf_flash.ops``, so transformers' own flash
+path (unpadding to varlen, packed sequences, sliding window, soft-cap) runs our kernels, and register an attention
+function and the 2-D mask function under the same name (without a mask function every layer would silently get
+``attention_mask=None``). Checked against transformers 5.17 and 5.23.
+"""
+import torch
+import transformers.modeling_flash_attention_utils as flash_utils
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.flash_attention import flash_attention_forward
+from transformers.masking_utils import flash_attention_mask
+
+from . import ops
+
+NAME = "hf_flash"
+
+
+def _check_inference(dropout_p):
+    if dropout_p:
+        raise ValueError(f"hf_flash has no attention dropout (dropout_p={dropout_p}); call model.eval() first")
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    deterministic=False, return_attn_probs=False):
+    """``flash_attn.flash_attn_func`` on ``hf_flash.ops.attention`` (``deterministic``: always)."""
+    _check_inference(dropout_p)
+    return ops.attention(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=tuple(window_size),
+                         softcap=softcap or 0.0, return_softmax_lse=return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, deterministic=False,
+                           return_attn_probs=False):
+    """``flash_attn.flash_attn_varlen_func`` on ``hf_flash.ops.attention_varlen``."""
+    _check_inference(dropout_p)
+    # transformers' collators and position-id helpers produce int64 offsets; the kernels index with int32.
+    return ops.attention_varlen(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), softmax_scale=softmax_scale,
+                                causal=causal, window_size=tuple(window_size), softcap=softcap or 0.0,
+                                return_softmax_lse=return_attn_probs)
+
+
+def _lazy_imports(implementation, attention_wrapper=None, allow_all_kernels=False):
+    """Serve hf_flash's functions for our name; defer to transformers for every other implementation."""
+    if implementation is not None and implementation.removeprefix("paged|") == NAME:
+        # No flash_attn_with_kvcache: transformers only uses it for names matching "flash.*[23]".
+        return flash_attn_func, flash_attn_varlen_func, None, flash_utils._pad_input, flash_utils._unpad_input
+    return _transformers_lazy_imports(implementation, attention_wrapper, allow_all_kernels=allow_all_kernels)
+
+
+def hf_flash_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """The attention function registered as ``"hf_flash"``: query ``[B, H, S, D]`` -> ``([B, S, H, D], None)``."""
+    if module.training and torch.is_grad_enabled():
+        raise NotImplementedError("hf_flash is inference-only (no backward pass); use model.eval(), or "
+                                  "attn_implementation='sdpa' for training")
+    return flash_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+_transformers_lazy_imports = flash_utils._lazy_imports
+
+
+def register():
+    """Make ``attn_implementation="hf_flash"`` loadable (idempotent)."""
+    if flash_utils._lazy_imports is not _lazy_imports:
+        flash_utils._lazy_imports = _lazy_imports
+    AttentionInterface.register(NAME, hf_flash_attention_forward)
+    AttentionMaskInterface.register(NAME, flash_attention_mask)

@@ -1,0 +1,360 @@
+"""hf_flash's functional API, with the argument names flash-attn users know.
+
+Every function validates its inputs (a ``ValueError`` naming the argument, never a CUDA crash), brings them into
+the launchers' common form (see ``hf_flash.kernels``) and dispatches by device: CUDA tensors (and CPU tensors
+under ``TRITON_INTERPRET=1``) run the Triton kernels, anything else runs ``hf_flash.torch_backend``.
+
+Causal masks are aligned to the bottom-right corner when ``q_len != k_len``; with ``seqlen_q = 2`` and
+``seqlen_k = 5`` (1 = keep)::
+
+    1 1 1 1 0
+    1 1 1 1 1
+"""
+import contextlib
+import math
+import os
+
+import torch
+
+from . import torch_backend
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_forced_backend = None
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Force ``"triton"`` or ``"torch"`` for every call inside the block (tests, benchmarks)."""
+    global _forced_backend
+    if name not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {name!r}")
+    previous, _forced_backend = _forced_backend, name
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
+
+def _backend(device):
+    """The module whose launchers run on ``device``: Triton kernels or the torch path."""
+    name = _forced_backend or ("triton" if device.type == "cuda" or _INTERPRET else "torch")
+    if name == "torch":
+        return torch_backend
+    from . import kernels  # imported lazily: triton.jit reads TRITON_INTERPRET when it decorates
+
+    return kernels.backend()
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _check_tensor(name, t, ndim, *, dtypes=_DTYPES, in_place=False):
+    """Type, rank and dtype of ``t``; returns it with a unit last stride (copying unless it is written in place)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, dtypes))}")
+    if t.stride(-1) == 1 or t.shape[-1] == 1:
+        return t
+    if in_place:
+        raise ValueError(f"{name} must have a contiguous last dimension (it is updated in place)")
+    return t.contiguous()
+
+
+def _check_qkv(q, k, v, *, batch_dims):
+    """Checks shared by every entry point; returns q, k, v with a unit last stride."""
+    q = _check_tensor("q", q, batch_dims + 2)
+    k = _check_tensor("k", k, batch_dims + 2)
+    v = _check_tensor("v", v, batch_dims + 2)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must match")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    head_dim = q.shape[-1]
+    if head_dim > 256 or head_dim % 8 != 0:
+        raise ValueError(f"q's head dim must be a multiple of 8 and at most 256, got {head_dim}")
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k's head dim {k.shape[-1]} differs from q's {head_dim}")
+    if q.shape[-2] % k.shape[-2] != 0:
+        raise ValueError(f"q's {q.shape[-2]} heads are not a multiple of k's {k.shape[-2]} heads (GQA groups)")
+    return q, k, v
+
+
+def _check_options(softmax_scale, window_size, softcap, head_dim):
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    elif not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
+    if softcap is None:
+        softcap = 0.0
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
+    return float(softmax_scale), (int(window_size[0]), int(window_size[1])), float(softcap)
+
+
+def _check_cu_seqlens(name, cu, total, device):
+    """``cu`` must be int32 ``[B+1]``, start at 0, never decrease and end at ``total``; returns its lengths."""
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype != torch.int32:
+        raise ValueError(f"{name} must be a 1-D int32 tensor of batch_size + 1 offsets, got "
+                         f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    host = cu.tolist()
+    if host[0] != 0 or any(b < a for a, b in zip(host, host[1:])):
+        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {host[:8]}{'...' if len(host) > 8 else ''}")
+    if total is not None and host[-1] != total:
+        raise ValueError(f"{name} ends at {host[-1]} but the packed tensor has {total} tokens")
+    return cu[1:] - cu[:-1], max(b - a for a, b in zip(host, host[1:]))
+
+
+def _check_lengths(name, lens, batch, device):
+    if isinstance(lens, int):
+        return torch.full((batch,), lens, dtype=torch.int32, device=device)
+    if not isinstance(lens, torch.Tensor) or lens.shape != (batch,) or lens.dtype != torch.int32:
+        raise ValueError(f"{name} must be an int or an int32 tensor of shape ({batch},), got "
+                         f"{getattr(lens, 'dtype', type(lens).__name__)} {tuple(getattr(lens, 'shape', ()))}")
+    if lens.device != device:
+        raise ValueError(f"{name} is on {lens.device} but q is on {device}")
+    return lens
+
+
+def _check_block_table(block_table, batch, device):
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.dtype != torch.int32:
+        raise ValueError(f"block_table must be a 2-D int32 tensor [batch, max_pages], got "
+                         f"{getattr(block_table, 'dtype', type(block_table).__name__)} "
+                         f"{tuple(getattr(block_table, 'shape', ()))}")
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table has {block_table.shape[0]} rows but the batch has {batch} sequences")
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
+
+
+# ------------------------------------------------------------------------------------------------ the API
+
+
+def _run_prefill(q4, k4, v4, q_start, q_len, k_start, k_len, max_seqlen_q, *, softmax_scale, causal, window,
+                 softcap, block_table=None, out=None):
+    """Allocate outputs and call the backend's prefill launcher; q4/k4/v4 are in the launchers' 4-D form."""
+    batch, rows, heads, _ = q4.shape
+    out = torch.empty_like(q4) if out is None else out
+    lse = torch.empty((batch, heads, rows), dtype=torch.float32, device=q4.device)
+    _backend(q4.device).prefill(
+        q4, k4, v4, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, softmax_scale=softmax_scale,
+        causal=causal, window_left=window[0], window_right=window[1], softcap=softcap, block_table=block_table)
+    return out, lse
+
+
+def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+              return_softmax_lse=False):
+    """Exact attention over a padded-free batch.
+
+    Args:
+        q: ``[batch, seqlen_q, nheads, headdim]``, fp16 / bf16 / fp32.
+        k, v: ``[batch, seqlen_k, nheads_k, headdim]``; ``nheads`` must be a multiple of ``nheads_k`` (GQA/MQA).
+        softmax_scale: defaults to ``1 / sqrt(headdim)``.
+        causal: bottom-right aligned causal mask.
+        window_size: ``(left, right)`` sliding window; ``-1`` means unbounded.
+        softcap: ``softcap * tanh(scores / softcap)`` on the scaled scores; 0 disables it.
+        return_softmax_lse: also return the natural-log log-sum-exp ``[batch, nheads, seqlen_q]`` (float32).
+
+    Returns:
+        ``out [batch, seqlen_q, nheads, headdim]`` (and the lse). Rows that see no key give 0 (lse ``-inf``).
+    """
+    q, k, v = _check_qkv(q, k, v, batch_dims=2)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {q.shape[0]}")
+    softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
+    batch, seqlen_q = q.shape[:2]
+    zeros = torch.zeros(batch, dtype=torch.int32, device=q.device)
+    out, lse = _run_prefill(q, k, v, zeros, torch.full_like(zeros, seqlen_q), zeros, torch.full_like(zeros, k.shape[1]),
+                            seqlen_q, softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap)
+    return (out, lse) if return_softmax_lse else out
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
+                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, block_table=None,
+                     return_softmax_lse=False):
+    """Exact attention over packed variable-length sequences.
+
+    Args:
+        q: ``[total_q, nheads, headdim]``, the batch's queries packed back to back.
+        k, v: ``[total_k, nheads_k, headdim]``, or page pools ``[num_pages, page_size, nheads_k, headdim]`` when
+            ``block_table`` is given.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]`` offsets (``cu_seqlens_k`` gives the key lengths also
+            with pages).
+        max_seqlen_q, max_seqlen_k: accepted for flash-attn compatibility; derived from the offsets.
+        block_table: int32 ``[batch, max_pages]`` page ids of each sequence's keys.
+        The other arguments are as in ``attention``.
+
+    Returns:
+        ``out [total_q, nheads, headdim]`` (and the lse ``[nheads, total_q]`` float32).
+    """
+    paged = block_table is not None
+    q = _check_tensor("q", q, 3)
+    k = _check_tensor("k", k, 4 if paged else 3)
+    v = _check_tensor("v", v, 4 if paged else 3)
+    q, k, v = _check_qkv(q[None], k if paged else k[None], v if paged else v[None], batch_dims=2)
+    softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
+    q_len, max_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[1], q.device)
+    k_len, _ = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[1], q.device)
+    if k_len.numel() != q_len.numel():
+        raise ValueError(f"cu_seqlens_q describes {q_len.numel()} sequences but cu_seqlens_k {k_len.numel()}")
+    batch = q_len.numel()
+    if paged:
+        _check_block_table(block_table, batch, q.device)
+    q4 = q.expand(batch, *q.shape[1:])
+    k4 = k if paged else k.expand(batch, *k.shape[1:])
+    v4 = v if paged else v.expand(batch, *v.shape[1:])
+    out = torch.empty_like(q[0])
+    out4, lse = _run_prefill(
+        q4, k4, v4, cu_seqlens_q[:-1], q_len.int(), cu_seqlens_k[:-1], k_len.int(), max_q,
+        softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap, block_table=block_table,
+        out=out[None].expand_as(q4))
+    return (out, lse[0]) if return_softmax_lse else out
+
+
+def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None, k=None, v=None, *,
+                           cu_seqlens_q=None, max_seqlen_q=None, max_seqlen_k=None, softmax_scale=None,
+                           causal=False, window_size=(-1, -1), softcap=0.0, num_splits=0, return_softmax_lse=False):
+    """Attention of new queries over a KV cache, appending the new keys/values first (flash-attn semantics).
+
+    Args:
+        q: ``[batch, seqlen_q, nheads, headdim]``, or packed ``[total_q, nheads, headdim]`` with ``cu_seqlens_q``.
+        k_cache, v_cache: ``[batch, seqlen_cache, nheads_k, headdim]``, or page pools
+            ``[num_pages, page_size, nheads_k, headdim]`` with ``block_table``. Updated in place when ``k``/``v``
+            are given.
+        cache_seqlens: int or int32 ``[batch]``: tokens already in the cache, before ``k``/``v`` are appended.
+        block_table: int32 ``[batch, max_pages]``; the pages that will hold the appended tokens must be in it.
+        k, v: new keys/values, shaped like ``q`` (``nheads_k`` heads), appended at ``cache_seqlens``.
+        cu_seqlens_q: int32 ``[batch + 1]`` offsets of packed ``q`` (and ``k``/``v``).
+        max_seqlen_k: host-side upper bound of the keys per sequence after appending; saves a device sync
+            when ``num_splits == 0`` must be planned.
+        num_splits: split-KV factor for single-token decode; 0 picks one from the shapes.
+        The other arguments are as in ``attention``.
+
+    Returns:
+        ``out`` shaped like ``q`` (and the lse, ``[batch, nheads, seqlen_q]`` or ``[nheads, total_q]``).
+    """
+    packed = cu_seqlens_q is not None
+    paged = block_table is not None
+    q = _check_tensor("q", q, 3 if packed else 4)
+    k_cache = _check_tensor("k_cache", k_cache, 4, in_place=True)
+    v_cache = _check_tensor("v_cache", v_cache, 4, in_place=True)
+    q4 = q[None] if packed else q
+    _check_qkv(q4, k_cache, v_cache, batch_dims=2)
+    softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
+    if packed:
+        q_len, max_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+        batch, q_start = q_len.numel(), cu_seqlens_q[:-1]
+        q4 = q4.expand(batch, *q.shape)
+    else:
+        batch, max_q = q.shape[0], q.shape[1]
+        q_start = torch.zeros(batch, dtype=torch.int32, device=q.device)
+        q_len = torch.full_like(q_start, max_q)
+    cache_seqlens = _check_lengths("cache_seqlens", cache_seqlens, batch, q.device)
+    if paged:
+        _check_block_table(block_table, batch, q.device)
+        pages_k, pages_v, table = k_cache, v_cache, block_table
+    else:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache has batch size {k_cache.shape[0]} but q has {batch}")
+        # A contiguous cache is a pool of one page per sequence: both layouts share one code path.
+        pages_k, pages_v = k_cache, v_cache
+        table = torch.arange(batch, dtype=torch.int32, device=q.device)[:, None]
+    if not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
+    k_len = cache_seqlens + q_len if k is not None else cache_seqlens
+    longest = max_seqlen_k if max_seqlen_k is not None else int(k_len.max())  # one sync unless planned
+    capacity = table.shape[1] * pages_k.shape[1]
+    if longest > capacity:
+        raise ValueError(f"the cache holds {capacity} tokens per sequence but {longest} are needed "
+                         f"(cache_seqlens + new tokens)")
+    if k is not None:
+        k = _check_tensor("k", k, 3 if packed else 4)
+        v = _check_tensor("v", v, 3 if packed else 4)
+        if k.shape[:-2] != q.shape[:-2] or k.shape[-2:] != k_cache.shape[-2:] or v.shape != k.shape:
+            raise ValueError(f"k/v must be shaped like q with the cache's heads, got k {tuple(k.shape)}, "
+                             f"v {tuple(v.shape)} for q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}")
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise ValueError(f"k/v have dtypes {k.dtype}/{v.dtype} but q has {q.dtype}")
+        _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed)
+    backend = _backend(q.device)
+    if max_q == 1 and not packed:
+        if num_splits == 0:
+            num_splits = backend.choose_num_splits(batch, k_cache.shape[-2], longest, _num_sms(q.device))
+        out = torch.empty_like(q)
+        lse = torch.empty((batch, q.shape[2], 1), dtype=torch.float32, device=q.device)
+        backend.paged_decode(q[:, 0], pages_k, pages_v, table, k_len, out[:, 0], lse[:, :, 0],
+                             softmax_scale=softmax_scale, window_left=window[0], softcap=softcap,
+                             num_splits=num_splits)
+    else:
+        zeros = torch.zeros_like(q_len)
+        out = torch.empty_like(q)
+        out4, lse = _run_prefill(q4, pages_k, pages_v, q_start, q_len, zeros, k_len, max_q,
+                                 softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap,
+                                 block_table=table, out=out[None].expand_as(q4) if packed else out)
+        lse = lse[0] if packed else lse
+    return (out, lse) if return_softmax_lse else out
+
+
+def _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed):
+    """Write new tokens at positions ``cache_seqlens[b]..`` of each sequence's pages (no host sync)."""
+    batch = table.shape[0]
+    page_size = pages_k.shape[1]
+    if packed:
+        seq = torch.repeat_interleave(torch.arange(batch, device=k.device), q_len.long(), output_size=k.shape[0])
+        pos = torch.arange(k.shape[0], device=k.device) - q_start.long()[seq] + cache_seqlens.long()[seq]
+        k_rows, v_rows = k, v
+    else:
+        seqlen = k.shape[1]
+        seq = torch.arange(batch, device=k.device).repeat_interleave(seqlen)
+        pos = (cache_seqlens.long()[:, None] + torch.arange(seqlen, device=k.device)).flatten()
+        k_rows, v_rows = k.flatten(0, 1), v.flatten(0, 1)
+    slots = table.long()[seq, pos // page_size] * page_size + pos % page_size
+    _backend(k.device).write_pages(k_rows, v_rows, pages_k, pages_v, slots)
+
+
+def merge_state(out_a, lse_a, out_b, lse_b):
+    """Merge two attention states over disjoint key sets (split-KV, shared prefix).
+
+    Args:
+        out_a, out_b: ``[tokens, nheads, headdim]``.
+        lse_a, lse_b: float32 ``[tokens, nheads]``, natural log; ``-inf`` marks an empty state.
+
+    Returns:
+        ``(out, lse)`` of attention over the union of both key sets.
+    """
+    out_a = _check_tensor("out_a", out_a, 3)
+    out_b = _check_tensor("out_b", out_b, 3)
+    lse_a = _check_tensor("lse_a", lse_a, 2, dtypes=(torch.float32,))
+    lse_b = _check_tensor("lse_b", lse_b, 2, dtypes=(torch.float32,))
+    if out_a.shape != out_b.shape or out_a.dtype != out_b.dtype:
+        raise ValueError(f"out_a {out_a.dtype} {tuple(out_a.shape)} and out_b {out_b.dtype} {tuple(out_b.shape)} "
+                         f"must have one shape and dtype")
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if t.shape != out_a.shape[:2]:
+            raise ValueError(f"{name} must have shape {tuple(out_a.shape[:2])}, got {tuple(t.shape)}")
+    for name, t in (("out_b", out_b), ("lse_a", lse_a), ("lse_b", lse_b)):
+        if t.device != out_a.device:
+            raise ValueError(f"{name} is on {t.device} but out_a is on {out_a.device}")
+    out = torch.empty_like(out_a)
+    lse = torch.empty_like(lse_a)
+    _backend(out_a.device).merge_state(out_a, lse_a, out_b, lse_b, out, lse)
+    return out, lse
+
+
+def _num_sms(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1

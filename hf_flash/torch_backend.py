@@ -1,0 +1,113 @@
+"""The torch path: the kernels' launchers (``hf_flash.kernels``) re-done with torch ops, same signatures and
+semantics, for tensors on devices where no Triton kernel runs (CPU without ``TRITON_INTERPRET=1``).
+
+Attention is computed per sequence over key blocks with an online softmax in float32, so memory stays
+O(q_len x KEY_BLOCK) per head instead of O(q_len x k_len).
+"""
+import math
+
+import torch
+
+KEY_BLOCK = 1024
+
+
+def _keys(k, v, b, k_start, k_len, block_table):
+    """Sequence ``b``'s keys and values as ``[k_len, H, D]``, gathered from pages if ``block_table`` is given."""
+    if block_table is None:
+        return k[b, k_start : k_start + k_len], v[b, k_start : k_start + k_len]
+    page_size = k.shape[1]
+    pages = block_table[b, : math.ceil(k_len / page_size)].long()
+    kb = k[pages].flatten(0, 1)[:k_len]
+    vb = v[pages].flatten(0, 1)[:k_len]
+    return kb, vb
+
+
+def _attend(q, k, v, *, softmax_scale, causal, window_left, window_right, softcap):
+    """One sequence: q ``[Sq, Hq, D]``, k/v ``[Sk, Hkv, D]`` -> (out ``[Sq, Hq, D]`` fp32, lse ``[Hq, Sq]``)."""
+    sq, hq, d = q.shape
+    sk, hkv, _ = k.shape
+    g = hq // hkv
+    # Group query heads by their KV head: [Hkv, G*Sq, D], so K/V are never repeated.
+    qg = q.float().permute(1, 0, 2).reshape(hkv, g * sq, d)
+    row = torch.arange(sq, device=q.device).repeat(g) + (sk - sq)  # bottom-right aligned query positions
+    m = torch.full((hkv, g * sq), float("-inf"), device=q.device)
+    l = torch.zeros((hkv, g * sq), device=q.device)
+    acc = torch.zeros((hkv, g * sq, d), device=q.device)
+    right = (0 if window_right < 0 else min(window_right, 0)) if causal else window_right
+    for start in range(0, sk, KEY_BLOCK):
+        kb = k[start : start + KEY_BLOCK].float().permute(1, 2, 0)  # [Hkv, D, n]
+        vb = v[start : start + KEY_BLOCK].float().permute(1, 0, 2)  # [Hkv, n, D]
+        col = torch.arange(start, start + kb.shape[-1], device=q.device)
+        keep = torch.ones(g * sq, col.numel(), dtype=torch.bool, device=q.device)
+        if right >= 0:
+            keep &= col[None, :] <= row[:, None] + right
+        if window_left >= 0:
+            keep &= col[None, :] >= row[:, None] - window_left
+        if not keep.any():
+            continue
+        s = torch.bmm(qg, kb)
+        s = softcap * torch.tanh(s * (softmax_scale / softcap)) if softcap > 0 else s * softmax_scale
+        s = s.masked_fill(~keep, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing visible yet stay at zero
+        p = torch.exp(s - m_safe[..., None])
+        alpha = torch.exp(m - m_safe)
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.bmm(p, vb)
+        m = m_new
+    seen = l > 0
+    out = torch.where(seen[..., None], acc / l.clamp_min(1e-30)[..., None], 0.0)
+    lse = torch.where(seen, m + torch.log(l.clamp_min(1e-30)), float("-inf"))
+    return out.reshape(hq, sq, d).permute(1, 0, 2), lse.reshape(hq, sq)
+
+
+def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
+            softmax_scale, causal, window_left, window_right, softcap, block_table=None):
+    """Torch twin of ``hf_flash.kernels.prefill.prefill``."""
+    starts_q, lens_q = q_start.tolist(), q_len.tolist()
+    starts_k, lens_k = k_start.tolist(), k_len.tolist()
+    for b in range(len(lens_q)):
+        qs, ql = starts_q[b], lens_q[b]
+        if ql == 0:
+            continue
+        kb, vb = _keys(k, v, b, starts_k[b], lens_k[b], block_table)
+        o, s = _attend(q[b, qs : qs + ql], kb, vb, softmax_scale=softmax_scale, causal=causal,
+                       window_left=window_left, window_right=window_right, softcap=softcap)
+        out[b, qs : qs + ql] = o.to(out.dtype)
+        lse[b, :, qs : qs + ql] = s
+
+
+def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_scale, window_left, softcap,
+                 num_splits):
+    """Torch twin of ``hf_flash.kernels.decode.paged_decode`` (one query per sequence; splits are moot here)."""
+    batch = q.shape[0]
+    zeros = torch.zeros(batch, dtype=torch.int32, device=q.device)
+    prefill(q[:, None], k_pool, v_pool, out[:, None], lse[:, :, None], zeros, torch.ones_like(zeros), zeros,
+            seqlens, 1, softmax_scale=softmax_scale, causal=True, window_left=window_left, window_right=-1,
+            softcap=softcap, block_table=block_table)
+
+
+def merge_state(out_a, lse_a, out_b, lse_b, out, lse):
+    """Torch twin of ``hf_flash.kernels.merge.merge_state``."""
+    m = torch.maximum(lse_a, lse_b)
+    m_safe = m.masked_fill(m == float("-inf"), 0.0)
+    wa, wb = torch.exp(lse_a - m_safe), torch.exp(lse_b - m_safe)
+    total = wa + wb
+    merged = (wa[..., None] * out_a.float() + wb[..., None] * out_b.float()) / total.clamp_min(1e-30)[..., None]
+    out.copy_(torch.where(total[..., None] > 0, merged, 0.0))
+    lse.copy_(torch.where(total > 0, m_safe + torch.log(total.clamp_min(1e-30)), float("-inf")))
+
+
+def write_pages(k_new, v_new, k_pool, v_pool, slot_mapping):
+    """Torch twin of ``hf_flash.kernels.paged_kv.write_pages``."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    page_size = k_pool.shape[1]
+    pages, rows = slots // page_size, slots % page_size
+    k_pool[pages, rows] = k_new[keep].to(k_pool.dtype)
+    v_pool[pages, rows] = v_new[keep].to(v_pool.dtype)
+
+
+def choose_num_splits(batch, num_kv_heads, max_seqlen, num_sms):
+    """The torch path attends each sequence whole: no split."""
+    return 1

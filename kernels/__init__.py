@@ -1,0 +1,37 @@
+"""Triton kernels of hf_flash, installed as ``hf_flash.kernels``.
+
+One kernel family per module; each module holds its ``@triton.jit`` code and a launcher that only allocates
+scratch, computes the grid and launches. No transformers import here; validation lives in ``hf_flash.ops``.
+
+Shared conventions (the torch path in ``hf_flash.torch_backend`` implements the same launchers):
+
+* Token tensors are 4-D ``[B, S, H, D]`` with a unit last stride and any other strides. A packed (varlen)
+  tensor ``[T, H, D]`` is passed as ``t.unsqueeze(0).expand(B, T, H, D)``: batch stride 0, and the
+  per-sequence ``*_start`` offsets select its rows.
+* Sequence ``b`` owns rows ``start[b] .. start[b] + len[b] - 1`` of its batch entry; ``*_start`` / ``*_len``
+  are int32 ``[B]`` tensors on the tensors' device.
+* Causal masking is aligned bottom-right: query ``i`` of a sequence sees key ``j`` iff
+  ``j <= i + k_len - q_len`` (plus ``window_right``), and ``j >= i + k_len - q_len - window_left`` when
+  ``window_left >= 0``. ``-1`` means an unbounded side.
+* Soft-capping (``softcap > 0``): ``s = softcap * tanh(s_raw * softmax_scale / softcap)`` before masking.
+* Log-sum-exp is natural-log, float32; a row that sees no key gets output 0 and lse ``-inf``.
+* Paged K/V: pools ``[num_pages, page_size, H_kv, D]``, ``block_table`` int32 ``[B, max_pages]``;
+  logical key ``j`` of sequence ``b`` lives in page ``block_table[b, j // page_size]`` at row
+  ``j % page_size``.
+"""
+import os
+
+# The Triton interpreter computes bf16 ``tl.dot`` wrongly (triton 3.9); kernels upcast their dot operands to
+# fp32 when this is set. Read once: ``triton.jit`` also reads the variable only at decoration time.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend():
+    """The launchers as one namespace with the same names as ``hf_flash.torch_backend``."""
+    import types
+
+    from . import decode, merge, paged_kv, prefill
+
+    return types.SimpleNamespace(prefill=prefill.prefill, paged_decode=decode.paged_decode,
+                                 choose_num_splits=decode.choose_num_splits, merge_state=merge.merge_state,
+                                 write_pages=paged_kv.write_pages)
