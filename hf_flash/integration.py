@@ -15,6 +15,8 @@ from transformers.integrations.flash_attention import flash_attention_forward
 from transformers.masking_utils import flash_attention_mask
 
 from . import ops
+from .cache import PagedKV
+from .patches import generate as generate_patch
 
 NAME = "hf_flash"
 
@@ -52,11 +54,48 @@ def _lazy_imports(implementation, attention_wrapper=None, allow_all_kernels=Fals
 
 
 def hf_flash_attention_forward(module, query, key, value, attention_mask, **kwargs):
-    """The attention function registered as ``"hf_flash"``: query ``[B, H, S, D]`` -> ``([B, S, H, D], None)``."""
+    """The attention function registered as ``"hf_flash"``: query ``[B, H, S, D]`` -> ``([B, S, H, D], None)``.
+
+    ``key``/``value`` are contiguous states (no cache, ``DynamicCache``, ...: transformers' flash path, which
+    unpads to our varlen kernel) or a ``PagedKV`` view from a ``PagedCache`` (our paged path).
+    """
     if module.training and torch.is_grad_enabled():
         raise NotImplementedError("hf_flash is inference-only (no backward pass); use model.eval(), or "
                                   "attn_implementation='sdpa' for training")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("hf_flash does not implement attention sinks (s_aux) yet")
+    if isinstance(key, PagedKV):
+        return paged_attention_forward(module, query, key, attention_mask, **kwargs), None
     return flash_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def paged_attention_forward(module, query, kv, attention_mask, *, scaling=None, sliding_window=None, softcap=None,
+                            is_causal=None, **kwargs):
+    """Store this layer's new tokens in the cache's pages, then attend over the pages in place."""
+    cache, layer = kv.cache, kv.cache.layers[kv.layer_idx]
+    batch, heads, q_len, head_dim = query.shape
+    plan = cache.plan(attention_mask, q_len, batch)
+    tensors = plan.on(query.device)
+    dtype = layer.keys.dtype
+    ops.write_kv_pages(kv.key.transpose(1, 2).reshape(batch * q_len, -1, head_dim).to(dtype),
+                       kv.value.transpose(1, 2).reshape(batch * q_len, -1, head_dim).to(dtype),
+                       layer.keys, layer.values, tensors["slots"])
+    options = dict(softmax_scale=scaling, causal=module.is_causal if is_causal is None else is_causal,
+                   window_size=(sliding_window - 1, -1) if sliding_window else (-1, -1), softcap=softcap or 0.0,
+                   max_seqlen_k=plan.max_seqlen_k)
+    q = query.transpose(1, 2).to(dtype)
+    if not plan.padded:
+        out = ops.attention_with_kvcache(q, layer.keys, layer.values, tensors["seqlens"], tensors["block_table"],
+                                         **options)
+        return out.to(query.dtype)
+    # Left-padded step (prefill of a padded batch): attend with the valid rows packed, pads get zeros.
+    rows = tensors["rows"]
+    packed = ops.attention_with_kvcache(q.reshape(batch * q_len, heads, head_dim).index_select(0, rows),
+                                        layer.keys, layer.values, tensors["seqlens"], tensors["block_table"],
+                                        cu_seqlens_q=tensors["cu_seqlens_q"], **options)
+    out = query.new_zeros((batch * q_len, heads, head_dim))
+    out.index_copy_(0, rows, packed.to(query.dtype))
+    return out.view(batch, q_len, heads, head_dim)
 
 
 _transformers_lazy_imports = flash_utils._lazy_imports
@@ -68,3 +107,4 @@ def register():
         flash_utils._lazy_imports = _lazy_imports
     AttentionInterface.register(NAME, hf_flash_attention_forward)
     AttentionMaskInterface.register(NAME, flash_attention_mask)
+    generate_patch.apply()

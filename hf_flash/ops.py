@@ -11,6 +11,7 @@ Causal masks are aligned to the bottom-right corner when ``q_len != k_len``; wit
     1 1 1 1 1
 """
 import contextlib
+import functools
 import math
 import os
 
@@ -325,6 +326,32 @@ def _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed
     _backend(k.device).write_pages(k_rows, v_rows, pages_k, pages_v, slots)
 
 
+def write_kv_pages(k, v, k_pool, v_pool, slot_mapping):
+    """Store new tokens in page pools (vLLM's ``reshape_and_cache``).
+
+    Args:
+        k, v: ``[num_tokens, nheads_k, headdim]``.
+        k_pool, v_pool: ``[num_pages, page_size, nheads_k, headdim]``, updated in place.
+        slot_mapping: int64 ``[num_tokens]``: ``page * page_size + row`` for each token; negative slots are skipped.
+    """
+    k = _check_tensor("k", k, 3)
+    v = _check_tensor("v", v, 3)
+    k_pool = _check_tensor("k_pool", k_pool, 4, in_place=True)
+    v_pool = _check_tensor("v_pool", v_pool, 4, in_place=True)
+    for name, t in (("v", v), ("k_pool", k_pool), ("v_pool", v_pool)):
+        if t.dtype != k.dtype or t.device != k.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but k is {k.dtype} on {k.device}; they must match")
+    if v.shape != k.shape or k_pool.shape != v_pool.shape or k.shape[1:] != k_pool.shape[2:]:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} must be [num_tokens, nheads_k, headdim] matching "
+                         f"the pools' k_pool {tuple(k_pool.shape)} / v_pool {tuple(v_pool.shape)}")
+    if (not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype != torch.int64
+            or slot_mapping.shape != (k.shape[0],) or slot_mapping.device != k.device):
+        raise ValueError(f"slot_mapping must be an int64 tensor of shape ({k.shape[0]},) on {k.device}, got "
+                         f"{getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)} "
+                         f"{tuple(getattr(slot_mapping, 'shape', ()))}")
+    _backend(k.device).write_pages(k, v, k_pool, v_pool, slot_mapping)
+
+
 def merge_state(out_a, lse_a, out_b, lse_b):
     """Merge two attention states over disjoint key sets (split-KV, shared prefix).
 
@@ -354,6 +381,7 @@ def merge_state(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
