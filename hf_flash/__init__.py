@@ -4,10 +4,12 @@
 ``AutoModelForCausalLM.from_pretrained(name, attn_implementation="hf_flash")`` runs every forward, generate and
 perplexity pass through hf_flash's kernels.
 """
+from .cache import PagedCache, PoolExhaustedError
 from .integration import register
-from .ops import attention, attention_varlen, attention_with_kvcache, merge_state
+from .ops import attention, attention_varlen, attention_with_kvcache, merge_state, write_kv_pages
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "merge_state", "register", "__version__"]
+__all__ = ["PagedCache", "PoolExhaustedError", "attention", "attention_varlen", "attention_with_kvcache", "merge_state",
+           "register", "write_kv_pages", "__version__"]
 
 register()

@@ -147,7 +147,7 @@ def _run_prefill(q4, k4, v4, q_start, q_len, k_start, k_len, max_seqlen_q, *, so
     """Allocate outputs and call the backend's prefill launcher; q4/k4/v4 are in the launchers' 4-D form."""
     batch, rows, heads, _ = q4.shape
     out = torch.empty_like(q4) if out is None else out
-    lse = torch.empty((batch, heads, rows), dtype=torch.float32, device=q4.device)
+    lse = q4.new_empty((1 if out.stride(0) == 0 else batch, heads, rows), dtype=torch.float32).expand(batch, -1, -1)
     _backend(q4.device).prefill(
         q4, k4, v4, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, softmax_scale=softmax_scale,
         causal=causal, window_left=window[0], window_right=window[1], softcap=softcap, block_table=block_table)
@@ -216,7 +216,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     k4 = k if paged else k.expand(batch, *k.shape[1:])
     v4 = v if paged else v.expand(batch, *v.shape[1:])
     out = torch.empty_like(q[0])
-    out4, lse = _run_prefill(
+    _, lse = _run_prefill(
         q4, k4, v4, cu_seqlens_q[:-1], q_len.int(), cu_seqlens_k[:-1], k_len.int(), max_q,
         softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap, block_table=block_table,
         out=out[None].expand_as(q4))
@@ -287,8 +287,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         if k.shape[:-2] != q.shape[:-2] or k.shape[-2:] != k_cache.shape[-2:] or v.shape != k.shape:
             raise ValueError(f"k/v must be shaped like q with the cache's heads, got k {tuple(k.shape)}, "
                              f"v {tuple(v.shape)} for q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}")
-        if k.dtype != q.dtype or v.dtype != q.dtype:
-            raise ValueError(f"k/v have dtypes {k.dtype}/{v.dtype} but q has {q.dtype}")
+        if any(t.dtype != q.dtype or t.device != q.device for t in (k, v)):
+            raise ValueError(f"k/v are {k.dtype}/{v.dtype} on {k.device}/{v.device} but q is {q.dtype} on {q.device}")
         _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed)
     backend = _backend(q.device)
     if max_q == 1 and not packed:
@@ -302,7 +302,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
     else:
         zeros = torch.zeros_like(q_len)
         out = torch.empty_like(q)
-        out4, lse = _run_prefill(q4, pages_k, pages_v, q_start, q_len, zeros, k_len, max_q,
+        _, lse = _run_prefill(q4, pages_k, pages_v, q_start, q_len, zeros, k_len, max_q,
                                  softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap,
                                  block_table=table, out=out[None].expand_as(q4) if packed else out)
         lse = lse[0] if packed else lse
@@ -381,7 +381,7 @@ def merge_state(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -106,7 +106,7 @@ def test_packed_sequences_match_separate_runs():
 
 def test_generate_through_triton_kernels():
     """The same generate, with every attention call forced through the Triton kernels (interpreter on CPU)."""
-    model, reference = tiny_model("qwen2")
+    model, _ = tiny_model("qwen2")
     ids, mask = left_padded_batch([10, 6])
     want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     model.set_attn_implementation("hf_flash")

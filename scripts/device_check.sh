@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One batched run on a lent CUDA machine: install hf_flash (offline, into /tmp/site), run the test suite on the GPU,
+# then the given steps. Logs go to $OUT (or ./device_out). Steps: tests, perplexity, tune, bench, generate.
+#   bash scripts/device_check.sh tests perplexity bench
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-device_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . >"$out/install.log" 2>&1 \
+  || { cat "$out/install.log"; exit 1; }
+[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >>"$out/install.log" 2>&1
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+gguf=/root/keep/SmolLM2-135M-Instruct.Q4_1.gguf
+summary=()
+for step in "$@"; do
+  start=$(date +%s)
+  case $step in
+    tests) (cd /tmp && python3 -m pytest -q -x -p no:cacheprovider --rootdir "$OLDPWD" "$OLDPWD/tests" \
+             -k "not slow" 2>&1) | tee "$out/tests.log" | tail -25 ;;
+    perplexity) python3 scripts/perplexity.py --model "$(dirname $gguf)" --gguf-file "$(basename $gguf)" \
+                  --dtypes fp32,bf16 --max-windows 16 --window 2048 2>&1 | tee "$out/perplexity.log" | tail -12 ;;
+    tune) { python3 scripts/tune_prefill.py; python3 scripts/tune_decode.py; } 2>&1 | tee "$out/tune.log" | tail -60 ;;
+    bench) python3 scripts/bench_kernels.py --out "$out/bench_kernels.json" 2>&1 | tee "$out/bench_kernels.log" ;;
+    generate) python3 scripts/bench_generate.py --out "$out/bench_generate.json" 2>&1 | tee "$out/bench_generate.log" ;;
+    *) echo "unknown step $step"; continue ;;
+  esac
+  rc=$?  # with pipefail: the step's own exit status
+  summary+=("$step: exit $rc in $(( $(date +%s) - start )) s")
+done
+printf '%s\n' "${summary[@]}"
