@@ -65,39 +65,45 @@ def _check_tensor(name, t, ndim, *, dtypes=_DTYPES, in_place=False):
     return t.contiguous()
 
 
-def _check_qkv(q, k, v, *, batch_dims):
-    """Checks shared by every entry point; returns q, k, v with a unit last stride."""
+def _check_qkv(q, k, v, *, batch_dims, names=("k", "v")):
+    """Checks shared by every entry point; returns q, k, v with a unit last stride. ``names`` are the caller's
+    names for ``k`` and ``v`` (``k_cache``/``v_cache`` for a cache)."""
+    kn, vn = names
     q = _check_tensor("q", q, batch_dims + 2)
-    k = _check_tensor("k", k, batch_dims + 2)
-    v = _check_tensor("v", v, batch_dims + 2)
-    for name, t in (("k", k), ("v", v)):
+    k = _check_tensor(kn, k, batch_dims + 2)
+    v = _check_tensor(vn, v, batch_dims + 2)
+    for name, t in ((kn, k), (vn, v)):
         if t.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; they must match")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"{kn} and {vn} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     head_dim = q.shape[-1]
     if head_dim > 256 or head_dim % 8 != 0:
         raise ValueError(f"q's head dim must be a multiple of 8 and at most 256, got {head_dim}")
     if k.shape[-1] != head_dim:
-        raise ValueError(f"k's head dim {k.shape[-1]} differs from q's {head_dim}")
+        raise ValueError(f"{kn}'s head dim {k.shape[-1]} differs from q's {head_dim}")
     if q.shape[-2] % k.shape[-2] != 0:
-        raise ValueError(f"q's {q.shape[-2]} heads are not a multiple of k's {k.shape[-2]} heads (GQA groups)")
+        raise ValueError(f"q's {q.shape[-2]} heads are not a multiple of {kn}'s {k.shape[-2]} heads (GQA groups)")
     return q, k, v
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _check_options(softmax_scale, window_size, softcap, head_dim):
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    elif not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
+    elif not (_is_number(softmax_scale) and math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
     if softcap is None:
         softcap = 0.0
-    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+    if not (_is_number(softcap) and math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
     return float(softmax_scale), (int(window_size[0]), int(window_size[1])), float(softcap)
 
@@ -111,14 +117,17 @@ def _check_cu_seqlens(name, cu, total, device):
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
     host = cu.tolist()
     if host[0] != 0 or any(b < a for a, b in zip(host, host[1:])):
-        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {host[:8]}{'...' if len(host) > 8 else ''}")
+        shown = f"{host[:8]}{'...' if len(host) > 8 else ''}"
+        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {shown}")
     if total is not None and host[-1] != total:
         raise ValueError(f"{name} ends at {host[-1]} but the packed tensor has {total} tokens")
     return cu[1:] - cu[:-1], max(b - a for a, b in zip(host, host[1:]))
 
 
 def _check_lengths(name, lens, batch, device):
-    if isinstance(lens, int):
+    if isinstance(lens, int) and not isinstance(lens, bool):
+        if lens < 0:
+            raise ValueError(f"{name} must be >= 0, got {lens}")
         return torch.full((batch,), lens, dtype=torch.int32, device=device)
     if not isinstance(lens, torch.Tensor) or lens.shape != (batch,) or lens.dtype != torch.int32:
         raise ValueError(f"{name} must be an int or an int32 tensor of shape ({batch},), got "
@@ -206,12 +215,15 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     q, k, v = _check_qkv(q[None], k if paged else k[None], v if paged else v[None], batch_dims=2)
     softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
     q_len, max_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[1], q.device)
-    k_len, _ = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[1], q.device)
+    k_len, max_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[1], q.device)
     if k_len.numel() != q_len.numel():
         raise ValueError(f"cu_seqlens_q describes {q_len.numel()} sequences but cu_seqlens_k {k_len.numel()}")
     batch = q_len.numel()
     if paged:
         _check_block_table(block_table, batch, q.device)
+        if max_k > block_table.shape[1] * k.shape[1]:
+            raise ValueError(f"cu_seqlens_k asks for {max_k} keys but block_table holds {block_table.shape[1]} pages "
+                             f"of {k.shape[1]} tokens")
     q4 = q.expand(batch, *q.shape[1:])
     k4 = k if paged else k.expand(batch, *k.shape[1:])
     v4 = v if paged else v.expand(batch, *v.shape[1:])
@@ -251,7 +263,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
     k_cache = _check_tensor("k_cache", k_cache, 4, in_place=True)
     v_cache = _check_tensor("v_cache", v_cache, 4, in_place=True)
     q4 = q[None] if packed else q
-    _check_qkv(q4, k_cache, v_cache, batch_dims=2)
+    _check_qkv(q4, k_cache, v_cache, batch_dims=2, names=("k_cache", "v_cache"))
     softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
     if packed:
         q_len, max_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)

@@ -1,0 +1,259 @@
+"""Single-query attention over a paged KV cache with split-KV (flash-decoding).
+
+One program per (sequence, KV head, split): the whole group of query heads sharing the KV head is packed into the
+M dimension of ``tl.dot`` (padded to 16 rows), so every key and value is read from memory once. Keys are gathered
+BLOCK_N at a time through the block table, so the tile size does not depend on the page size. Split ``s`` streams
+a contiguous range of the sequence's key tiles and writes an fp32 partial (out, lse); a second small kernel merges
+the partials with the helpers of ``merge``. With one split the first kernel writes the result directly."""
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+from .merge import merge_many, merge_outputs, merge_weights
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+
+# (BLOCK_N, num_warps, num_stages) keyed by (head-dim bucket, fp32 inputs, GPU major version); the bucket is the padded
+# tile width. Missing arch -> the sm80 row. 16-bit: K and V tiles of 16 KiB each (64 x 128 bf16); num_stages 3 gives
+# the copies two buffers (~70 KiB of shared memory, three programs per SM), enough loads in flight for HBM. fp32
+# dots run on FMA units: 8 warps and short tiles keep them from spilling. Untuned guesses (checked for spills with
+# ptxas only); tune on the GPU with scripts/tune_decode.py.
+CONFIGS = {
+    (64, False, 8): (128, 4, 3),
+    (128, False, 8): (64, 4, 3),
+    (256, False, 8): (32, 4, 3),
+    (64, True, 8): (32, 8, 3),
+    (128, True, 8): (16, 8, 3),
+    (256, True, 8): (16, 8, 3),
+}
+# The interpreter runs numpy per program: 16-key tiles give the tests' short sequences several tiles per split.
+INTERPRET_CONFIG = (16, 4, 1)
+
+# choose_num_splits: each split streams at least MIN_SPLIT_KEYS keys (a few tiles; fewer would not amortise the
+# split's query load, partial write and merge), at most MAX_SPLITS splits, and enough programs for WAVES programs
+# per SM.
+MIN_SPLIT_KEYS = 256
+MAX_SPLITS = 64
+WAVES = 2
+REDUCE_TILE = 4096  # elements of the reduce kernel's [splits, D] tile: 32 fp32 registers per thread at 4 warps
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^2x + 1): saturates to +-1 without NaN (exp2 overflows to inf, underflows to 0).
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
+
+
+@triton.jit
+def _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, lo, hi, seqlen, page_size,
+                  stride_kp, stride_kn, stride_vp, stride_vn, qk_scale, cap_scale, cap_log2, offs_n, offs_d,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAD_D: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Folds keys [lo, hi) into the running (acc, l_i, m_i), in the log2 domain. MASKED: the range is one ragged
+    tile whose keys past seqlen are hidden; otherwise every key of every tile is visible and nothing is masked."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    # Keys are gathered BLOCK_N at a time through the block table, whatever the page size. The page ids of the next
+    # tile are loaded one iteration ahead by hand: K/V addresses then come from a loop-carried value, not from a load
+    # of the same iteration, and Triton's pipeliner gives the K/V copies num_stages - 1 buffers instead of one.
+    # Page ids past seqlen are masked (the block table may end there).
+    cols_next = lo + offs_n
+    page_next = tl.load(bt_row + (cols_next // page_size) * stride_btp, mask=cols_next < seqlen, other=0)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        page = page_next.to(tl.int64)  # int64: page * page stride passes 2^31 in large pools
+        cols_next = cols + BLOCK_N
+        page_next = tl.load(bt_row + (cols_next // page_size) * stride_btp, mask=cols_next < seqlen, other=0)
+        row = (cols % page_size).to(tl.int64)
+        k_ptrs = K + (page * stride_kp + row * stride_kn)[:, None] + offs_d[None, :]
+        v_ptrs = V + (page * stride_vp + row * stride_vn)[:, None] + offs_d[None, :]
+        if MASKED:
+            col_ok = cols < seqlen
+            kv_ok = col_ok[:, None]
+            if PAD_D:
+                kv_ok = kv_ok & d_ok
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        elif PAD_D:
+            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        if UPCAST_DOT:
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PREC)
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if HAS_SOFTCAP:
+            qk = cap_log2 * _tanh(qk * cap_scale)  # softcap * tanh(s * scale / softcap), in log2 units
+        else:
+            qk = qk * qk_scale
+        if MASKED:
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        # Every tile holds at least one visible key, so m_new is finite: no -inf guard needed.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if UPCAST_DOT:
+            acc = tl.dot(p, v.to(tl.float32), acc, input_precision=DOT_PREC)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, BlockTable, Seqlens, Out, Lse, OutPart, LsePart,
+                   stride_qb, stride_qh, stride_kp, stride_kn, stride_kh, stride_vp, stride_vn, stride_vh,
+                   stride_btb, stride_btp, stride_ob, stride_oh, stride_lb, stride_lh,
+                   num_heads, num_kv_heads, group, page_size, window_left, num_splits,
+                   qk_scale, cap_scale, cap_log2,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
+                   UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Layouts (element strides, last dim contiguous):
+    #   Q / Out      [B, Hq, D]; Lse [B, Hq] float32, natural log
+    #   K / V        pools [num_pages, page_size, Hkv, D]; key j of sequence b at page BlockTable[b, j // page_size],
+    #                row j % page_size; keys 0 .. Seqlens[b] - 1 exist and the query is the last of them
+    #   OutPart      [B, Hq, num_splits, HEAD_DIM] float32 and LsePart [B, Hq, num_splits] (SPLIT only), contiguous
+    # Grid (B * Hkv, num_splits); query heads kv_head * group .. + group - 1 are the rows of the tile.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // num_kv_heads
+    kv_head = pid % num_kv_heads
+    b64 = b.to(tl.int64)
+    seqlen = tl.load(Seqlens + b)
+
+    # Visible keys [kv_lo, seqlen) in tiles of BLOCK_N from kv_lo (the gather needs no alignment), dealt to the
+    # splits in contiguous runs of per_split tiles. Splits past the last tile get an empty range and write an
+    # empty state, so the grid is fixed whatever the lengths.
+    kv_lo = 0
+    if HAS_WINDOW:
+        kv_lo = tl.maximum(seqlen - 1 - window_left, 0)
+    per_split = tl.cdiv(tl.cdiv(seqlen - kv_lo, BLOCK_N), num_splits)
+    lo = kv_lo + split * per_split * BLOCK_N
+    hi = tl.maximum(tl.minimum(lo + per_split * BLOCK_N, seqlen), lo)
+    mid = lo + ((hi - lo) // BLOCK_N) * BLOCK_N  # full tiles [lo, mid), at most one ragged tile [mid, hi)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    heads = (kv_head * group + offs_g).to(tl.int64)
+    g_ok = offs_g < group
+    gd_ok = g_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b64 * stride_qb + (heads * stride_qh)[:, None] + offs_d[None, :], mask=gd_ok, other=0.0)
+
+    K += kv_head.to(tl.int64) * stride_kh
+    V += kv_head.to(tl.int64) * stride_vh
+    bt_row = BlockTable + b64 * stride_btb
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, lo, mid, seqlen, page_size,
+                                  stride_kp, stride_kn, stride_vp, stride_vn, qk_scale, cap_scale, cap_log2,
+                                  offs_n, offs_d, BLOCK_N, False, HAS_SOFTCAP, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, mid, hi, seqlen, page_size,
+                                  stride_kp, stride_kn, stride_vp, stride_vn, qk_scale, cap_scale, cap_log2,
+                                  offs_n, offs_d, BLOCK_N, True, HAS_SOFTCAP, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
+
+    # An empty range leaves acc = 0 and l = 0: out 0, lse -inf.
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # ln(2)
+    if SPLIT:
+        part = (b64 * num_heads + heads) * num_splits + split
+        tl.store(OutPart + (part * HEAD_DIM)[:, None] + offs_d[None, :], out, mask=gd_ok)
+        tl.store(LsePart + part, lse, mask=g_ok)
+    else:
+        tl.store(Out + b64 * stride_ob + (heads * stride_oh)[:, None] + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=gd_ok)
+        tl.store(Lse + b64 * stride_lb + heads * stride_lh, lse, mask=g_ok)
+
+
+@triton.jit
+def _reduce_kernel(OutPart, LsePart, Out, Lse, num_heads, num_splits, stride_ob, stride_oh, stride_lb, stride_lh,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    # One program per (sequence, query head): merges its num_splits partials BLOCK_S at a time, each chunk loaded as
+    # one tile (all loads in flight together) and merged in one step.
+    pid = tl.program_id(0)
+    b = pid // num_heads
+    h = pid % num_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    base = pid.to(tl.int64) * num_splits
+    out = tl.zeros([BLOCK_D], dtype=tl.float32)
+    lse = tl.full([], float("-inf"), dtype=tl.float32)  # an empty state
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_ok = s0 + offs_s < num_splits
+        lse_s = tl.load(LsePart + base + s0 + offs_s, mask=s_ok, other=float("-inf"))
+        o_s = tl.load(OutPart + ((base + s0 + offs_s) * HEAD_DIM)[:, None] + offs_d[None, :],
+                      mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        o_c, lse_c = merge_many(o_s, lse_s)
+        w_a, w_b, lse = merge_weights(lse, lse_c)
+        out = merge_outputs(out, w_a, o_c, w_b)
+    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
+    tl.store(Lse + b.to(tl.int64) * stride_lb + h * stride_lh, lse)
+
+
+def _config(head_dim_bucket, dtype, device):
+    if INTERPRET:
+        return INTERPRET_CONFIG
+    major = torch.cuda.get_device_capability(device)[0]
+    fp32 = dtype == torch.float32
+    return CONFIGS.get((head_dim_bucket, fp32, major), CONFIGS[(head_dim_bucket, fp32, 8)])
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_seqlen: int, num_sms: int) -> int:
+    """Split-KV factor for ``paged_decode``: as many splits as keep about WAVES programs per SM, none shorter than
+    MIN_SPLIT_KEYS keys, at most MAX_SPLITS; 1 when the batch's (sequence, KV head) pairs fill the GPU already."""
+    most = min(MAX_SPLITS, max_seqlen // MIN_SPLIT_KEYS)
+    return max(1, min(most, WAVES * num_sms // max(batch * num_kv_heads, 1)))
+
+
+def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_scale: float,
+                 window_left: int, softcap: float, num_splits: int) -> None:
+    """One query per sequence (the last of its ``seqlens[b]`` keys) over paged K/V, written into ``out`` ``[B, Hq,
+    D]`` and ``lse`` ``[B, Hq]``; ``num_splits`` splits of each sequence's keys run in parallel and are merged."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_pool.shape[2]
+    group = num_heads // num_kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
+    block_g = max(16, triton.next_power_of_2(group))
+    block_n, num_warps, num_stages = _config(max(64, block_d), q.dtype, q.device)  # dims <= 64 share a row
+    split = num_splits > 1
+    if split:
+        out_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        out_part, lse_part = out, lse  # unused
+    has_softcap = softcap > 0
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _decode_kernel[(batch * num_kv_heads, num_splits)](
+            q, k_pool, v_pool, block_table, seqlens, out, lse, out_part, lse_part,
+            q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+            v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), block_table.stride(0), block_table.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            num_heads, num_kv_heads, group, k_pool.shape[1], max(window_left, 0), num_splits,
+            softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
+            softcap * LOG2E if has_softcap else 1.0,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=block_n,
+            HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=has_softcap, SPLIT=split,
+            UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        if split:
+            block_d_reduce = triton.next_power_of_2(head_dim)
+            block_s = min(triton.next_power_of_2(num_splits), max(1, REDUCE_TILE // block_d_reduce))
+            _reduce_kernel[(batch * num_heads,)](
+                out_part, lse_part, out, lse, num_heads, num_splits,
+                out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+                HEAD_DIM=head_dim, BLOCK_D=block_d_reduce, BLOCK_S=block_s, num_warps=4,
+            )

@@ -1,0 +1,138 @@
+"""Times hf_flash's paged decode kernel over its candidate tile configs on the GPU (bf16, GQA 32/8, head dim 128).
+
+For each (batch, context length) and page size (16, 64) every candidate (BLOCK_N, num_warps, num_stages) runs with
+the split count that ``choose_num_splits`` plans; the rate is the K+V bytes the sequence lengths cover (what must be
+read) over the median time (triton.testing.do_bench), beside the device's copy bandwidth (read + write of 1 GiB).
+Then split counts are swept with the best config, and at (1, 4k) torch SDPA's default backend on a contiguous cache
+is timed beside the kernel. Prints the best config to put into ``hf_flash/kernels/decode.py``'s CONFIGS.
+About 2 minutes on an H100. Usage: python scripts/tune_decode.py
+"""
+import itertools
+import math
+
+import torch
+import triton
+from hf_flash.kernels import decode
+
+HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
+SHAPES = [(1, 4096), (1, 65536), (8, 16384), (32, 4096), (64, 8192), (128, 2048)]  # (batch, context length)
+PAGE_SIZES = (16, 64)
+CANDIDATES = list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4)))  # (BLOCK_N, num_warps, num_stages)
+SPLITS = (1, 2, 4, 8, 16, 32, 64)
+WARMUP_MS, REP_MS = 10, 40  # per measurement; keeps the whole sweep near 2 minutes
+
+
+def bench(fn):
+    """Median milliseconds of ``fn`` (do_bench flushes L2 between runs, so K/V come from HBM)."""
+    return triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+
+
+def copy_bandwidth():
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (bench(lambda: dst.copy_(src)) * 1e-3) / 1e12
+
+
+def make_case(batch, seqlen, page_size):
+    """Pools holding exactly the batch's pages in shuffled order, a full block table, a query per sequence."""
+    pages_per_seq = math.ceil(seqlen / page_size)
+    num_pages = batch * pages_per_seq
+    k_pool = torch.randn(num_pages, page_size, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    v_pool = torch.randn_like(k_pool)
+    table = torch.randperm(num_pages, device="cuda").to(torch.int32).view(batch, pages_per_seq)
+    seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, HEADS, device="cuda")
+    return q, k_pool, v_pool, table, seqlens, out, lse
+
+
+def run_fn(case, num_splits):
+    q, k_pool, v_pool, table, seqlens, out, lse = case
+    return lambda: decode.paged_decode(q, k_pool, v_pool, table, seqlens, out, lse,
+                                       softmax_scale=HEAD_DIM ** -0.5, window_left=-1, softcap=0.0,
+                                       num_splits=num_splits)
+
+
+def kv_bytes(batch, seqlen):
+    return 2 * batch * seqlen * KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
+
+
+def main():
+    device = torch.device("cuda")
+    major = torch.cuda.get_device_capability(device)[0]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    key = (HEAD_DIM, False, major)
+    original = dict(decode.CONFIGS)
+    default = decode.CONFIGS.get(key, decode.CONFIGS[(HEAD_DIM, False, 8)])
+    copy_tbps = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name(device)}, {sms} SMs; copy bandwidth {copy_tbps:.2f} TB/s; "
+          f"default config {default}")
+
+    rates = {}  # (batch, seqlen, page_size) -> {config: TB/s}
+    for batch, seqlen in SHAPES:
+        for page_size in PAGE_SIZES:
+            case = make_case(batch, seqlen, page_size)
+            splits = decode.choose_num_splits(batch, KV_HEADS, seqlen, sms)
+            row = {}
+            for cfg in CANDIDATES:
+                decode.CONFIGS[key] = cfg
+                try:
+                    ms = bench(run_fn(case, splits))
+                except triton.runtime.errors.OutOfResources:
+                    continue  # too much shared memory for this GPU
+                row[cfg] = kv_bytes(batch, seqlen) / (ms * 1e-3) / 1e12
+            rates[(batch, seqlen, page_size)] = row
+            best = max(row, key=row.get)
+            print(f"B={batch:<4} L={seqlen:<6} page={page_size:<3} splits={splits:<3} "
+                  f"best {best}: {row[best]:.2f} TB/s ({100 * row[best] / copy_tbps:.0f}% of copy)  "
+                  f"default {default}: {row.get(default, float('nan')):.2f} TB/s")
+            del case
+
+    # The config with the best geometric mean over all cases (among those that ran everywhere).
+    everywhere = [c for c in CANDIDATES if all(c in row for row in rates.values())]
+    score = {c: math.exp(sum(math.log(row[c]) for row in rates.values()) / len(rates)) for c in everywhere}
+    best = max(score, key=score.get)
+    print("\nTB/s per config (columns: B/L/page)")
+    cases = list(rates)
+    print(f"{'config':<16}" + "".join(f"{f'{b}/{s // 1024}k/{p}':>12}" for b, s, p in cases) + f"{'geomean':>10}")
+    for c in everywhere:
+        print(f"{c!s:<16}" + "".join(f"{rates[k][c]:>12.2f}" for k in cases) + f"{score[c]:>10.2f}")
+
+    decode.CONFIGS[key] = best
+    print(f"\nsplit sweep with {best}, page 16 (TB/s; * = choose_num_splits)")
+    for batch, seqlen in SHAPES:
+        case = make_case(batch, seqlen, 16)
+        planned = decode.choose_num_splits(batch, KV_HEADS, seqlen, sms)
+        cells = []
+        for splits in sorted(set(SPLITS) | {planned}):
+            tbps = kv_bytes(batch, seqlen) / (bench(run_fn(case, splits)) * 1e-3) / 1e12
+            cells.append(f"{splits}{'*' if splits == planned else ''}:{tbps:.2f}")
+        print(f"B={batch:<4} L={seqlen:<6} " + "  ".join(cells))
+        del case
+
+    # SDPA's default backend on a contiguous [B, H, L, D] cache, and the kernel on the same cache seen as one page
+    # per sequence (what hf_flash.ops does with a contiguous cache) and paged.
+    batch, seqlen = 1, 4096
+    q = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE)
+    k = torch.randn(batch, KV_HEADS, seqlen, HEAD_DIM, device="cuda", dtype=DTYPE)
+    v = torch.randn_like(k)
+    sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    splits = decode.choose_num_splits(batch, KV_HEADS, seqlen, sms)
+    contiguous = (q[:, :, 0], k.transpose(1, 2), v.transpose(1, 2), torch.zeros(1, 1, dtype=torch.int32, device="cuda"),
+                  torch.full((1,), seqlen, dtype=torch.int32, device="cuda"), torch.empty_like(q[:, :, 0]),
+                  torch.empty(batch, HEADS, device="cuda"))
+    ours_ms = bench(run_fn(contiguous, splits))
+    paged_ms = bench(run_fn(make_case(batch, seqlen, 16), splits))
+    nbytes = kv_bytes(batch, seqlen)
+    print(f"\n(1, 4k) SDPA default: {1e3 * sdpa_ms:.1f} us ({nbytes / (sdpa_ms * 1e-3) / 1e12:.2f} TB/s); "
+          f"hf_flash contiguous, {splits} splits: {1e3 * ours_ms:.1f} us ({nbytes / (ours_ms * 1e-3) / 1e12:.2f} TB/s); "
+          f"paged 16: {1e3 * paged_ms:.1f} us")
+    decode.CONFIGS.clear()
+    decode.CONFIGS.update(original)
+    print(f"\nbest overall: {best} (geomean {score[best]:.2f} TB/s, {100 * score[best] / copy_tbps:.0f}% of copy); "
+          f"put CONFIGS[{key}] = {best} into hf_flash/kernels/decode.py")
+
+
+if __name__ == "__main__":
+    main()
