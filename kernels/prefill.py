@@ -1,0 +1,269 @@
+"""Tiled exact attention forward (FlashAttention-2 style): varlen, bottom-right causal, sliding window, softcap,
+GQA, paged K/V, log-sum-exp out. S x S is never materialised: each program owns BLOCK_M query rows of one head and
+streams K/V tiles of BLOCK_N keys through an online softmax kept in float32, in the log2 domain."""
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed by (head-dim bucket, fp32 inputs, GPU major version); the bucket is
+# the padded tile width (<= 64, 128, 256). A missing major falls back to its sm80 row. Picked from compiled register
+# and shared-memory use (no spills in the unmasked loop where a config allows it; sm8x rows fit the 99 KiB of sm86 /
+# sm89); scripts/tune_prefill.py times the candidates on a GPU. fp32 runs 3-pass TF32 dots: about twice the registers.
+CONFIGS = {
+    (64, False, 8): (128, 64, 4, 3),
+    (128, False, 8): (128, 64, 8, 3),
+    (256, False, 8): (64, 32, 4, 2),
+    (64, True, 8): (64, 32, 4, 2),
+    (128, True, 8): (32, 32, 4, 2),
+    (256, True, 8): (16, 32, 4, 1),
+    (64, False, 9): (128, 64, 8, 3),
+    (128, False, 9): (128, 64, 8, 3),
+    (256, False, 9): (64, 32, 4, 2),
+    (64, True, 9): (64, 32, 4, 2),
+    (128, True, 9): (64, 16, 4, 2),
+    (256, True, 9): (16, 32, 4, 1),
+}
+# The interpreter runs numpy per program: small tiles keep several query and key tiles in the tests' short sequences,
+# so every stage of the KV loop is exercised.
+INTERPRET_CONFIG = (32, 16, 4, 1)
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^2x + 1): saturates to +-1 without NaN (exp2 overflows to inf, underflows to 0).
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
+
+
+@triton.jit
+def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, diag_right, diag_left,
+                  stride_kn, stride_kp, stride_vn, stride_vp, page_size, qk_scale, cap_scale, cap_log2,
+                  offs_n, offs_d, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                  HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAD_D: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Folds keys [lo, hi) into the running (acc, l_i, m_i). MASKED tiles apply bounds, causal and window masks;
+    unmasked tiles are known to be fully visible to every row of the tile and skip all mask arithmetic."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if PAGED:
+            # Gather BLOCK_N logical keys through the block table, whatever the page size.
+            if MASKED:
+                page = tl.load(bt_row + cols // page_size, mask=cols < k_len, other=0).to(tl.int64)
+            else:
+                page = tl.load(bt_row + cols // page_size).to(tl.int64)
+            slot = cols % page_size
+            k_ptrs = K + page[:, None] * stride_kp + (slot * stride_kn)[:, None] + offs_d[None, :]
+            v_ptrs = V + page[:, None] * stride_vp + (slot * stride_vn)[:, None] + offs_d[None, :]
+        else:
+            row = (k_row0 + start_n).to(tl.int64)  # int64: packed varlen rows times the row stride can pass 2^31
+            k_ptrs = K + row * stride_kn + (offs_n * stride_kn)[:, None] + offs_d[None, :]
+            v_ptrs = V + row * stride_vn + (offs_n * stride_vn)[:, None] + offs_d[None, :]
+        if MASKED:
+            kv_ok = (cols < k_len)[:, None]
+            if PAD_D:
+                kv_ok = kv_ok & d_ok
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+        elif PAD_D:
+            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        if UPCAST_DOT:
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PREC)
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if HAS_SOFTCAP:
+            qk = cap_log2 * _tanh(qk * cap_scale)  # softcap * tanh(s * scale / softcap), in log2 units
+        if MASKED:
+            keep = cols[None, :] < k_len
+            if HAS_RIGHT:
+                keep = keep & (cols[None, :] <= rows[:, None] + diag_right)
+            if HAS_LEFT:
+                keep = keep & (cols[None, :] >= rows[:, None] + diag_left)
+            if HAS_SOFTCAP:
+                qk = tl.where(keep, qk, float("-inf"))
+            else:
+                qk = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen no key yet keeps m = -inf; subtract 0 instead so p and alpha are 0, not NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+        else:
+            if HAS_SOFTCAP:
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                p = tl.math.exp2(qk - m_new[:, None])
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        elif PAD_D:
+            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        p = p.to(v.dtype)
+        if UPCAST_DOT:
+            acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PREC)
+        else:
+            acc = tl.dot(p, v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_start_ptr, k_len_ptr,
+                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+                    stride_lb, stride_lh, stride_ls, stride_btb,
+                    num_heads, group, num_m_tiles, page_size, window_left, window_right,
+                    qk_scale, cap_scale, cap_log2,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    PAGED: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Layouts (element strides, last dim contiguous):
+    #   Q / Out   [B, Sq, Hq, D]; sequence b owns rows q_start[b] .. q_start[b] + q_len[b] - 1 (batch stride may be 0)
+    #   K / V     [B, Sk, Hkv, D] rows k_start[b] ..; or, PAGED, pools [num_pages, page_size, Hkv, D] with logical
+    #             key j of sequence b at page BlockTable[b, j // page_size], row j % page_size
+    #   Lse       [B, Hq, Sq] float32, natural log
+    # One program per (batch * head, query tile); tiles of one head are adjacent in launch order so concurrently
+    # running programs share K/V in L2.
+    pid = tl.program_id(0)
+    bh = pid // num_m_tiles
+    m_tile = pid % num_m_tiles
+    if HAS_RIGHT:
+        m_tile = num_m_tiles - 1 - m_tile  # causal: the longest tiles first, for a shorter tail
+    b = bh // num_heads
+    h = bh % num_heads
+    q_len = tl.load(q_len_ptr + b)
+    start_m = m_tile * BLOCK_M
+    if start_m >= q_len:
+        return
+    q_row0 = tl.load(q_start_ptr + b)
+    k_len = tl.load(k_len_ptr + b)
+    kv_head = (h // group).to(tl.int64)
+    b64 = b.to(tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    rows = start_m + offs_m  # query index within the sequence
+    row_ok = rows < q_len
+    q_base = b64 * stride_qb + (q_row0 + start_m).to(tl.int64) * stride_qs + h.to(tl.int64) * stride_qh
+    q_ptrs = Q + q_base + (offs_m * stride_qs)[:, None] + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+    # Query i sees key j iff diag_left <= j - i <= diag_right (bottom-right aligned).
+    diag = k_len - q_len
+    diag_right = diag + window_right
+    diag_left = diag - window_left
+    last_row = tl.minimum(start_m + BLOCK_M, q_len) - 1
+    # KV range of the tile [lo, hi); lo on a BLOCK_N boundary.
+    lo = 0
+    if HAS_LEFT:
+        lo = (tl.maximum(start_m + diag_left, 0) // BLOCK_N) * BLOCK_N
+    hi = k_len
+    if HAS_RIGHT:
+        hi = tl.minimum(k_len, last_row + diag_right + 1)
+    # Keys [mid_lo, mid_hi) are visible to every row of the tile: no masks there. Both ends on BLOCK_N boundaries.
+    mid_lo = lo
+    if HAS_LEFT:
+        mid_lo = tl.maximum(tl.cdiv(tl.maximum(last_row + diag_left, 0), BLOCK_N) * BLOCK_N, lo)
+    mid_hi = k_len
+    if HAS_RIGHT:
+        mid_hi = tl.minimum(mid_hi, start_m + diag_right + 1)
+    mid_hi = (tl.maximum(mid_hi, 0) // BLOCK_N) * BLOCK_N
+    none_full = mid_hi <= mid_lo  # no fully visible tile: mask the whole range
+    mid_lo = tl.where(none_full, lo, mid_lo)
+    mid_hi = tl.where(none_full, lo, mid_hi)
+
+    if PAGED:
+        K += kv_head * stride_kh
+        V += kv_head * stride_vh
+        bt_row = BlockTable + b64 * stride_btb
+        k_row0 = 0
+    else:
+        K += b64 * stride_kb + kv_head * stride_kh
+        V += b64 * stride_vb + kv_head * stride_vh
+        bt_row = BlockTable
+        k_row0 = tl.load(k_start_ptr + b)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_LEFT:  # window's left edge: masked
+        acc, l_i, m_i = _attend_range(
+            acc, l_i, m_i, q, K, V, bt_row, lo, mid_lo, rows, k_len, k_row0, diag_right, diag_left, stride_ks,
+            stride_kb, stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
+            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
+    acc, l_i, m_i = _attend_range(  # fully visible tiles: no masks
+        acc, l_i, m_i, q, K, V, bt_row, mid_lo, mid_hi, rows, k_len, k_row0, diag_right, diag_left, stride_ks,
+        stride_kb, stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
+        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
+    # Diagonal / window's right edge / ragged last key tile: masked.
+    acc, l_i, m_i = _attend_range(
+        acc, l_i, m_i, q, K, V, bt_row, mid_hi, hi, rows, k_len, k_row0, diag_right, diag_left, stride_ks, stride_kb,
+        stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
+        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
+
+    # Rows that saw no key: acc is exactly 0; give out 0 and lse -inf.
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # ln(2): back to log_e
+    o_base = b64 * stride_ob + (q_row0 + start_m).to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
+    o_ptrs = Out + o_base + (offs_m * stride_os)[:, None] + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    l_base = b64 * stride_lb + h.to(tl.int64) * stride_lh + (q_row0 + start_m).to(tl.int64) * stride_ls
+    tl.store(Lse + l_base + offs_m * stride_ls, lse, mask=row_ok)
+
+
+def _config(head_dim_bucket, dtype, device):
+    if INTERPRET:
+        return INTERPRET_CONFIG
+    major = torch.cuda.get_device_capability(device)[0]
+    fp32 = dtype == torch.float32
+    return CONFIGS.get((head_dim_bucket, fp32, major), CONFIGS[(head_dim_bucket, fp32, 8)])
+
+
+def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
+            softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+            block_table=None) -> None:
+    """Attention of every sequence's queries over its keys, written into ``out`` ``[B, Sq, Hq, D]`` and ``lse``
+    ``[B, Hq, Sq]`` (see ``hf_flash.kernels`` for layouts and semantics)."""
+    batch, _, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[2]
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
+    bucket = max(64, block_d)
+    block_m, block_n, num_warps, num_stages = _config(bucket, q.dtype, q.device)
+    # Causal is a right window of 0 (causal with window_right > 0 still stops at the diagonal).
+    right = 0 if causal else window_right
+    paged = block_table is not None
+    num_m_tiles = triton.cdiv(max_seqlen_q, block_m)
+    grid = (batch * num_heads * num_m_tiles,)
+    has_softcap = softcap > 0
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _prefill_kernel[grid](
+            q, k, v, out, lse, block_table if paged else q_len, q_start, q_len, k_start, k_len,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1), lse.stride(2), block_table.stride(0) if paged else 0,
+            num_heads, group, num_m_tiles, k.shape[1] if paged else 1, max(window_left, 0), max(right, 0),
+            softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
+            softcap * LOG2E if has_softcap else 1.0,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+            HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=has_softcap, PAGED=paged,
+            UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
+            # fp32: 3-pass TF32 (~fp32-exact, on tensor cores); "ieee" falls back to FMA and spills everything.
+            DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,  # fma for qk * scale - m
+        )
