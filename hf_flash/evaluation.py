@@ -119,12 +119,13 @@ def _synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def perplexity(model, input_ids, *, window, stride, max_windows=None, progress=True):
-    """Strided sliding-window perplexity of ``input_ids`` (``[N]`` or ``[1, N]``) under ``model``.
+def token_nll(model, input_ids, *, window, stride, max_windows=None, progress=True):
+    """Negative log-likelihood of each scored token of ``input_ids`` (``[N]`` or ``[1, N]``), strided windows.
 
     Windows of ``window`` tokens start every ``stride`` tokens; a token is scored once, in the first window that
-    holds it after position 0 (the overlap with the previous window only gives context), as in Hugging Face's
-    "Perplexity of fixed-length models" recipe. Returns ``(perplexity, scored tokens, seconds)``.
+    holds it after that window's position 0 (an overlap with the previous window only gives context), as in
+    Hugging Face's "Perplexity of fixed-length models" recipe, whose -100 labels this slicing replaces. Returns
+    ``(float64 [n_scored] on CPU, seconds)``.
     """
     from tqdm.auto import tqdm
 
@@ -133,8 +134,7 @@ def perplexity(model, input_ids, *, window, stride, max_windows=None, progress=T
         raise ValueError("perplexity needs at least 2 tokens: the first one is never scored")
     starts = window_starts(ids.numel(), window, stride)[:max_windows]
     device = model.device
-    nll = torch.zeros((), dtype=torch.float64, device=device)  # float64: sums of ~1e5 terms stay exact enough
-    n_scored = 0
+    nlls = []
     scored_until = 0  # tokens before this index were scored by an earlier window
     _synchronize(device)
     start_time = time.perf_counter()
@@ -142,13 +142,20 @@ def perplexity(model, input_ids, *, window, stride, max_windows=None, progress=T
         for begin in tqdm(starts, desc=f"{model.config._attn_implementation} {model.dtype}", unit="window",
                           disable=not progress, leave=False):
             chunk = ids[begin : begin + window].to(device)
-            labels = chunk.clone()
-            labels[: scored_until - begin] = -100
-            logits = model(chunk[None]).logits[0, :-1].float()
-            token_nll = F.cross_entropy(logits, labels[1:], ignore_index=-100, reduction="none")
-            nll += token_nll.double().sum()
-            n_scored += int((labels[1:] != -100).sum())
+            first = max(scored_until - begin, 1)  # first scored position; logits at first - 1 predict it
+            logits = model(chunk[None]).logits[0, first - 1 : -1].float()
+            nlls.append(F.cross_entropy(logits, chunk[first:], reduction="none").double())
             scored_until = begin + chunk.numel()
     _synchronize(device)
     seconds = time.perf_counter() - start_time
-    return math.exp(nll.item() / n_scored), n_scored, seconds
+    return torch.cat(nlls).cpu(), seconds
+
+
+def perplexity(model, input_ids, *, window, stride, max_windows=None, progress=True):
+    """Strided sliding-window perplexity (see ``token_nll``): ``(perplexity, scored tokens, seconds)``.
+
+    The mean NLL is taken in float64, so long texts lose nothing to summation order.
+    """
+    nll, seconds = token_nll(model, input_ids, window=window, stride=stride, max_windows=max_windows,
+                             progress=progress)
+    return math.exp(nll.mean().item()), nll.numel(), seconds
