@@ -22,8 +22,8 @@ CONFIGS = {
     (64, True, 8): (64, 32, 4, 2),
     (128, True, 8): (32, 32, 4, 2),
     (256, True, 8): (16, 32, 4, 1),
-    (64, False, 9): (128, 64, 8, 3),
-    (128, False, 9): (128, 64, 8, 3),
+    (64, False, 9): (64, 64, 4, 3),  # H100, scripts/tune_prefill.py 2026-11-23: best mean causal+full
+    (128, False, 9): (128, 64, 8, 4),  # H100: 510 TFLOP/s causal S=16k (SDPA flash 329)
     (256, False, 9): (64, 32, 4, 2),
     (64, True, 9): (64, 32, 4, 2),
     (128, True, 9): (64, 16, 4, 2),

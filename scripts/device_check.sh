@@ -18,7 +18,7 @@ summary=()
 for step in "$@"; do
   start=$(date +%s)
   case $step in
-    tests) (cd /tmp && python3 -m pytest -q -x -p no:cacheprovider --rootdir "$OLDPWD" "$OLDPWD/tests" \
+    tests) (cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir "$OLDPWD" "$OLDPWD/tests" \
              -k "not slow" 2>&1) | tee "$out/tests.log" | tail -25 ;;
     perplexity) python3 scripts/perplexity.py --model "$(dirname $gguf)" --gguf-file "$(basename $gguf)" \
                   --dtypes fp32,bf16 --max-windows 16 --window 2048 2>&1 | tee "$out/perplexity.log" | tail -12 ;;

@@ -104,10 +104,11 @@ def test_packed_sequences_match_separate_runs():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-def test_generate_through_triton_kernels():
+def test_generate_through_triton_kernels(device):
     """The same generate, with every attention call forced through the Triton kernels (interpreter on CPU)."""
     model, _ = tiny_model("qwen2")
-    ids, mask = left_padded_batch([10, 6])
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([10, 6]))
     want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     model.set_attn_implementation("hf_flash")
     with ops.use_backend("triton"):
