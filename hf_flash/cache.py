@@ -10,6 +10,7 @@ place that sees the attention mask. So ``update`` returns a ``PagedKV`` view of 
 drop left-padding tokens, build the slot mapping and lengths: host work, like FlashInfer's ``plan``), then writes the
 layer's tokens into their pages and attends over them in place.
 """
+import collections
 import dataclasses
 import math
 
@@ -121,7 +122,8 @@ class PagedCache(Cache):
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.page_size, self.dtype, self.device = page_size, dtype, device
-        self.max_batch_size = max_batch_size
+        # Private: transformers 5.17's ``Cache`` has a read-only ``max_batch_size`` property (deprecated alias).
+        self._max_batch_size = max_batch_size
         self._max_memory = max_memory
         self.grow = (num_pages is None and max_memory is None) if grow is None else bool(grow)
         self.num_pages = num_pages if num_pages is not None else (None if max_memory is not None else 256)
@@ -205,23 +207,28 @@ class PagedCache(Cache):
         cannot hold them (unless ``grow``)."""
         if self._plan is not None:
             return self._plan
-        if not self._pages:
-            if self.max_batch_size is not None and batch_size > self.max_batch_size:
-                raise ValueError(f"batch of {batch_size} sequences exceeds max_batch_size={self.max_batch_size}")
+        new_tokens = self._new_tokens(attention_mask, q_len, batch_size)
+        first = not self._pages
+        if first:
+            if self._max_batch_size is not None and batch_size > self._max_batch_size:
+                raise ValueError(f"batch of {batch_size} sequences exceeds max_batch_size={self._max_batch_size}")
             self._pages = [[] for _ in range(batch_size)]
             self._lengths = [0] * batch_size
             self._table_cache = None
         elif batch_size != len(self._pages):
             raise ValueError(f"the cache holds {len(self._pages)} sequences but the step has {batch_size}")
-        new_tokens = self._new_tokens(attention_mask, q_len, batch_size)
 
         # Pages to allocate: growth, plus a private copy of a shared, partly filled last page (copy on write).
         cow = [b for b in range(batch_size) if new_tokens[b] and self._lengths[b] % self.page_size
                and self._refs[self._pages[b][-1]] > 1]
         grow_by = [self._pages_for(self._lengths[b] + new_tokens[b]) - len(self._pages[b]) for b in range(batch_size)]
-        needed = sum(grow_by) + len(cow)
+        # A shared page written by all of its sharers needs one copy fewer: the last writer keeps the page itself.
+        writers = collections.Counter(self._pages[b][-1] for b in cow)
+        needed = sum(grow_by) + sum(w if w < self._refs[p] else w - 1 for p, w in writers.items())
         if needed > len(self._free):
             if not self.grow:
+                if first:  # the batch size is not committed either: a retry may use another one
+                    self._pages, self._lengths = [], []
                 raise PoolExhaustedError(
                     f"PagedCache pool is full: {self.num_pages} pages of {self.page_size} tokens per layer, "
                     f"{self.num_pages - len(self._free)} in use, {len(self._free)} free, but this step needs {needed} "

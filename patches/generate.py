@@ -29,7 +29,8 @@ def _prepare_cache_for_generation(self, *args, **kwargs):
         sequences = bound.arguments["batch_size"] * copies
         page_size = 16
         pages_per_sequence = -(-bound.arguments["max_cache_length"] // page_size)
-        model_kwargs["past_key_values"] = PagedCache(self.config, page_size=page_size,
+        # grow: an assistant model's cache is made for its first candidate round only, and later rounds reuse it.
+        model_kwargs["past_key_values"] = PagedCache(self.config, page_size=page_size, grow=True,
                                                      num_pages=sequences * (pages_per_sequence + 1))
     return result
 

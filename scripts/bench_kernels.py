@@ -25,7 +25,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from bench_common import Results, Table, bench_ms, cell, describe, environment, free_memory, progress, say, synchronize
+from bench_common import Results, Table, bench_graph_ms, bench_ms, cell, describe, environment, free_memory, progress, say, synchronize
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
