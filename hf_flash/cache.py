@@ -27,7 +27,7 @@ class StepPlan:
     """What every layer of one forward step needs; device tensors are per device (multi-GPU models)."""
 
     q_len: int
-    new_tokens: list  # valid (non-pad) new tokens per sequence: the last ``n`` of the ``q_len``
+    new_tokens: list  # valid (non-pad) new tokens per sequence
     slots: torch.Tensor  # int64 [B * q_len]: pool slot of each new token, -1 for left padding (never stored)
     seqlens: torch.Tensor  # int32 [B]: tokens per sequence after this step
     block_table: torch.Tensor  # int32 [B, max_pages]
@@ -207,7 +207,8 @@ class PagedCache(Cache):
         cannot hold them (unless ``grow``)."""
         if self._plan is not None:
             return self._plan
-        new_tokens = self._new_tokens(attention_mask, q_len, batch_size)
+        valid = self._valid_new_tokens(attention_mask, q_len, batch_size)
+        new_tokens = [q_len] * batch_size if valid is None else valid.sum(-1).tolist()
         first = not self._pages
         if first:
             if self._max_batch_size is not None and batch_size > self._max_batch_size:
@@ -261,7 +262,8 @@ class PagedCache(Cache):
             if n:
                 pos = torch.arange(before[b], before[b] + n)
                 pages = torch.tensor(self._pages[b], dtype=torch.int64)
-                slots[b, q_len - n :] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
+                where = slice(None) if valid is None else valid[b]
+                slots[b, where] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
             self._lengths[b] += n
         self._seen += q_len
         padded = any(n != q_len for n in new_tokens)
@@ -276,19 +278,17 @@ class PagedCache(Cache):
                               padded=padded, rows=rows, cu_seqlens_q=cu)
         return self._plan
 
-    def _new_tokens(self, attention_mask, q_len, batch_size):
-        """Valid new tokens per sequence from the 2-D mask's last ``q_len`` columns (left padding only)."""
+    def _valid_new_tokens(self, attention_mask, q_len, batch_size):
+        """Bool ``[B, q_len]`` on the host: which new tokens are not padding (from the 2-D mask's last ``q_len``
+        columns), or None when all are. Padding is never stored; valid tokens keep their order."""
         if attention_mask is None:
-            return [q_len] * batch_size
-        if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
-            raise ValueError(f"PagedCache needs a 2-D padding mask (got {type(attention_mask).__name__} "
+            return None
+        if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+                and attention_mask.shape[0] == batch_size):
+            raise ValueError(f"PagedCache needs a 2-D [batch, length] padding mask (got {type(attention_mask).__name__} "
                              f"{tuple(getattr(attention_mask, 'shape', ()))}); use attn_implementation='hf_flash'")
         valid = attention_mask[:, -q_len:].bool().cpu()
-        counts = valid.sum(-1)
-        suffix = torch.arange(q_len)[None, :] >= (q_len - counts)[:, None]
-        if not torch.equal(valid, suffix):
-            raise ValueError("PagedCache supports left padding only: each row's valid tokens must be the last ones")
-        return counts.tolist()
+        return None if bool(valid.all()) else valid
 
     def _copy_pages(self, src, dst):
         for layer in self.layers:

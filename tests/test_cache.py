@@ -470,10 +470,10 @@ def test_a_refused_first_step_leaves_the_cache_empty():
     with pytest.raises(PoolExhaustedError, match="2 pages of 4 tokens.*needs 9 more for 30 new tokens"):
         Shadow(cache, 3).step(10)
     assert cache.batch_size == 0 and cache.memory_stats()["pages_used"] == 0
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    mask = torch.ones(3, 3, dtype=torch.long)  # three rows for a batch of two
     key = torch.randn(2, KV_HEADS, 3, HEAD_DIM)
     kv, _ = cache.update(key, key, 0)
-    with pytest.raises(ValueError, match="left padding only"):
+    with pytest.raises(ValueError, match=r"2-D \[batch, length\] padding mask"):
         paged_attention_forward(_ATTENTION, torch.randn(2, HEADS, 3, HEAD_DIM), kv, mask)
     assert cache.batch_size == 0
     Shadow(cache, 1).step(8)  # another batch size, that fits
@@ -504,3 +504,16 @@ def test_generate_patch_reverts():
     assert type(again.past_key_values).__name__ == "PagedCache"
     # Other implementations never get one.
     assert type(_generate(model, "sdpa", ids, mask, **kwargs).past_key_values) is transformers.DynamicCache
+
+
+def test_padding_inside_prompts_matches_reference():
+    """generate() masks every pad token, not only leading ones (a prompt may contain the pad id): the pages keep
+    the valid tokens only, in order, and attention over them equals sdpa's masked attention."""
+    model, reference = tiny_model("llama")
+    ids, mask = left_padded_batch([12, 9])
+    mask[0, 5:7] = 0  # two pad tokens inside the first prompt
+    ids[0, 5:7] = 0
+    outs = {impl: _generate(model, impl, ids, mask, new=16, do_sample=False, return_dict_in_generate=True)
+            for impl in (reference, "hf_flash")}
+    assert torch.equal(outs["hf_flash"].sequences, outs[reference].sequences)
+    assert outs["hf_flash"].past_key_values._lengths == [10 + 15, 9 + 15]
