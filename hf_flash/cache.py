@@ -13,9 +13,18 @@ layer's tokens into their pages and attends over them in place.
 import collections
 import dataclasses
 import math
+import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+def to_device(host_tensor, device):
+    """Copy host bookkeeping to ``device`` without a sync: a copy from pageable memory would wait for every kernel
+    queued before it, and the host could no longer run ahead of the GPU from one decode step to the next."""
+    if device.type == "cuda":
+        return host_tensor.pin_memory().to(device, non_blocking=True)
+    return host_tensor.to(device)
 
 
 class PoolExhaustedError(RuntimeError):
@@ -33,6 +42,7 @@ class StepPlan:
     block_table: torch.Tensor  # int32 [B, max_pages]
     max_seqlen_k: int
     padded: bool  # some new token is padding: attention runs on the packed valid rows
+    first: bool  # no sequence held a token before this step: the new states are all the keys
     rows: torch.Tensor | None  # int64 indices of the valid rows in the flattened [B * q_len] queries
     cu_seqlens_q: torch.Tensor | None  # int32 [B + 1] offsets of the packed valid rows
     _per_device: dict = dataclasses.field(default_factory=dict)
@@ -41,7 +51,7 @@ class StepPlan:
         """This plan's tensors on ``device`` (copied once per step and device)."""
         if device not in self._per_device:
             fields = ("slots", "seqlens", "block_table", "rows", "cu_seqlens_q")
-            self._per_device[device] = {f: None if getattr(self, f) is None else getattr(self, f).to(device)
+            self._per_device[device] = {f: None if getattr(self, f) is None else to_device(getattr(self, f), device)
                                         for f in fields}
         return self._per_device[device]
 
@@ -66,7 +76,11 @@ class PagedLayer(CacheLayerMixin):
 
     def __init__(self, cache):
         super().__init__()
-        self.cache = cache
+        self._cache = weakref.ref(cache)  # no reference cycle: the pools go as soon as the cache does
+
+    @property
+    def cache(self):
+        return self._cache()
 
     def lazy_initialization(self, key_states, value_states):
         self.keys = key_states.new_zeros(self.cache.pool_shape(key_states))
@@ -275,7 +289,7 @@ class PagedCache(Cache):
         self._plan = StepPlan(q_len=q_len, new_tokens=new_tokens, slots=slots.flatten(),
                               seqlens=torch.tensor(self._lengths, dtype=torch.int32),
                               block_table=self._block_table(), max_seqlen_k=max(self._lengths),
-                              padded=padded, rows=rows, cu_seqlens_q=cu)
+                              padded=padded, first=not any(before), rows=rows, cu_seqlens_q=cu)
         return self._plan
 
     def _valid_new_tokens(self, attention_mask, q_len, batch_size):
@@ -293,8 +307,8 @@ class PagedCache(Cache):
     def _copy_pages(self, src, dst):
         for layer in self.layers:
             if layer.is_initialized:
-                s = torch.tensor(src, device=layer.keys.device)
-                d = torch.tensor(dst, device=layer.keys.device)
+                s = to_device(torch.tensor(src), layer.keys.device)
+                d = to_device(torch.tensor(dst), layer.keys.device)
                 layer.keys[d] = layer.keys[s]
                 layer.values[d] = layer.values[s]
 

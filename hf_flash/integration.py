@@ -77,22 +77,29 @@ def paged_attention_forward(module, query, kv, attention_mask, *, scaling=None, 
     plan = cache.plan(attention_mask, q_len, batch)
     tensors = plan.on(query.device)
     dtype = layer.keys.dtype
-    ops.write_kv_pages(kv.key.transpose(1, 2).reshape(batch * q_len, -1, head_dim).to(dtype),
-                       kv.value.transpose(1, 2).reshape(batch * q_len, -1, head_dim).to(dtype),
-                       layer.keys, layer.values, tensors["slots"])
-    options = dict(softmax_scale=scaling, causal=module.is_causal if is_causal is None else is_causal,
-                   window_size=(sliding_window - 1, -1) if sliding_window else (-1, -1), softcap=softcap or 0.0,
-                   max_seqlen_k=plan.max_seqlen_k)
     q = query.transpose(1, 2).to(dtype)
-    if not plan.padded:
+    k, v = kv.key.transpose(1, 2).to(dtype), kv.value.transpose(1, 2).to(dtype)  # [B, S, H_kv, D]
+    k_rows, v_rows = k.reshape(batch * q_len, -1, head_dim), v.reshape(batch * q_len, -1, head_dim)
+    ops.write_kv_pages(k_rows, v_rows, layer.keys, layer.values, tensors["slots"])
+    options = dict(softmax_scale=scaling, causal=module.is_causal if is_causal is None else is_causal,
+                   window_size=(sliding_window - 1, -1) if sliding_window else (-1, -1), softcap=softcap or 0.0)
+    if plan.first:  # nothing cached before: the new states are all the keys, contiguous (the faster kernel path)
+        if not plan.padded:
+            return ops.attention(q, k, v, **options).to(query.dtype)
+        rows, cu = tensors["rows"], tensors["cu_seqlens_q"]
+        packed = ops.attention_varlen(q.reshape(batch * q_len, heads, head_dim).index_select(0, rows),
+                                      k_rows.index_select(0, rows), v_rows.index_select(0, rows), cu, cu, **options)
+    elif not plan.padded:
         out = ops.attention_with_kvcache(q, layer.keys, layer.values, tensors["seqlens"], tensors["block_table"],
-                                         **options)
+                                         max_seqlen_k=plan.max_seqlen_k, **options)
         return out.to(query.dtype)
-    # Left-padded step (prefill of a padded batch): attend with the valid rows packed, pads get zeros.
-    rows = tensors["rows"]
-    packed = ops.attention_with_kvcache(q.reshape(batch * q_len, heads, head_dim).index_select(0, rows),
-                                        layer.keys, layer.values, tensors["seqlens"], tensors["block_table"],
-                                        cu_seqlens_q=tensors["cu_seqlens_q"], **options)
+    else:
+        rows = tensors["rows"]
+        packed = ops.attention_with_kvcache(q.reshape(batch * q_len, heads, head_dim).index_select(0, rows),
+                                            layer.keys, layer.values, tensors["seqlens"], tensors["block_table"],
+                                            cu_seqlens_q=tensors["cu_seqlens_q"], max_seqlen_k=plan.max_seqlen_k,
+                                            **options)
+    # A padded step: the valid rows were attended packed; pads get zeros (finite, never stored).
     out = query.new_zeros((batch * q_len, heads, head_dim))
     out.index_copy_(0, rows, packed.to(query.dtype))
     return out.view(batch, q_len, heads, head_dim)
