@@ -270,15 +270,17 @@ class PagedCache(Cache):
         if copies or any(grow_by):
             self._table_cache = None
         before = list(self._lengths)
-        slots = torch.full((batch_size, q_len), -1, dtype=torch.int64)
-        for b in range(batch_size):
-            n = new_tokens[b]
-            if n:
-                pos = torch.arange(before[b], before[b] + n)
-                pages = torch.tensor(self._pages[b], dtype=torch.int64)
-                where = slice(None) if valid is None else valid[b]
-                slots[b, where] = pages[pos // self.page_size] * self.page_size + pos % self.page_size
-            self._lengths[b] += n
+        ps = self.page_size
+        if q_len == 1 and valid is None:  # decode: one slot per sequence, plain Python beats a dozen tensor ops
+            slots = torch.tensor([self._pages[b][n // ps] * ps + n % ps for b, n in enumerate(before)])
+        else:
+            slots = torch.full((batch_size, q_len), -1, dtype=torch.int64)
+            for b in range(batch_size):
+                if new_tokens[b]:
+                    pos = torch.arange(before[b], before[b] + new_tokens[b])
+                    pages = torch.tensor(self._pages[b], dtype=torch.int64)
+                    slots[b, slice(None) if valid is None else valid[b]] = pages[pos // ps] * ps + pos % ps
+        self._lengths = [n + new for n, new in zip(before, new_tokens)]
         self._seen += q_len
         padded = any(n != q_len for n in new_tokens)
         rows = cu = None
