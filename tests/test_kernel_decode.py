@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from hf_flash.kernels.decode import MAX_SPLITS, MIN_SPLIT_KEYS, WAVES, choose_num_splits, paged_decode
+from pages import scatter_to_pages
 from reference import attention_ref
 
 NAN = float("nan")
@@ -17,31 +18,6 @@ NAN = float("nan")
 # splitting adds nothing visible. lse is accumulated in fp32 from exact products of the inputs, whatever their dtype.
 OUT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.5e-2, 1.6e-2)}
 LSE_TOL = {torch.float32: 1e-5, torch.float16: 5e-5, torch.bfloat16: 5e-5}
-
-
-def _paged(lens, hkv, head_dim, page_size, dtype, device):
-    """Random keys per sequence scattered over shuffled pages (torch.randperm). Unused rows and a spare page, where
-    the unused block-table entries point, hold NaN: reading anything past a sequence's keys breaks the result."""
-    pages_per_seq = [math.ceil(n / page_size) for n in lens]
-    num_pages = sum(pages_per_seq) + 1
-    order = torch.randperm(num_pages).tolist()
-    spare = order.pop()
-    k_pool = torch.full((num_pages, page_size, hkv, head_dim), NAN, device=device).to(dtype)
-    v_pool = k_pool.clone()
-    table = torch.full((len(lens), max(pages_per_seq) + 1), spare, dtype=torch.int32)
-    keys = []
-    for b, n in enumerate(lens):
-        kb = torch.randn(n, hkv, head_dim, device=device).to(dtype)
-        vb = torch.randn(n, hkv, head_dim, device=device).to(dtype)
-        for p in range(pages_per_seq[b]):
-            table[b, p] = order.pop()
-        keys.append((kb, vb))
-    table = table.to(device)
-    for b, n in enumerate(lens):
-        pos = torch.arange(n, device=device)
-        pages = table[b].long()[pos // page_size]
-        k_pool[pages, pos % page_size], v_pool[pages, pos % page_size] = keys[b]
-    return k_pool, v_pool, table, keys
 
 
 def _run(q, k_pool, v_pool, table, lens, num_splits, *, window_left=-1, softcap=0.0, out=None, lse=None):
@@ -68,7 +44,7 @@ def _check(out, lse, q, keys, *, window_left=-1, softcap=0.0):
 
 
 def _decode_all_splits(lens, hq, hkv, head_dim, page_size, dtype, device, **kw):
-    k_pool, v_pool, table, keys = _paged(lens, hkv, head_dim, page_size, dtype, device)
+    k_pool, v_pool, table, keys = scatter_to_pages(lens, hkv, head_dim, page_size, dtype, device)
     q = torch.randn(len(lens), hq, head_dim, device=device).to(dtype)
     results = []
     for num_splits in (1, 3, 8):
@@ -107,7 +83,7 @@ def test_window(window_left, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softcap(dtype, device):
     lens = [1, 50, 77]
-    k_pool, v_pool, table, keys = _paged(lens, 2, 64, 24, dtype, device)
+    k_pool, v_pool, table, keys = scatter_to_pages(lens, 2, 64, 24, dtype, device)
     q = (torch.randn(3, 8, 64, device=device) * 3).to(dtype)  # logits ~N(0, 9): the cap bites
     for num_splits, window_left in ((1, -1), (3, -1), (3, 20)):
         out, lse = _run(q, k_pool, v_pool, table, lens, num_splits, window_left=window_left, softcap=2.0)
@@ -118,7 +94,7 @@ def test_strided_and_empty_splits(device):
     # q / out / lse as the ops layer passes them (slices of [B, 1, H, D] and [B, H, 1]), K and V as halves of one
     # interleaved KV pool; more splits than tiles (empty splits write empty states) and an all-empty batch.
     lens, hq, hkv, head_dim, page_size, dtype = [5, 40, 0], 4, 2, 64, 16, torch.float16
-    k_pool, v_pool, table, keys = _paged(lens, hkv, head_dim, page_size, dtype, device)
+    k_pool, v_pool, table, keys = scatter_to_pages(lens, hkv, head_dim, page_size, dtype, device)
     kv_pool = torch.stack((k_pool, v_pool), dim=2)  # [pages, page_size, 2, Hkv, D]
     q = torch.randn(3, 1, hq, head_dim, device=device).to(dtype)[:, 0]
     out = torch.empty(3, 1, hq, head_dim, dtype=dtype, device=device)[:, 0]
@@ -153,7 +129,7 @@ def test_large_bf16(page_size, device):
     # The GPU tile configs over long, ragged sequences; GQA 32/8, D 128 as in the benchmark; planned and fixed splits.
     lens = [3001, 1, 700, 4096]
     hq, hkv, head_dim, dtype = 32, 8, 128, torch.bfloat16
-    k_pool, v_pool, table, keys = _paged(lens, hkv, head_dim, page_size, dtype, device)
+    k_pool, v_pool, table, keys = scatter_to_pages(lens, hkv, head_dim, page_size, dtype, device)
     q = torch.randn(len(lens), hq, head_dim, device=device).to(dtype)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     for num_splits in (1, choose_num_splits(len(lens), hkv, max(lens), sms), MAX_SPLITS):

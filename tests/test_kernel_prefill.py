@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from hf_flash.kernels.prefill import prefill
+from pages import scatter_to_pages
 from reference import attention_ref
 
 NAN = float("nan")
@@ -136,34 +137,12 @@ def test_padded_batch(causal, window, device):
     _check(out, lse, q, keys, args[0], args[1], causal=causal, window=window)
 
 
-def _paged(k_lens, hkv, head_dim, page_size, dtype, device):
-    """Random keys per sequence scattered over shuffled pages. Unused slots and a spare page (where unused
-    block-table entries point) hold NaN, so reading anything past a sequence's keys breaks the result."""
-    pages_per_seq = [math.ceil(n / page_size) for n in k_lens]
-    num_pages = sum(pages_per_seq) + 1
-    order = torch.randperm(num_pages).tolist()
-    spare = order.pop()
-    k_pool = torch.full((num_pages, page_size, hkv, head_dim), NAN, device=device).to(dtype)
-    v_pool = k_pool.clone()
-    table = torch.full((len(k_lens), max(pages_per_seq) + 1), spare, dtype=torch.int32)
-    keys = []
-    for b, n in enumerate(k_lens):
-        kb = torch.randn(n, hkv, head_dim, device=device).to(dtype)
-        vb = torch.randn(n, hkv, head_dim, device=device).to(dtype)
-        for p in range(pages_per_seq[b]):
-            table[b, p] = page = order.pop()
-            rows = slice(p * page_size, min(n, (p + 1) * page_size))
-            k_pool[page, : rows.stop - rows.start], v_pool[page, : rows.stop - rows.start] = kb[rows], vb[rows]
-        keys.append((kb, vb))
-    return k_pool, v_pool, table.to(device), keys
-
-
 @pytest.mark.parametrize("page_size", [1, 16, 24, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged(page_size, dtype, device):
+def testscatter_to_pages(page_size, dtype, device):
     # Chunked prefill / decode shapes over a paged cache: q_len <= k_len, causal, GQA 4:2.
     q_lens, k_lens = [11, 1, 30, 0], [40, 17, 30, 5]
-    k_pool, v_pool, table, keys = _paged(k_lens, 2, 64, page_size, dtype, device)
+    k_pool, v_pool, table, keys = scatter_to_pages(k_lens, 2, 64, page_size, dtype, device)
     q = torch.randn(len(q_lens), max(q_lens), 4, 64, device=device).to(dtype)
     zeros = _i32([0] * len(q_lens), device)
     junk = _i32([3] * len(q_lens), device)  # k_start is ignored with a block table
@@ -174,7 +153,7 @@ def test_paged(page_size, dtype, device):
 
 def test_paged_window_softcap(device):
     q_lens, k_lens, window = [25, 9], [61, 9], (13, -1)
-    k_pool, v_pool, table, keys = _paged(k_lens, 1, 80, 24, torch.float16, device)
+    k_pool, v_pool, table, keys = scatter_to_pages(k_lens, 1, 80, 24, torch.float16, device)
     q = torch.randn(2, 25, 4, 80, device=device).to(torch.float16)
     zeros, q_len = _i32([0, 0], device), _i32(q_lens, device)
     out, lse = _run(q, k_pool, v_pool, zeros, q_len, zeros, _i32(k_lens, device), causal=True, window=window,
@@ -208,7 +187,7 @@ def test_other_tile_shapes(tile, monkeypatch, device):
         monkeypatch.setitem(module.CONFIGS, (64, False, major), (*tile, 4, 2))
     q, k, v = _dense(2, 50, 67, 2, 1, 64, torch.float16, device)
     _run_dense(q, k, v, causal=True, window=(20, -1))
-    k_pool, v_pool, table, keys = _paged([67, 3], 1, 64, 24, torch.float16, device)
+    k_pool, v_pool, table, keys = scatter_to_pages([67, 3], 1, 64, 24, torch.float16, device)
     zeros, q_len = _i32([0, 0], device), _i32([50, 3], device)
     out, lse = _run(q, k_pool, v_pool, zeros, q_len, zeros, _i32([67, 3], device), causal=True, block_table=table)
     _check(out, lse, q, keys, zeros, q_len, causal=True)
@@ -233,7 +212,7 @@ def test_large_bf16(head_dim, causal, device):
 @pytest.mark.cuda
 def test_large_paged_varlen(device):
     q_lens, k_lens = [700, 1, 257, 1024], [1500, 900, 257, 1024]
-    k_pool, v_pool, table, keys = _paged(k_lens, 2, 128, 64, torch.bfloat16, device)
+    k_pool, v_pool, table, keys = scatter_to_pages(k_lens, 2, 128, 64, torch.bfloat16, device)
     q = torch.randn(4, 1024, 16, 128, device=device).to(torch.bfloat16)
     zeros, q_len = _i32([0] * 4, device), _i32(q_lens, device)
     out, lse = _run(q, k_pool, v_pool, zeros, q_len, zeros, _i32(k_lens, device), causal=True, window=(511, -1),
