@@ -68,15 +68,19 @@ def test_logits_match_reference(family):
     torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("cache", ["default", "dynamic"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_greedy_generate_matches_reference(family):
+def test_greedy_generate_matches_reference(family, cache):
+    """``default``: generate() gives hf_flash a PagedCache; ``dynamic``: a DynamicCache, through transformers'
+    flash path (unpadding to the varlen kernel)."""
     model, reference = tiny_model(family)
     ids, mask = left_padded_batch([17, 9, 4])
     outs = {}
     for impl in (reference, "hf_flash"):
         model.set_attn_implementation(impl)
+        extra = {"past_key_values": transformers.DynamicCache(config=model.config)} if cache == "dynamic" else {}
         outs[impl] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
-                                    min_new_tokens=32, pad_token_id=0)
+                                    min_new_tokens=32, pad_token_id=0, **extra)
     assert outs["hf_flash"].shape == (3, ids.shape[1] + 32)
     assert torch.equal(outs["hf_flash"], outs[reference])
 
