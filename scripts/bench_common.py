@@ -151,3 +151,10 @@ class Results:
         with open(tmp, "w") as f:
             json.dump(self.data, f, indent=1)
         os.replace(tmp, self.path)  # a reader never sees half a file
+
+
+def begin(args):
+    """What every benchmark starts with: its clock, the results file (``args.out``) and a line on the machine."""
+    info = environment(args.device)
+    say(describe(info))
+    return time.perf_counter(), Results(args.out, info)

@@ -27,7 +27,7 @@ import traceback
 
 import torch
 import transformers
-from bench_common import Results, Table, cell, describe, environment, free_memory, progress, say, synchronize
+from bench_common import Table, begin, cell, free_memory, progress, say, synchronize
 
 import hf_flash
 
@@ -155,10 +155,7 @@ def forget_compiled(model, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    start = time.perf_counter()
-    info = environment(args.device)
-    results = Results(args.out, info)
-    say(describe(info))
+    start, results = begin(args)
     table = Table([("model", 5), ("B", 3), ("prompt", 6), ("new", 4), ("impl", 8), ("prefill s", 9),
                    ("decode tok/s", 12), ("e2e tok/s", 9), ("x sdpa", 6), ("peak GiB", 8), ("KV GiB", 6),
                    ("used", 6), ("1st call +s", 11)])

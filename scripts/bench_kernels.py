@@ -25,7 +25,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from bench_common import Results, Table, bench_graph_ms, bench_ms, cell, describe, environment, free_memory, progress, say, synchronize
+from bench_common import Table, begin, bench_graph_ms, bench_ms, cell, free_memory, progress, say, synchronize
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -252,10 +252,7 @@ def bench_decode(args, results, flex):
 
 def main(argv=None):
     args = parse_args(argv)
-    start = time.perf_counter()
-    info = environment(args.device)
-    results = Results(args.out, info)
-    say(describe(info))
+    start, results = begin(args)
     # One compiled FlexAttention for every shape. Static shapes (dynamic=False) give each shape its own kernel, as
     # a model with a fixed length would get; the shapes here need more graphs than dynamo's default limit of 8.
     torch._dynamo.config.recompile_limit = 64
