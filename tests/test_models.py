@@ -126,3 +126,29 @@ def test_training_mode_is_refused():
     model.train()
     with pytest.raises(NotImplementedError, match="inference-only"):
         model(input_ids=torch.randint(1, 128, (1, 5)))
+
+
+def test_attention_sinks_are_refused():
+    """GPT-OSS passes sinks (s_aux); hf_flash has none yet and must say so rather than drop them silently."""
+    from hf_flash.integration import hf_flash_attention_forward
+
+    model, _ = tiny_model("llama")
+    attention = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, 16)
+    kv = torch.randn(1, 2, 3, 16)
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        hf_flash_attention_forward(attention, q, kv, kv, None, s_aux=torch.zeros(4))
+
+
+def test_other_flash_names_still_reach_transformers():
+    """Our hook answers for "hf_flash" only: other names get transformers' own loader (and its own errors)."""
+    import importlib.util
+
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here: transformers would load it")
+    assert flash_utils._lazy_imports("hf_flash")[0].__module__ == "hf_flash.integration"
+    with pytest.raises(Exception) as caught:
+        flash_utils._lazy_imports("flash_attention_2")
+    assert "hf_flash" not in str(caught.value)
