@@ -19,12 +19,20 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def _pinned(host_tensor, device):
+    # A copy from pageable memory would wait for every kernel queued before it, and the host could no longer run
+    # ahead of the GPU from one decode step to the next; from pinned memory it is queued like a kernel.
+    return host_tensor.pin_memory() if device.type == "cuda" else host_tensor
+
+
 def to_device(host_tensor, device):
-    """Copy host bookkeeping to ``device`` without a sync: a copy from pageable memory would wait for every kernel
-    queued before it, and the host could no longer run ahead of the GPU from one decode step to the next."""
-    if device.type == "cuda":
-        return host_tensor.pin_memory().to(device, non_blocking=True)
-    return host_tensor.to(device)
+    """Copy host bookkeeping to ``device`` without a sync."""
+    return _pinned(host_tensor, device).to(device, non_blocking=True)
+
+
+def copy_from_host(dst, host_tensor):
+    """Copy host bookkeeping into the device tensor ``dst`` (or its leading block) without a sync."""
+    dst[tuple(slice(0, n) for n in host_tensor.shape)].copy_(_pinned(host_tensor, dst.device), non_blocking=True)
 
 
 class PoolExhaustedError(RuntimeError):
@@ -45,15 +53,22 @@ class StepPlan:
     first: bool  # no sequence held a token before this step: the new states are all the keys
     rows: torch.Tensor | None  # int64 indices of the valid rows in the flattened [B * q_len] queries
     cu_seqlens_q: torch.Tensor | None  # int32 [B + 1] offsets of the packed valid rows
+    num_splits: int = 0  # split-KV factor of the decode kernel; 0: chosen from the lengths
     _per_device: dict = dataclasses.field(default_factory=dict)
 
+    DEVICE_FIELDS = ("slots", "seqlens", "block_table", "rows", "cu_seqlens_q")
+
     def on(self, device):
-        """This plan's tensors on ``device`` (copied once per step and device)."""
+        """This plan's tensors on ``device`` (copied once per step and device, unless ``use`` gave them)."""
         if device not in self._per_device:
-            fields = ("slots", "seqlens", "block_table", "rows", "cu_seqlens_q")
             self._per_device[device] = {f: None if getattr(self, f) is None else to_device(getattr(self, f), device)
-                                        for f in fields}
+                                        for f in self.DEVICE_FIELDS}
         return self._per_device[device]
+
+    def use(self, device, tensors):
+        """Serve ``tensors`` (a dict of ``DEVICE_FIELDS``, already holding this plan's values) on ``device``: a CUDA
+        graph's static buffers."""
+        self._per_device[device] = tensors
 
 
 class PagedKV:
@@ -112,6 +127,8 @@ class PagedCache(Cache):
         grow: when the pool is full, double it instead of raising ``PoolExhaustedError``. Defaults to ``True``
             only when neither ``num_pages`` nor ``max_memory`` is given.
         max_batch_size: optional bound on the number of sequences, checked at the first step.
+        cuda_graphs: let ``generate()`` replay its single-token decode steps as CUDA graphs (``hf_flash.graphs``),
+            captured once per batch size and split count; on CUDA only, and not with ``disable_compile=True``.
 
     Example:
         >>> cache = PagedCache(model.config, page_size=16, num_pages=1024)
@@ -122,7 +139,7 @@ class PagedCache(Cache):
     is_compileable = False
 
     def __init__(self, config, *, page_size=16, num_pages=None, max_memory=None, dtype=None, device=None,
-                 grow=None, max_batch_size=None):
+                 grow=None, max_batch_size=None, cuda_graphs=True):
         config = config.get_text_config(decoder=True)
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
@@ -141,6 +158,8 @@ class PagedCache(Cache):
         self._max_memory = max_memory
         self.grow = (num_pages is None and max_memory is None) if grow is None else bool(grow)
         self.num_pages = num_pages if num_pages is not None else (None if max_memory is not None else 256)
+        self.cuda_graphs = bool(cuda_graphs)
+        self.graphs = {}  # hf_flash.graphs: captured decode steps over these pools, by (model, batch, splits, ...)
         super().__init__(layers=[PagedLayer(self) for _ in range(self.num_layers)])
         self.reset()
 
@@ -158,7 +177,7 @@ class PagedCache(Cache):
         self._lengths = []  # tokens stored per sequence (padding excluded)
         self._seen = 0  # positions processed per sequence, padding included: what transformers calls seq length
         self._plan = None
-        self._last_layer = None
+        self._plan_layers = set()  # layers that have attended with the current plan
         self._table_cache = None
 
     def pool_shape(self, key_states):
@@ -186,6 +205,7 @@ class PagedCache(Cache):
                 extra = new_total - self.num_pages
                 layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((extra, *layer.keys.shape[1:]))])
                 layer.values = torch.cat([layer.values, layer.values.new_zeros((extra, *layer.values.shape[1:]))])
+        self.graphs.clear()  # they point into the old pools
         self._refs += [0] * (new_total - self.num_pages)
         self._free = list(range(new_total - 1, self.num_pages - 1, -1)) + self._free
         self.num_pages = new_total
@@ -204,9 +224,6 @@ class PagedCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Called by each attention layer with its new ``[B, H_kv, S, D]`` states; returns a ``PagedKV`` view
         (twice, for the model's ``key, value`` unpacking). The attention function stores and attends."""
-        if self._last_layer is None or layer_idx <= self._last_layer:
-            self._plan = None  # a new forward step begins
-        self._last_layer = layer_idx
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states.to(self.dtype or key_states.dtype), value_states)
@@ -215,12 +232,17 @@ class PagedCache(Cache):
         view = PagedKV(self, layer_idx, key_states, value_states)
         return view, view
 
-    def plan(self, attention_mask, q_len, batch_size):
-        """Plan this forward step once (the first layer's attention call does it): allocate pages for the valid
-        new tokens and build the slot mapping. Raises ``PoolExhaustedError`` before changing anything if the pool
-        cannot hold them (unless ``grow``)."""
-        if self._plan is not None:
+    def plan(self, attention_mask, q_len, batch_size, layer_idx=None):
+        """Plan a forward step once: allocate pages for the valid new tokens and build the slot mapping. Raises
+        ``PoolExhaustedError`` before changing anything if the pool cannot hold them (unless ``grow``).
+
+        Each layer's attention call passes its ``layer_idx`` and gets the current plan until it has used it once: a
+        layer asking again starts the next step. Without ``layer_idx`` (a caller planning ahead of the forward, like
+        the CUDA-graph runner) a new step is always planned, and every layer then uses it."""
+        if self._plan is not None and layer_idx is not None and layer_idx not in self._plan_layers:
+            self._plan_layers.add(layer_idx)
             return self._plan
+        self._plan, self._plan_layers = None, set()
         valid = self._valid_new_tokens(attention_mask, q_len, batch_size)
         new_tokens = [q_len] * batch_size if valid is None else valid.sum(-1).tolist()
         first = not self._pages
@@ -292,7 +314,14 @@ class PagedCache(Cache):
                               seqlens=torch.tensor(self._lengths, dtype=torch.int32),
                               block_table=self._block_table(), max_seqlen_k=max(self._lengths),
                               padded=padded, first=not any(before), rows=rows, cu_seqlens_q=cu)
+        if layer_idx is not None:
+            self._plan_layers.add(layer_idx)
         return self._plan
+
+    def replan_layers(self):
+        """Let every layer use the current plan again (a CUDA-graph capture went through the layers without running
+        them)."""
+        self._plan_layers = set()
 
     def _valid_new_tokens(self, attention_mask, q_len, batch_size):
         """Bool ``[B, q_len]`` on the host: which new tokens are not padding (from the 2-D mask's last ``q_len``

@@ -74,7 +74,7 @@ def paged_attention_forward(module, query, kv, attention_mask, *, scaling=None, 
     """Store this layer's new tokens in the cache's pages, then attend over the pages in place."""
     cache, layer = kv.cache, kv.cache.layers[kv.layer_idx]
     batch, heads, q_len, head_dim = query.shape
-    plan = cache.plan(attention_mask, q_len, batch)
+    plan = cache.plan(attention_mask, q_len, batch, kv.layer_idx)
     tensors = plan.on(query.device)
     dtype = layer.keys.dtype
     q = query.transpose(1, 2).to(dtype)
@@ -91,7 +91,7 @@ def paged_attention_forward(module, query, kv, attention_mask, *, scaling=None, 
                                       k_rows.index_select(0, rows), v_rows.index_select(0, rows), cu, cu, **options)
     elif not plan.padded:
         out = ops.attention_with_kvcache(q, layer.keys, layer.values, tensors["seqlens"], tensors["block_table"],
-                                         max_seqlen_k=plan.max_seqlen_k, **options)
+                                         max_seqlen_k=plan.max_seqlen_k, num_splits=plan.num_splits, **options)
         return out.to(query.dtype)
     else:
         rows = tensors["rows"]

@@ -305,7 +305,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
     backend = _backend(q.device)
     if max_q == 1 and not packed:
         if num_splits == 0:
-            num_splits = backend.choose_num_splits(batch, k_cache.shape[-2], longest, _num_sms(q.device))
+            num_splits = choose_num_splits(batch, k_cache.shape[-2], longest, q.device)
         out = torch.empty_like(q)
         lse = torch.empty((batch, q.shape[2], 1), dtype=torch.float32, device=q.device)
         backend.paged_decode(q[:, 0], pages_k, pages_v, table, k_len, out[:, 0], lse[:, :, 0],
@@ -391,6 +391,11 @@ def merge_state(out_a, lse_a, out_b, lse_b):
     lse = torch.empty_like(lse_a)
     _backend(out_a.device).merge_state(out_a, lse_a, out_b, lse_b, out, lse)
     return out, lse
+
+
+def choose_num_splits(batch, num_kv_heads, max_seqlen_k, device):
+    """The split-KV factor ``attention_with_kvcache(num_splits=0)`` picks for single-token decode on ``device``."""
+    return _backend(device).choose_num_splits(batch, num_kv_heads, max_seqlen_k, _num_sms(device))
 
 
 @functools.cache

@@ -1,45 +1,100 @@
-"""``generate()`` uses a ``PagedCache`` by default for models whose attention implementation is ``"hf_flash"``.
+"""``generate()`` for models whose attention implementation is ``"hf_flash"``: a ``PagedCache`` by default, long
+prompts prefilled in chunks, and decode steps replayed as CUDA graphs.
 
 transformers has no registry of cache implementations, so we wrap ``GenerationMixin._prepare_cache_for_generation``:
-after it has made its default ``DynamicCache`` (the caller passed no cache and no ``cache_implementation``), we
-swap in a ``PagedCache`` sized for this call (batch x beams x max length), so it never runs out and holds about the
-tokens actually generated.
+after it has made its default ``DynamicCache`` (the caller passed no cache and no ``cache_implementation``), we swap
+in a ``PagedCache`` sized for this call (batch x beams x max length), so it never runs out and holds about the tokens
+actually generated. ``_prefill`` gets a default ``prefill_chunk_size`` for a ``PagedCache``: each chunk attends to the
+pages of the earlier ones in place, and the activations of the forward shrink with the chunk. The decode loop runs
+the model's "compiled call" when ``_valid_auto_compile_criteria`` allows it; for a ``PagedCache`` on CUDA that is
+``hf_flash.graphs.DecodeGraphs`` (``disable_compile=True`` or ``PagedCache(cuda_graphs=False)`` keep it eager).
 """
 import functools
 import inspect
 
-from transformers import DynamicCache
+import torch
+from transformers import DynamicCache, PreTrainedModel
 from transformers.generation.utils import GenerationMixin
 
 from ..cache import PagedCache
+from ..graphs import DecodeGraphs
 
-_original = GenerationMixin._prepare_cache_for_generation
-_signature = inspect.signature(_original)
+NAME = "hf_flash"
+PAGE_SIZE = 16
+# Prompts are prefilled in chunks of about this many tokens over the whole batch (vLLM's default token budget is of
+# this order): enough tokens per chunk to keep the GPU's matrix units busy, a fraction of a long batch's activations.
+PREFILL_CHUNK_TOKENS = 16384
+# Model inputs that a prefill chunk may carry besides the ids; with any other tensor input (images, ...) the prompt
+# is prefilled whole, as transformers cannot split those.
+_TEXT_INPUTS = {"attention_mask", "position_ids", "token_type_ids"}
+
+_original_prepare_cache = GenerationMixin._prepare_cache_for_generation
+_original_prefill = GenerationMixin._prefill
+_original_compile_criteria = GenerationMixin._valid_auto_compile_criteria
+_original_compiled_call = PreTrainedModel.get_compiled_call
+_prepare_cache_signature = inspect.signature(_original_prepare_cache)
 
 
-@functools.wraps(_original)
+@functools.wraps(_original_prepare_cache)
 def _prepare_cache_for_generation(self, *args, **kwargs):
-    result = _original(self, *args, **kwargs)
-    bound = _signature.bind(self, *args, **kwargs)
+    result = _original_prepare_cache(self, *args, **kwargs)
+    bound = _prepare_cache_signature.bind(self, *args, **kwargs)
     config, model_kwargs = bound.arguments["generation_config"], bound.arguments["model_kwargs"]
     cache = model_kwargs.get("past_key_values")
     if (type(cache) is DynamicCache and config.cache_implementation is None and not self.config.is_encoder_decoder
-            and self.config._attn_implementation == "hf_flash"):
+            and self.config._attn_implementation == NAME):
         copies = max(config.num_beams or 1, config.num_return_sequences or 1)
         sequences = bound.arguments["batch_size"] * copies
-        page_size = 16
-        pages_per_sequence = -(-bound.arguments["max_cache_length"] // page_size)
+        pages_per_sequence = -(-bound.arguments["max_cache_length"] // PAGE_SIZE)
         # grow: an assistant model's cache is made for its first candidate round only, and later rounds reuse it.
-        model_kwargs["past_key_values"] = PagedCache(self.config, page_size=page_size, grow=True,
+        model_kwargs["past_key_values"] = PagedCache(self.config, page_size=PAGE_SIZE, grow=True,
                                                      num_pages=sequences * (pages_per_sequence + 1))
     return result
 
 
+@functools.wraps(_original_prefill)
+def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+    cache = model_kwargs.get("past_key_values")
+    chunk = max(PAGE_SIZE, PREFILL_CHUNK_TOKENS // max(input_ids.shape[0], 1) // PAGE_SIZE * PAGE_SIZE)
+    if not (isinstance(cache, PagedCache) and generation_config.prefill_chunk_size is None
+            and cache.get_seq_length() == 0 and input_ids.shape[-1] > chunk
+            and all(name in _TEXT_INPUTS for name, value in model_kwargs.items() if isinstance(value, torch.Tensor))):
+        return _original_prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+    generation_config.prefill_chunk_size = chunk
+    try:
+        return _original_prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+    finally:
+        generation_config.prefill_chunk_size = None
+
+
+@functools.wraps(_original_compile_criteria)
+def _valid_auto_compile_criteria(self, model_kwargs, generation_config):
+    cache = model_kwargs.get("past_key_values")
+    if isinstance(cache, PagedCache):  # torch.compile cannot trace a PagedCache step; its CUDA graphs replace it
+        return cache.cuda_graphs and self.device.type == "cuda" and not generation_config.disable_compile
+    return _original_compile_criteria(self, model_kwargs, generation_config)
+
+
+@functools.wraps(_original_compiled_call)
+def get_compiled_call(self, compile_config):
+    if self.config._attn_implementation != NAME:
+        return _original_compiled_call(self, compile_config)
+    return DecodeGraphs(self, fallback=functools.partial(_original_compiled_call, self, compile_config))
+
+
+_PATCHES = [(GenerationMixin, "_prepare_cache_for_generation", _original_prepare_cache, _prepare_cache_for_generation),
+            (GenerationMixin, "_prefill", _original_prefill, _prefill),
+            (GenerationMixin, "_valid_auto_compile_criteria", _original_compile_criteria, _valid_auto_compile_criteria),
+            (PreTrainedModel, "get_compiled_call", _original_compiled_call, get_compiled_call)]
+
+
 def apply():
-    """Install the wrapper (idempotent)."""
-    GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation
+    """Install the wrappers (idempotent)."""
+    for owner, name, _, wrapper in _PATCHES:
+        setattr(owner, name, wrapper)
 
 
 def revert():
-    """Give ``generate()`` back transformers' own default cache."""
-    GenerationMixin._prepare_cache_for_generation = _original
+    """Give ``generate()`` back transformers' own behaviour."""
+    for owner, name, original, _ in _PATCHES:
+        setattr(owner, name, original)

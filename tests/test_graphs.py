@@ -1,0 +1,125 @@
+"""generate() with a PagedCache: decode steps through ``hf_flash.graphs.DecodeGraphs`` (CUDA graphs on a GPU; on CPU
+the same static buffers run eagerly, kernels in Triton's interpreter) and prompts prefilled in chunks, against
+transformers' sdpa + DynamicCache, fp32, token for token."""
+import warnings
+
+import pytest
+import torch
+import transformers
+from test_models import left_padded_batch, tiny_model
+from transformers.generation.utils import GenerationMixin
+
+from hf_flash import PagedCache, ops
+from hf_flash.integration import generate_patch  # hf_flash.patches.generate
+
+NEW = 40
+
+
+def _generate(model, impl, ids, mask, new=NEW, **kwargs):
+    model.set_attn_implementation(impl)
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+                          do_sample=False, return_dict_in_generate=True, **kwargs)
+
+
+@pytest.fixture
+def graphs_on_any_device(monkeypatch):
+    """Let generate() hand a PagedCache's decode steps to DecodeGraphs on CPU too (it allows CUDA only)."""
+    criteria = generate_patch._valid_auto_compile_criteria
+
+    def allow(self, model_kwargs, generation_config):
+        cache = model_kwargs.get("past_key_values")
+        if isinstance(cache, PagedCache) and self.device.type == "cpu":
+            return cache.cuda_graphs and not generation_config.disable_compile
+        return criteria(self, model_kwargs, generation_config)
+
+    monkeypatch.setattr(GenerationMixin, "_valid_auto_compile_criteria", allow)
+
+
+@pytest.fixture
+def splits_growing_with_length(monkeypatch):
+    """Split counts that grow with the longest sequence (18 to 57 keys here: buckets 1, 2 and 4), so one generate() goes through several graphs."""
+    monkeypatch.setattr(ops, "choose_num_splits", lambda batch, kv_heads, max_seqlen_k, device: max(1, max_seqlen_k // 12))
+
+
+def test_decode_graphs_match_sdpa(device, graphs_on_any_device, splits_growing_with_length):
+    """Greedy tokens through captured-and-replayed steps (several split buckets) equal sdpa's and the eager paged
+    path's; on a GPU the steps were captured."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([17, 9, 4]))
+    with ops.use_backend("triton"):
+        graphed = _generate(model, "hf_flash", ids, mask)
+        eager = _generate(model, "hf_flash", ids, mask, disable_compile=True)
+    want = _generate(model, reference, ids, mask)
+    assert torch.equal(graphed.sequences, want.sequences)
+    assert torch.equal(eager.sequences, want.sequences)
+    step_graphs = graphed.past_key_values.graphs
+    assert sorted(key[2] for key in step_graphs) == [1, 2, 4]  # the split buckets the steps went through
+    assert not eager.past_key_values.graphs
+    if device == "cuda":
+        assert all(g.graph is not None and not g.failed for g in step_graphs.values())
+
+
+def test_steps_that_graphs_do_not_cover_run_eagerly(graphs_on_any_device):
+    """A step asking for hidden states, and a cache made with cuda_graphs=False: eager steps, no graph, same tokens."""
+    model, reference = tiny_model("llama")
+    ids, mask = left_padded_batch([8, 5])
+    want = _generate(model, reference, ids, mask, new=6, output_hidden_states=True)
+    got = _generate(model, "hf_flash", ids, mask, new=6, output_hidden_states=True)
+    assert torch.equal(got.sequences, want.sequences) and not got.past_key_values.graphs
+    cache = PagedCache(model.config, cuda_graphs=False)
+    got = _generate(model, "hf_flash", ids, mask, new=6, past_key_values=cache)
+    assert torch.equal(got.sequences, _generate(model, reference, ids, mask, new=6).sequences) and not cache.graphs
+
+
+@pytest.mark.cuda
+def test_a_step_that_cannot_be_captured_runs_eagerly():
+    """A host sync inside the forward (here a hook calling .item()) makes the capture fail: a warning, then the
+    same tokens eagerly, and the GPU stays usable."""
+    model, reference = tiny_model("llama")
+    model.to("cuda")
+    ids, mask = (t.cuda() for t in left_padded_batch([9, 6]))
+    want = _generate(model, reference, ids, mask, new=8)
+    hook = model.model.layers[0].register_forward_hook(lambda module, args, output: output[0].sum().item())
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = _generate(model, "hf_flash", ids, mask, new=8)
+    finally:
+        hook.remove()
+    assert any("cannot be captured" in str(w.message) for w in caught)
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(g.graph is None for g in got.past_key_values.graphs.values())
+
+
+def test_long_prompts_are_prefilled_in_chunks(monkeypatch):
+    """A chunk budget of 48 tokens over 3 sequences prefills 16 columns at a time: left-padded prompts of 40, 23
+    and 9 tokens take 3 forward calls (the first chunks are all padding for the short ones), tokens equal sdpa's."""
+    monkeypatch.setattr(generate_patch, "PREFILL_CHUNK_TOKENS", 48)
+    model, reference = tiny_model("qwen3")
+    ids, mask = left_padded_batch([40, 23, 9])
+    widths = []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    with ops.use_backend("torch"):
+        got = _generate(model, "hf_flash", ids, mask, new=12)
+    hook.remove()
+    assert widths[:4] == [16, 16, 8, 1]
+    assert torch.equal(got.sequences, _generate(model, reference, ids, mask, new=12).sequences)
+    assert got.past_key_values._lengths == [40 + 11, 23 + 11, 9 + 11]
+
+
+def test_compile_criteria_for_a_paged_cache():
+    """generate() replays graphs for a PagedCache on CUDA only, unless disable_compile or cuda_graphs=False; other
+    caches keep transformers' own answer."""
+    model, _ = tiny_model("llama")
+    config = transformers.GenerationConfig()
+    paged = {"past_key_values": PagedCache(model.config)}
+    on_cuda = model.device.type == "cuda"
+    assert model._valid_auto_compile_criteria(paged, config) is on_cuda
+    assert not model._valid_auto_compile_criteria({"past_key_values": PagedCache(model.config, cuda_graphs=False)},
+                                                  config)
+    assert not model._valid_auto_compile_criteria(paged, transformers.GenerationConfig(disable_compile=True))
+    dynamic = {"past_key_values": transformers.DynamicCache()}
+    assert model._valid_auto_compile_criteria(dynamic, config) == generate_patch._original_compile_criteria(
+        model, dynamic, config)
