@@ -3,15 +3,21 @@
 For each (batch, context length) and page size (16, 64) every candidate (BLOCK_N, num_warps, num_stages) runs with
 the split count that ``choose_num_splits`` plans; the rate is the K+V bytes the sequence lengths cover (what must be
 read) over the median time (triton.testing.do_bench), beside the device's copy bandwidth (read + write of 1 GiB).
-Then split counts are swept with the best config, and at (1, 4k) torch SDPA's default backend on a contiguous cache
-is timed beside the kernel. Prints the best config to put into ``hf_flash/kernels/decode.py``'s CONFIGS.
-About 2 minutes on an H100. Usage: python scripts/tune_decode.py
+Then split counts are swept with the best config (and with every config where the batch leaves SMs idle), and at
+(1, 4k) torch SDPA's default backend on a contiguous cache is timed beside the kernel. Every time is a CUDA-graph
+replay (``bench_common.bench_graph_ms``), as in ``bench_kernels.py``: microsecond kernels, not launch overhead.
+Prints the best config to put into ``hf_flash/kernels/decode.py``'s CONFIGS. About 3 minutes on an H100.
+    python scripts/tune_decode.py
+    python scripts/tune_decode.py --shapes 1x4096,1x65536
 """
+import argparse
 import itertools
 import math
 
 import torch
 import triton
+from bench_common import bench_graph_ms
+
 from hf_flash.kernels import decode
 
 HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
@@ -19,12 +25,11 @@ SHAPES = [(1, 4096), (1, 65536), (8, 16384), (32, 4096), (64, 8192), (128, 2048)
 PAGE_SIZES = (16, 64)
 CANDIDATES = list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4)))  # (BLOCK_N, num_warps, num_stages)
 SPLITS = (1, 2, 4, 8, 16, 32, 64)
-WARMUP_MS, REP_MS = 10, 40  # per measurement; keeps the whole sweep near 2 minutes
 
 
 def bench(fn):
-    """Median milliseconds of ``fn`` (do_bench flushes L2 between runs, so K/V come from HBM)."""
-    return triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+    """Median milliseconds of a CUDA-graph replay of ``fn``."""
+    return bench_graph_ms(fn, torch.device("cuda"))
 
 
 def copy_bandwidth():
@@ -59,6 +64,10 @@ def kv_bytes(batch, seqlen):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", help="comma-separated BATCHxLENGTH (default: the benchmark's six)")
+    args = parser.parse_args()
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     device = torch.device("cuda")
     major = torch.cuda.get_device_capability(device)[0]
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -70,7 +79,7 @@ def main():
           f"default config {default}")
 
     rates = {}  # (batch, seqlen, page_size) -> {config: TB/s}
-    for batch, seqlen in SHAPES:
+    for batch, seqlen in shapes:
         for page_size in PAGE_SIZES:
             case = make_case(batch, seqlen, page_size)
             splits = decode.choose_num_splits(batch, KV_HEADS, seqlen, sms)
@@ -101,7 +110,7 @@ def main():
 
     decode.CONFIGS[key] = best
     print(f"\nsplit sweep with {best}, page 16 (TB/s; * = choose_num_splits)")
-    for batch, seqlen in SHAPES:
+    for batch, seqlen in shapes:
         case = make_case(batch, seqlen, 16)
         planned = decode.choose_num_splits(batch, KV_HEADS, seqlen, sms)
         cells = []
@@ -109,6 +118,17 @@ def main():
             tbps = kv_bytes(batch, seqlen) / (bench(run_fn(case, splits)) * 1e-3) / 1e12
             cells.append(f"{splits}{'*' if splits == planned else ''}:{tbps:.2f}")
         print(f"B={batch:<4} L={seqlen:<6} " + "  ".join(cells))
+        if batch * KV_HEADS < sms:  # SMs left idle without splits: the tile config and the split count go together
+            grid = {}
+            for cfg, splits in itertools.product(CANDIDATES, SPLITS):
+                decode.CONFIGS[key] = cfg
+                try:
+                    grid[cfg, splits] = kv_bytes(batch, seqlen) / (bench(run_fn(case, splits)) * 1e-3) / 1e12
+                except triton.runtime.errors.OutOfResources:
+                    continue
+            decode.CONFIGS[key] = best
+            top = sorted(grid, key=grid.get, reverse=True)[:6]
+            print("    best (config, splits): " + "  ".join(f"{c} x{n}: {grid[c, n]:.2f}" for c, n in top))
         del case
 
     # SDPA's default backend on a contiguous [B, H, L, D] cache, and the kernel on the same cache seen as one page
