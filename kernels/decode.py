@@ -36,7 +36,7 @@ INTERPRET_CONFIG = (16, 4, 1)
 # choose_num_splits: each split streams at least MIN_SPLIT_KEYS keys (a few tiles; fewer would not amortise the
 # split's query load, partial write and merge), at most MAX_SPLITS splits, and enough programs for WAVES programs
 # per SM.
-MIN_SPLIT_KEYS = 256
+MIN_SPLIT_KEYS = 128
 MAX_SPLITS = 64
 WAVES = 2
 REDUCE_TILE = 4096  # elements of the reduce kernel's [splits, D] tile: 32 fp32 registers per thread at 4 warps
