@@ -318,11 +318,6 @@ class PagedCache(Cache):
             self._plan_layers.add(layer_idx)
         return self._plan
 
-    def replan_layers(self):
-        """Let every layer use the current plan again (a CUDA-graph capture went through the layers without running
-        them)."""
-        self._plan_layers = set()
-
     def _valid_new_tokens(self, attention_mask, q_len, batch_size):
         """Bool ``[B, q_len]`` on the host: which new tokens are not padding (from the 2-D mask's last ``q_len``
         columns), or None when all are. Padding is never stored; valid tokens keep their order."""

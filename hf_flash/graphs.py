@@ -11,8 +11,6 @@ buffers before each replay. The kernels read every length from those buffers, so
 the longest sequence moves the split count into another bucket (powers of two). The first step of a bucket runs
 eagerly on the static buffers, which compiles the kernels for exactly those arguments; the second one captures.
 """
-import warnings
-
 import torch
 
 from . import ops
@@ -40,7 +38,6 @@ class _StepGraph:
         self.logits = None
         self.output_type = None
         self.warm = False  # the step ran eagerly on these buffers once
-        self.failed = False  # capture failed: this step runs eagerly
 
     def load(self, plan, input_ids, position_ids, device):
         """Copy this step's inputs and plan into the static buffers; the layers read the plan from them."""
@@ -87,11 +84,10 @@ class DecodeGraphs:
         if logits_to_keep is not None:
             step["logits_to_keep"] = logits_to_keep
         if step_graph.graph is None:
-            if device.type != "cuda" or step_graph.failed or not step_graph.warm:
+            if device.type != "cuda" or not step_graph.warm:
                 step_graph.warm = True
                 return self._eager(step, device)
-            if not self._capture(step_graph, step, cache, device):
-                return self._eager(step, device)
+            self._capture(step_graph, step, cache)
         step_graph.graph.replay()
         # A copy: the next replay overwrites the static logits, and a caller may keep these.
         return step_graph.output_type(logits=step_graph.logits.clone(), past_key_values=cache)
@@ -123,19 +119,18 @@ class DecodeGraphs:
         main.wait_stream(side)
         return output
 
-    def _capture(self, step_graph, step, cache, device):
-        """Capture the step (which it does not run); False, with a warning, when the model cannot be captured."""
+    def _capture(self, step_graph, step, cache):
+        """Capture the step (which it does not run). A model that cannot be captured (one that syncs with the host
+        inside its forward, say) raises: after a failed capture torch's CUDA random generator refuses further
+        work in this process, so running on eagerly is no way out."""
         pools = [g.graph.pool() for g in cache.graphs.values() if g.graph is not None]
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=pools[0] if pools else None):
                 output = self.model(**step)
-        except Exception as e:  # noqa: BLE001  (e.g. a model that syncs with the host inside its forward)
-            step_graph.failed = True
-            cache.replan_layers()  # the capture used the plan without running it
-            warnings.warn(f"hf_flash: this model's decode step cannot be captured as a CUDA graph ({type(e).__name__}: "
-                          f"{e}); it runs eagerly", RuntimeWarning, stacklevel=3)
-            return False
+        except Exception as e:
+            raise RuntimeError(f"hf_flash could not capture this model's decode step as a CUDA graph "
+                               f"({type(e).__name__}: {e}); call generate(..., disable_compile=True) or give it "
+                               f"PagedCache(config, cuda_graphs=False) to decode eagerly") from e
         # Only the logits are kept: the output also holds the cache, which holds this object (a reference cycle).
         step_graph.graph, step_graph.logits, step_graph.output_type = graph, output.logits, type(output)
-        return True

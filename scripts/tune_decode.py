@@ -17,7 +17,6 @@ import math
 import torch
 import triton
 from bench_common import bench_graph_ms
-
 from hf_flash.kernels import decode
 
 HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
