@@ -39,8 +39,9 @@ def graphs_on_any_device(monkeypatch):
 
 @pytest.fixture
 def splits_growing_with_length(monkeypatch):
-    """Split counts that grow with the longest sequence (18 to 57 keys here: buckets 1, 2 and 4), so one generate() goes through several graphs."""
-    monkeypatch.setattr(ops, "choose_num_splits", lambda batch, kv_heads, max_seqlen_k, device: max(1, max_seqlen_k // 12))
+    """Split counts that grow with the longest sequence (18 to 57 keys here: buckets 1, 2 and 4), so one generate()
+    goes through several graphs."""
+    monkeypatch.setattr(ops, "choose_num_splits", lambda batch, kv_heads, max_keys, device: max(1, max_keys // 12))
 
 
 def test_decode_graphs_match_sdpa(device, graphs_on_any_device, splits_growing_with_length):
@@ -95,8 +96,8 @@ except RuntimeError as e:
 def test_a_step_that_cannot_be_captured_says_how_to_decode_eagerly():
     """A host sync inside the forward (a hook calling .item()) makes the capture fail: generate() raises, naming the
     two ways to decode eagerly."""
-    child = subprocess.run([sys.executable, "-c", _UNCAPTURABLE], capture_output=True, text=True, timeout=300, check=False,
-                           cwd=os.path.dirname(__file__))
+    child = subprocess.run([sys.executable, "-c", _UNCAPTURABLE], capture_output=True, text=True, timeout=300,
+                           check=False, cwd=os.path.dirname(__file__))
     assert "could not capture this model's decode step" in child.stdout, child.stdout + child.stderr
     assert "disable_compile=True" in child.stdout and "cuda_graphs=False" in child.stdout
 
@@ -108,8 +109,8 @@ def test_long_prompts_are_prefilled_in_chunks(monkeypatch):
     model, reference = tiny_model("qwen3")
     ids, mask = left_padded_batch([40, 23, 9])
     widths = []
-    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
-                                                 with_kwargs=True)
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     with ops.use_backend("torch"):
         got = _generate(model, "hf_flash", ids, mask, new=12)
     hook.remove()
