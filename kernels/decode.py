@@ -3,10 +3,8 @@
 One program per (sequence, KV head, split): the whole group of query heads sharing the KV head is packed into the
 M dimension of ``tl.dot`` (padded to 16 rows), so every key and value is read from memory once. Keys are gathered
 BLOCK_N at a time through the block table, so the tile size does not depend on the page size. Split ``s`` streams
-a contiguous range of the sequence's key tiles and writes an fp32 partial (out, lse); the last split of a (sequence,
-KV head) to finish, counted by an atomic, merges all of them with the helpers of ``merge``: one launch, no second
-kernel, whose launch would cost about as much as the attention of a short sequence. With one split the program
-writes the result directly."""
+a contiguous range of the sequence's key tiles and writes an fp32 partial (out, lse); a second small kernel merges
+the partials with the helpers of ``merge``. With one split the first kernel writes the result directly."""
 import contextlib
 
 import torch
@@ -41,7 +39,7 @@ INTERPRET_CONFIG = (16, 4, 1)
 MIN_SPLIT_KEYS = 128
 MAX_SPLITS = 64
 WAVES = 2
-MERGE_TILE = 4096  # elements of the merge's [heads, splits, D] tile: 32 fp32 registers per thread at 4 warps
+REDUCE_TILE = 4096  # elements of the reduce kernel's [splits, D] tile: 32 fp32 registers per thread at 4 warps
 
 
 @triton.jit
@@ -110,20 +108,19 @@ def _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, lo, hi, seqlen, pa
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, BlockTable, Seqlens, Out, Lse, OutPart, LsePart, Arrivals,
+def _decode_kernel(Q, K, V, BlockTable, Seqlens, Out, Lse, OutPart, LsePart,
                    stride_qb, stride_qh, stride_kp, stride_kn, stride_kh, stride_vp, stride_vn, stride_vh,
                    stride_btb, stride_btp, stride_ob, stride_oh, stride_lb, stride_lh,
                    num_heads, num_kv_heads, group, page_size, window_left, num_splits,
                    qk_scale, cap_scale, cap_log2,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
-                   MERGE_G: tl.constexpr, MERGE_S: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+                   UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
     # Layouts (element strides, last dim contiguous):
     #   Q / Out      [B, Hq, D]; Lse [B, Hq] float32, natural log
     #   K / V        pools [num_pages, page_size, Hkv, D]; key j of sequence b at page BlockTable[b, j // page_size],
     #                row j % page_size; keys 0 .. Seqlens[b] - 1 exist and the query is the last of them
     #   OutPart      [B, Hq, num_splits, HEAD_DIM] float32 and LsePart [B, Hq, num_splits] (SPLIT only), contiguous
-    #   Arrivals     int32 [B * Hkv], zero (SPLIT only); the kernel leaves it zero again
     # Grid (B * Hkv, num_splits); query heads kv_head * group .. + group - 1 are the rows of the tile.
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -174,37 +171,36 @@ def _decode_kernel(Q, K, V, BlockTable, Seqlens, Out, Lse, OutPart, LsePart, Arr
         part = (b64 * num_heads + heads) * num_splits + split
         tl.store(OutPart + (part * HEAD_DIM)[:, None] + offs_d[None, :], out, mask=gd_ok)
         tl.store(LsePart + part, lse, mask=g_ok)
-        # The barrier and the release order every thread's partial stores before this program's arrival; the
-        # acquire of the last arrival orders all partials before its loads.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(Arrivals + pid, 1, sem="acq_rel")
-        if arrived == num_splits - 1:
-            tl.store(Arrivals + pid, 0)  # ready for the next launch (a CUDA graph replays the same counters)
-            offs_m = tl.arange(0, MERGE_G)
-            m_ok = offs_m < group
-            heads_m = (kv_head * group + offs_m).to(tl.int64)
-            d_ok = offs_d < HEAD_DIM
-            offs_s = tl.arange(0, MERGE_S)
-            first = (b64 * num_heads + heads_m) * num_splits  # [MERGE_G]: each head's first partial
-            merged = tl.zeros([MERGE_G, BLOCK_D], dtype=tl.float32)
-            merged_lse = tl.full([MERGE_G], float("-inf"), dtype=tl.float32)
-            for s0 in range(0, num_splits, MERGE_S):
-                idx = first[:, None] + s0 + offs_s[None, :]
-                ok = m_ok[:, None] & (s0 + offs_s < num_splits)[None, :]
-                lse_s = tl.load(LsePart + idx, mask=ok, other=float("-inf"))
-                o_s = tl.load(OutPart + (idx * HEAD_DIM)[:, :, None] + offs_d[None, None, :],
-                              mask=ok[:, :, None] & d_ok[None, None, :], other=0.0)
-                o_c, lse_c = merge_many(o_s, lse_s)
-                w_a, w_b, merged_lse = merge_weights(merged_lse, lse_c)
-                merged = merge_outputs(merged, w_a[:, None], o_c, w_b[:, None])
-            md_ok = m_ok[:, None] & d_ok[None, :]
-            tl.store(Out + b64 * stride_ob + (heads_m * stride_oh)[:, None] + offs_d[None, :],
-                     merged.to(Out.dtype.element_ty), mask=md_ok)
-            tl.store(Lse + b64 * stride_lb + heads_m * stride_lh, merged_lse, mask=m_ok)
     else:
         tl.store(Out + b64 * stride_ob + (heads * stride_oh)[:, None] + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=gd_ok)
         tl.store(Lse + b64 * stride_lb + heads * stride_lh, lse, mask=g_ok)
+
+
+@triton.jit
+def _reduce_kernel(OutPart, LsePart, Out, Lse, num_heads, num_splits, stride_ob, stride_oh, stride_lb, stride_lh,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    # One program per (sequence, query head): merges its num_splits partials BLOCK_S at a time, each chunk loaded as
+    # one tile (all loads in flight together) and merged in one step.
+    pid = tl.program_id(0)
+    b = pid // num_heads
+    h = pid % num_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    base = pid.to(tl.int64) * num_splits
+    out = tl.zeros([BLOCK_D], dtype=tl.float32)
+    lse = tl.full([], float("-inf"), dtype=tl.float32)  # an empty state
+    for s0 in range(0, num_splits, BLOCK_S):
+        s_ok = s0 + offs_s < num_splits
+        lse_s = tl.load(LsePart + base + s0 + offs_s, mask=s_ok, other=float("-inf"))
+        o_s = tl.load(OutPart + ((base + s0 + offs_s) * HEAD_DIM)[:, None] + offs_d[None, :],
+                      mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        o_c, lse_c = merge_many(o_s, lse_s)
+        w_a, w_b, lse = merge_weights(lse, lse_c)
+        out = merge_outputs(out, w_a, o_c, w_b)
+    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
+    tl.store(Lse + b.to(tl.int64) * stride_lb + h * stride_lh, lse)
 
 
 def _config(head_dim_bucket, dtype, device):
@@ -213,19 +209,6 @@ def _config(head_dim_bucket, dtype, device):
     major = torch.cuda.get_device_capability(device)[0]
     fp32 = dtype == torch.float32
     return CONFIGS.get((head_dim_bucket, fp32, major), CONFIGS[(head_dim_bucket, fp32, 8)])
-
-
-# Per device, the arrival counters of split decodes, all zero between launches. Buffers are never freed: a captured
-# CUDA graph keeps their address. Two split decodes must not run at once on one device (other streams included).
-_ARRIVALS = {}
-
-
-def _arrival_counters(device, count):
-    buffers = _ARRIVALS.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < count:
-        size = max(count, 4096, 2 * buffers[-1].numel() if buffers else 0)
-        buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
-    return buffers[-1]
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seqlen: int, num_sms: int) -> int:
@@ -246,18 +229,15 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
     block_g = max(16, triton.next_power_of_2(group))
     block_n, num_warps, num_stages = _config(max(64, block_d), q.dtype, q.device)  # dims <= 64 share a row
     split = num_splits > 1
-    merge_g = triton.next_power_of_2(group)
-    merge_s = min(triton.next_power_of_2(num_splits), max(1, MERGE_TILE // (merge_g * block_d)))
     if split:
         out_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-        arrivals = _arrival_counters(q.device, batch * num_kv_heads)
     else:
-        out_part, lse_part, arrivals = out, lse, seqlens  # unused
+        out_part, lse_part = out, lse  # unused
     has_softcap = softcap > 0
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _decode_kernel[(batch * num_kv_heads, num_splits)](
-            q, k_pool, v_pool, block_table, seqlens, out, lse, out_part, lse_part, arrivals,
+            q, k_pool, v_pool, block_table, seqlens, out, lse, out_part, lse_part,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
             v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), block_table.stride(0), block_table.stride(1),
             out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
@@ -265,8 +245,16 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
             softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
             softcap * LOG2E if has_softcap else 1.0,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=block_n,
-            HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=has_softcap, SPLIT=split, MERGE_G=merge_g, MERGE_S=merge_s,
+            HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=has_softcap, SPLIT=split,
             UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=num_warps, num_stages=num_stages,
         )
+        if split:
+            block_d_reduce = triton.next_power_of_2(head_dim)
+            block_s = min(triton.next_power_of_2(num_splits), max(1, REDUCE_TILE // block_d_reduce))
+            _reduce_kernel[(batch * num_heads,)](
+                out_part, lse_part, out, lse, num_heads, num_splits,
+                out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+                HEAD_DIM=head_dim, BLOCK_D=block_d_reduce, BLOCK_S=block_s, num_warps=4,
+            )

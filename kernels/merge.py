@@ -33,15 +33,15 @@ def merge_outputs(o_a, w_a, o_b, w_b):
 
 @triton.jit
 def merge_many(o, lse):
-    """Merges the states along axis 1 of ``o`` ``[G, S, D]`` / ``lse`` ``[G, S]`` (fp32) in one step: ``(o [G, D],
-    lse [G])``. A row whose states are all empty gives 0 and -inf."""
-    m = tl.max(lse, 1)
+    """Merges the states along axis 0 of ``o`` ``[S, D]`` / ``lse`` ``[S]`` (fp32) in one step: ``(o [D], lse)``.
+    All empty gives 0 and -inf."""
+    m = tl.max(lse, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m_safe[:, None])
-    total = tl.sum(w, 1)  # >= 1 unless every state of the row is empty (then every w = 0)
+    w = tl.exp(lse - m_safe)
+    total = tl.sum(w, 0)  # >= 1 unless every state is empty (then every w = 0)
     seen = total > 0.0
     total = tl.where(seen, total, 1.0)
-    out = tl.sum(tl.where(w[:, :, None] > 0.0, w[:, :, None] * o, 0.0), 1) / total[:, None]
+    out = tl.sum(tl.where(w[:, None] > 0.0, w[:, None] * o, 0.0), 0) / total
     return out, tl.where(seen, m_safe + tl.log(total), float("-inf"))
 
 
