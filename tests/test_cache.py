@@ -22,7 +22,12 @@ NEW = 64  # new tokens per greedy generate
 
 
 @pytest.fixture(autouse=True)
-def _torch_path():
+def _torch_path(device):
+    """CPU: the torch path (the kernels have their own interpreter tests). GPU: the Triton kernels and CUDA graphs, as
+    users get them; the generate tests below move their models there."""
+    if device == "cuda":
+        yield
+        return
     with ops.use_backend("torch"):
         yield
 
@@ -74,10 +79,11 @@ PROMPTS = {16: [16, 33, 1], 64: [64, 33, 1]}
 
 @pytest.mark.parametrize("page_size", [16, 64])
 @pytest.mark.parametrize("family", GREEDY)
-def test_greedy_generate_matches_dynamic_cache(family, page_size):
+def test_greedy_generate_matches_dynamic_cache(family, page_size, device):
     model, reference = tiny_model(family)
+    model.to(device)
     lengths = PROMPTS[page_size]
-    ids, mask = left_padded_batch(lengths)
+    ids, mask = (t.to(device) for t in left_padded_batch(lengths))
     want = _generate(model, reference, ids, mask, do_sample=False)
     stored = [n + NEW - 1 for n in lengths]  # padding is never stored
     assert any(n % page_size == 0 for n in stored)
@@ -100,10 +106,11 @@ def test_greedy_generate_matches_dynamic_cache(family, page_size):
     assert cache.memory_stats()["pages_free"] == 0
 
 
-def test_beam_search_matches_sdpa():
+def test_beam_search_matches_sdpa(device):
     model, _ = tiny_model("mistral")
+    model.to(device)
     lengths = [13, 6, 2]
-    ids, mask = left_padded_batch(lengths)
+    ids, mask = (t.to(device) for t in left_padded_batch(lengths))
     kwargs = {"new": 24, "num_beams": 4, "do_sample": False, "num_return_sequences": 2, "output_scores": True,
               "return_dict_in_generate": True}
     want = _generate(model, "sdpa", ids, mask, **kwargs)
@@ -120,9 +127,10 @@ def test_beam_search_matches_sdpa():
     assert cache.memory_stats()["pages_used"] < sum(math.ceil(n / 4) for n in stored)  # beams do share pages
 
 
-def test_sampling_num_return_sequences_matches_sdpa():
+def test_sampling_num_return_sequences_matches_sdpa(device):
     model, _ = tiny_model("qwen3")
-    ids, mask = left_padded_batch([11, 4, 8])
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([11, 4, 8]))
     seed = int(torch.randint(0, 2**31, ()))
     outs = {}
     for impl in ("sdpa", "hf_flash"):

@@ -26,8 +26,12 @@ FAMILIES = {
 
 
 @pytest.fixture(autouse=True)
-def _torch_path():
-    """Model tests run the torch path; kernels have their own tests (and one model test runs them below)."""
+def _torch_path(device):
+    """On CPU model tests run the torch path (kernels have their own tests, and one model test runs them below); on a
+    GPU the Triton kernels, for the tests that move their model there."""
+    if device == "cuda":
+        yield
+        return
     with ops.use_backend("torch"):
         yield
 
@@ -70,11 +74,12 @@ def test_logits_match_reference(family):
 
 @pytest.mark.parametrize("cache", ["default", "dynamic"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_greedy_generate_matches_reference(family, cache):
+def test_greedy_generate_matches_reference(family, cache, device):
     """``default``: generate() gives hf_flash a PagedCache; ``dynamic``: a DynamicCache, through transformers'
-    flash path (unpadding to the varlen kernel)."""
+    flash path (unpadding to the varlen kernel). On the GPU device when there is one."""
     model, reference = tiny_model(family)
-    ids, mask = left_padded_batch([17, 9, 4])
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([17, 9, 4]))
     outs = {}
     for impl in (reference, "hf_flash"):
         model.set_attn_implementation(impl)
