@@ -26,6 +26,18 @@ import os
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def tile_config(configs, interpret_config, head_dim_bucket, dtype, device):
+    """A kernel's tile config from its ``CONFIGS`` table, keyed by (head-dim bucket, fp32 inputs, GPU major version);
+    a GPU generation without a row gets sm80's. Under the interpreter: its ``interpret_config``."""
+    if INTERPRET:
+        return interpret_config
+    import torch
+
+    fp32 = dtype == torch.float32
+    major = torch.cuda.get_device_capability(device)[0]
+    return configs.get((head_dim_bucket, fp32, major), configs[(head_dim_bucket, fp32, 8)])
+
+
 def backend():
     """The launchers as one namespace with the same names as ``hf_flash.torch_backend``."""
     import types

@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, tile_config
 from .merge import merge_many, merge_outputs, merge_weights
+from .scores import tile_scores
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
@@ -40,12 +41,6 @@ MIN_SPLIT_KEYS = 128
 MAX_SPLITS = 64
 WAVES = 2
 REDUCE_TILE = 4096  # elements of the reduce kernel's [splits, D] tile: 32 fp32 registers per thread at 4 warps
-
-
-@triton.jit
-def _tanh(x):
-    # 1 - 2 / (e^2x + 1): saturates to +-1 without NaN (exp2 overflows to inf, underflows to 0).
-    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
 
 
 @triton.jit
@@ -83,13 +78,8 @@ def _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, lo, hi, seqlen, pa
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        if UPCAST_DOT:
-            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PREC)
-        else:
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if HAS_SOFTCAP:
-            qk = cap_log2 * _tanh(qk * cap_scale)  # softcap * tanh(s * scale / softcap), in log2 units
-        else:
+        qk = tile_scores(q, k, cap_scale, cap_log2, HAS_SOFTCAP, UPCAST_DOT, DOT_PREC)
+        if not HAS_SOFTCAP:
             qk = qk * qk_scale
         if MASKED:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
@@ -203,14 +193,6 @@ def _reduce_kernel(OutPart, LsePart, Out, Lse, num_heads, num_splits, stride_ob,
     tl.store(Lse + b.to(tl.int64) * stride_lb + h * stride_lh, lse)
 
 
-def _config(head_dim_bucket, dtype, device):
-    if INTERPRET:
-        return INTERPRET_CONFIG
-    major = torch.cuda.get_device_capability(device)[0]
-    fp32 = dtype == torch.float32
-    return CONFIGS.get((head_dim_bucket, fp32, major), CONFIGS[(head_dim_bucket, fp32, 8)])
-
-
 def choose_num_splits(batch: int, num_kv_heads: int, max_seqlen: int, num_sms: int) -> int:
     """Split-KV factor for ``paged_decode``: as many splits as keep about WAVES programs per SM, none shorter than
     MIN_SPLIT_KEYS keys, at most MAX_SPLITS; 1 when the batch's (sequence, KV head) pairs fill the GPU already."""
@@ -227,7 +209,7 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
     group = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
     block_g = max(16, triton.next_power_of_2(group))
-    block_n, num_warps, num_stages = _config(max(64, block_d), q.dtype, q.device)  # dims <= 64 share a row
+    block_n, num_warps, num_stages = tile_config(CONFIGS, INTERPRET_CONFIG, max(64, block_d), q.dtype, q.device)  # dims <= 64 share a row
     split = num_splits > 1
     if split:
         out_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)

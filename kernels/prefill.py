@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, tile_config
+from .scores import tile_scores
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
@@ -32,12 +33,6 @@ CONFIGS = {
 # The interpreter runs numpy per program: small tiles keep several query and key tiles in the tests' short sequences,
 # so every stage of the KV loop is exercised.
 INTERPRET_CONFIG = (32, 16, 4, 1)
-
-
-@triton.jit
-def _tanh(x):
-    # 1 - 2 / (e^2x + 1): saturates to +-1 without NaN (exp2 overflows to inf, underflows to 0).
-    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
 
 
 @triton.jit
@@ -73,12 +68,7 @@ def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, d
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
         else:
             k = tl.load(k_ptrs)
-        if UPCAST_DOT:
-            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PREC)
-        else:
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if HAS_SOFTCAP:
-            qk = cap_log2 * _tanh(qk * cap_scale)  # softcap * tanh(s * scale / softcap), in log2 units
+        qk = tile_scores(q, k, cap_scale, cap_log2, HAS_SOFTCAP, UPCAST_DOT, DOT_PREC)
         if MASKED:
             keep = cols[None, :] < k_len
             if HAS_RIGHT:
@@ -227,14 +217,6 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
     tl.store(Lse + l_base + offs_m * stride_ls, lse, mask=row_ok)
 
 
-def _config(head_dim_bucket, dtype, device):
-    if INTERPRET:
-        return INTERPRET_CONFIG
-    major = torch.cuda.get_device_capability(device)[0]
-    fp32 = dtype == torch.float32
-    return CONFIGS.get((head_dim_bucket, fp32, major), CONFIGS[(head_dim_bucket, fp32, 8)])
-
-
 def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
             softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
             block_table=None) -> None:
@@ -244,7 +226,7 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
     group = num_heads // k.shape[2]
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
     bucket = max(64, block_d)
-    block_m, block_n, num_warps, num_stages = _config(bucket, q.dtype, q.device)
+    block_m, block_n, num_warps, num_stages = tile_config(CONFIGS, INTERPRET_CONFIG, bucket, q.dtype, q.device)
     # Causal is a right window of 0 (causal with window_right > 0 still stops at the diagonal).
     right = 0 if causal else window_right
     paged = block_table is not None
