@@ -9,7 +9,7 @@ from .integration import register
 from .ops import attention, attention_varlen, attention_with_kvcache, merge_state, write_kv_pages
 
 __version__ = "0.1.0"
-__all__ = ["PagedCache", "PoolExhaustedError", "attention", "attention_varlen", "attention_with_kvcache", "merge_state",
-           "register", "write_kv_pages", "__version__"]
+__all__ = ["PagedCache", "PoolExhaustedError", "__version__", "attention", "attention_varlen", "attention_with_kvcache",
+           "merge_state", "register", "write_kv_pages"]
 
 register()

@@ -12,6 +12,7 @@ Causal masks are aligned to the bottom-right corner when ``q_len != k_len``; wit
 """
 import contextlib
 import functools
+import itertools
 import math
 import os
 
@@ -52,8 +53,8 @@ def _backend(device):
 
 def _check_tensor(name, t, ndim, *, dtypes=_DTYPES, in_place=False):
     """Type, rank and dtype of ``t``; returns it with a unit last stride (copying unless it is written in place)."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(t, torch.Tensor):  # ValueError like every other bad argument, as the API promises
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if t.dtype not in dtypes:
@@ -116,12 +117,12 @@ def _check_cu_seqlens(name, cu, total, device):
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
     host = cu.tolist()
-    if host[0] != 0 or any(b < a for a, b in zip(host, host[1:])):
+    if host[0] != 0 or any(b < a for a, b in itertools.pairwise(host)):
         shown = f"{host[:8]}{'...' if len(host) > 8 else ''}"
         raise ValueError(f"{name} must start at 0 and be non-decreasing, got {shown}")
     if total is not None and host[-1] != total:
         raise ValueError(f"{name} ends at {host[-1]} but the packed tensor has {total} tokens")
-    return cu[1:] - cu[:-1], max(b - a for a, b in zip(host, host[1:]))
+    return cu[1:] - cu[:-1], max(b - a for a, b in itertools.pairwise(host))
 
 
 def _check_lengths(name, lens, batch, device):

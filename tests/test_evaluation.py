@@ -97,7 +97,7 @@ def direct_nll(model, ids, scored):
 def test_matches_direct_computation(tiny_llama, stride, max_windows, scored):
     ids = torch.randint(0, 128, (1, 40))
     expected = direct_nll(tiny_llama, ids[0], scored)
-    options = dict(window=16, stride=stride, max_windows=max_windows, progress=False)
+    options = {"window": 16, "stride": stride, "max_windows": max_windows, "progress": False}
     nll, _ = token_nll(tiny_llama, ids, **options)
     torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-6)
     ppl, n_tokens, seconds = perplexity(tiny_llama, ids, **options)

@@ -7,21 +7,21 @@ import transformers
 import hf_flash  # noqa: F401  (registers "hf_flash")
 from hf_flash import ops
 
-_COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
+_COMMON = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 256, "pad_token_id": 0}
 
 # family -> (config class, extra config, reference implementation)
 FAMILIES = {
     "llama": ("LlamaConfig", {}, "sdpa"),
     # SmolLM2 is a Llama with GQA 3:1 and head dim 64.
-    "smollm2": ("LlamaConfig", dict(hidden_size=192, num_attention_heads=3, num_key_value_heads=1), "sdpa"),
-    "mistral": ("MistralConfig", dict(sliding_window=8), "sdpa"),
-    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1,
-                                  layer_types=["full_attention", "sliding_attention"]), "sdpa"),
-    "qwen3": ("Qwen3Config", dict(head_dim=16), "sdpa"),
-    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=8, attn_logit_softcapping=5.0,
-                                    final_logit_softcapping=None, query_pre_attn_scalar=16), "eager"),
-    "phi3": ("Phi3Config", dict(pad_token_id=0), "sdpa"),
+    "smollm2": ("LlamaConfig", {"hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1}, "sdpa"),
+    "mistral": ("MistralConfig", {"sliding_window": 8}, "sdpa"),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1,
+                                  "layer_types": ["full_attention", "sliding_attention"]}, "sdpa"),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}, "sdpa"),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 5.0,
+                                    "final_logit_softcapping": None, "query_pre_attn_scalar": 16}, "eager"),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}, "sdpa"),
 }
 
 
