@@ -82,7 +82,7 @@ def paged_attention_forward(module, query, kv, attention_mask, *, scaling=None, 
     k_rows, v_rows = k.reshape(batch * q_len, -1, head_dim), v.reshape(batch * q_len, -1, head_dim)
     ops.write_kv_pages(k_rows, v_rows, layer.keys, layer.values, tensors["slots"])
     options = {"softmax_scale": scaling, "causal": module.is_causal if is_causal is None else is_causal,
-                   "window_size": (sliding_window - 1, -1) if sliding_window else (-1, -1), "softcap": softcap or 0.0}
+               "window_size": (sliding_window - 1, -1) if sliding_window else (-1, -1), "softcap": softcap or 0.0}
     if plan.first:  # nothing cached before: the new states are all the keys, contiguous (the faster kernel path)
         if not plan.padded:
             return ops.attention(q, k, v, **options).to(query.dtype)

@@ -67,11 +67,16 @@ def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
         generation_config.prefill_chunk_size = None
 
 
+def graphs_run_on(device):
+    """Whether decode steps on ``device`` replay CUDA graphs (tests let CPU run the same path eagerly)."""
+    return device.type == "cuda"
+
+
 @functools.wraps(_original_compile_criteria)
 def _valid_auto_compile_criteria(self, model_kwargs, generation_config):
     cache = model_kwargs.get("past_key_values")
     if isinstance(cache, PagedCache):  # torch.compile cannot trace a PagedCache step; its CUDA graphs replace it
-        return cache.cuda_graphs and self.device.type == "cuda" and not generation_config.disable_compile
+        return cache.cuda_graphs and graphs_run_on(self.device) and not generation_config.disable_compile
     return _original_compile_criteria(self, model_kwargs, generation_config)
 
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 import transformers
+from test_cache import _generate as generate
 from test_models import left_padded_batch, tiny_model
-from transformers.generation.utils import GenerationMixin
 
 from hf_flash import PagedCache, ops
 from hf_flash.integration import generate_patch  # hf_flash.patches.generate
@@ -18,23 +18,13 @@ NEW = 40
 
 
 def _generate(model, impl, ids, mask, new=NEW, **kwargs):
-    model.set_attn_implementation(impl)
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
-                          do_sample=False, return_dict_in_generate=True, **kwargs)
+    return generate(model, impl, ids, mask, new=new, do_sample=False, return_dict_in_generate=True, **kwargs)
 
 
 @pytest.fixture
 def graphs_on_any_device(monkeypatch):
-    """Let generate() hand a PagedCache's decode steps to DecodeGraphs on CPU too (it allows CUDA only)."""
-    criteria = generate_patch._valid_auto_compile_criteria
-
-    def allow(self, model_kwargs, generation_config):
-        cache = model_kwargs.get("past_key_values")
-        if isinstance(cache, PagedCache) and self.device.type == "cpu":
-            return cache.cuda_graphs and not generation_config.disable_compile
-        return criteria(self, model_kwargs, generation_config)
-
-    monkeypatch.setattr(GenerationMixin, "_valid_auto_compile_criteria", allow)
+    """Let generate() hand a PagedCache's decode steps to DecodeGraphs on CPU too (eagerly, on its static buffers)."""
+    monkeypatch.setattr(generate_patch, "graphs_run_on", lambda device: True)
 
 
 @pytest.fixture
