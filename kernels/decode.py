@@ -13,7 +13,6 @@ import triton.language as tl
 
 from . import INTERPRET, tile_config
 from .merge import merge_many, merge_outputs, merge_weights
-from .scores import tile_scores
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
@@ -41,6 +40,12 @@ MIN_SPLIT_KEYS = 128
 MAX_SPLITS = 64
 WAVES = 2
 REDUCE_TILE = 4096  # elements of the reduce kernel's [splits, D] tile: 32 fp32 registers per thread at 4 warps
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^2x + 1): saturates to +-1 without NaN (exp2 overflows to inf, underflows to 0).
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
 
 
 @triton.jit
@@ -78,8 +83,13 @@ def _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, lo, hi, seqlen, pa
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        qk = tile_scores(q, k, cap_scale, cap_log2, HAS_SOFTCAP, UPCAST_DOT, DOT_PREC)
-        if not HAS_SOFTCAP:
+        if UPCAST_DOT:
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PREC)
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if HAS_SOFTCAP:
+            qk = cap_log2 * _tanh(qk * cap_scale)  # softcap * tanh(s * scale / softcap), in log2 units
+        else:
             qk = qk * qk_scale
         if MASKED:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
@@ -209,7 +219,8 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
     group = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
     block_g = max(16, triton.next_power_of_2(group))
-    block_n, num_warps, num_stages = tile_config(CONFIGS, INTERPRET_CONFIG, max(64, block_d), q.dtype, q.device)  # dims <= 64 share a row
+    # Head dims <= 64 share the 64 row.
+    block_n, num_warps, num_stages = tile_config(CONFIGS, INTERPRET_CONFIG, max(64, block_d), q.dtype, q.device)
     split = num_splits > 1
     if split:
         out_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)

@@ -8,7 +8,6 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, tile_config
-from .scores import tile_scores
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
@@ -33,6 +32,12 @@ CONFIGS = {
 # The interpreter runs numpy per program: small tiles keep several query and key tiles in the tests' short sequences,
 # so every stage of the KV loop is exercised.
 INTERPRET_CONFIG = (32, 16, 4, 1)
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^2x + 1): saturates to +-1 without NaN (exp2 overflows to inf, underflows to 0).
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
 
 
 @triton.jit
@@ -68,7 +73,12 @@ def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, d
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
         else:
             k = tl.load(k_ptrs)
-        qk = tile_scores(q, k, cap_scale, cap_log2, HAS_SOFTCAP, UPCAST_DOT, DOT_PREC)
+        if UPCAST_DOT:
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PREC)
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if HAS_SOFTCAP:
+            qk = cap_log2 * _tanh(qk * cap_scale)  # softcap * tanh(s * scale / softcap), in log2 units
         if MASKED:
             keep = cols[None, :] < k_len
             if HAS_RIGHT:
