@@ -121,14 +121,15 @@ class DecodeGraphs:
 
     def _capture(self, step_graph, step, cache):
         """Capture the step (which it does not run). A model that cannot be captured (one that syncs with the host
-        inside its forward, say) raises: after a failed capture torch's CUDA random generator refuses further
-        work in this process, so running on eagerly is no way out."""
+        inside its forward, say) raises, with the cache as it was before the step: after a failed capture torch's
+        CUDA random generator refuses further work in this process, so running on eagerly is no way out."""
         pools = [g.graph.pool() for g in cache.graphs.values() if g.graph is not None]
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=pools[0] if pools else None):
                 output = self.model(**step)
         except Exception as e:
+            cache.crop(-1)  # the step was planned (one new token per sequence) but never ran: nothing was stored
             raise RuntimeError(f"hf_flash could not capture this model's decode step as a CUDA graph "
                                f"({type(e).__name__}: {e}); call generate(..., disable_compile=True) or give it "
                                f"PagedCache(config, cuda_graphs=False) to decode eagerly") from e

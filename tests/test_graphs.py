@@ -75,21 +75,26 @@ model, _ = tiny_model("llama")
 model.to("cuda").set_attn_implementation("hf_flash")
 ids, mask = (t.cuda() for t in left_padded_batch([9, 6]))
 model.model.layers[0].register_forward_hook(lambda module, args, output: print(output[0].sum().item(), end=""))
+cache = hf_flash.PagedCache(model.config)
 try:
-    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                   past_key_values=cache)
 except RuntimeError as e:
     print("\\n" + str(e))
+print("\\nlengths", cache._lengths, cache.get_seq_length())
 """
 
 
 @pytest.mark.cuda
 def test_a_step_that_cannot_be_captured_says_how_to_decode_eagerly():
     """A host sync inside the forward (a hook calling .item()) makes the capture fail: generate() raises, naming the
-    two ways to decode eagerly."""
+    two ways to decode eagerly, and the cache holds what the steps before stored (the prompts and the first decode
+    step, which ran eagerly), not the failed step."""
     child = subprocess.run([sys.executable, "-c", _UNCAPTURABLE], capture_output=True, text=True, timeout=300,
                            check=False, cwd=os.path.dirname(__file__))
     assert "could not capture this model's decode step" in child.stdout, child.stdout + child.stderr
     assert "disable_compile=True" in child.stdout and "cuda_graphs=False" in child.stdout
+    assert "lengths [10, 7] 10" in child.stdout, child.stdout
 
 
 def test_long_prompts_are_prefilled_in_chunks(monkeypatch):
