@@ -272,8 +272,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         q4 = q4.expand(batch, *q.shape)
     else:
         batch, max_q = q.shape[0], q.shape[1]
-        q_start = torch.zeros(batch, dtype=torch.int32, device=q.device)
-        q_len = torch.full_like(q_start, max_q)
+        q_start = q_len = None  # made below for the prefill launcher only: decode launches nothing but its kernels
     cache_seqlens = _check_lengths("cache_seqlens", cache_seqlens, batch, q.device)
     if paged:
         _check_block_table(block_table, batch, q.device)
@@ -288,7 +287,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together")
-    k_len = cache_seqlens + q_len if k is not None else cache_seqlens
+    k_len = cache_seqlens + (q_len if packed else max_q) if k is not None else cache_seqlens
     longest = max_seqlen_k if max_seqlen_k is not None else int(k_len.max())  # one sync unless planned
     capacity = table.shape[1] * pages_k.shape[1]
     if longest > capacity:
@@ -313,7 +312,10 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
                              softmax_scale=softmax_scale, window_left=window[0], softcap=softcap,
                              num_splits=num_splits)
     else:
-        zeros = torch.zeros_like(q_len)
+        if not packed:
+            q_start = torch.zeros(batch, dtype=torch.int32, device=q.device)
+            q_len = torch.full_like(q_start, max_q)
+        zeros = torch.zeros(batch, dtype=torch.int32, device=q.device)
         out = torch.empty_like(q)
         _, lse = _run_prefill(q4, pages_k, pages_v, q_start, q_len, zeros, k_len, max_q,
                                  softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap,
