@@ -105,6 +105,27 @@ def paged_attention_forward(module, query, kv, attention_mask, *, scaling=None, 
     return out.view(batch, q_len, heads, head_dim)
 
 
+def continuous_batching_attention_forward(module, query, key, value, attention_mask, *, cache, cu_seq_lens_q,
+                                          cu_seq_lens_k, max_seqlen_q, max_seqlen_k, sliding_window=None, softcap=None,
+                                          read_index, write_index, **kwargs):
+    """``"paged|hf_flash"``: what continuous batching (``generate_batch``) calls before transformers 5.23, with its own
+    paged cache, where 5.23 calls ``"hf_flash"`` itself. Store the new states, read every key of the batch's
+    sequences back packed, attend varlen. (transformers' ``flash_paged`` would do the same but takes the window from
+    a module attribute that Mistral lacks: Mistral would attend past its window.)"""
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("hf_flash does not implement attention sinks (s_aux) yet")
+    if isinstance(cu_seq_lens_k, dict):  # models with full and sliding layers keep one set of lengths per kind
+        kind = "sliding_attention" if sliding_window else "full_attention"
+        cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k[kind], max_seqlen_k[kind]
+    k, v = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, read_index=read_index,
+                        write_index=write_index)
+    dtype = k.dtype
+    out = flash_attn_varlen_func(query.transpose(1, 2).squeeze(0).to(dtype), k, v, cu_seq_lens_q, cu_seq_lens_k,
+                                 softmax_scale=module.scaling, causal=True,
+                                 window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1), softcap=softcap)
+    return out[None].to(query.dtype), None
+
+
 _transformers_lazy_imports = flash_utils._lazy_imports
 
 
@@ -113,5 +134,6 @@ def register():
     if flash_utils._lazy_imports is not _lazy_imports:
         flash_utils._lazy_imports = _lazy_imports
     AttentionInterface.register(NAME, hf_flash_attention_forward)
+    AttentionInterface.register(f"paged|{NAME}", continuous_batching_attention_forward)
     AttentionMaskInterface.register(NAME, flash_attention_mask)
     generate_patch.apply()

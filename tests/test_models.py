@@ -125,6 +125,24 @@ def test_generate_through_triton_kernels(device):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"])
+def test_continuous_batching_matches_reference(family):
+    """generate_batch (transformers' continuous batching, its own paged cache): requests of different lengths share
+    steps; it reaches our varlen function as "paged|hf_flash". Tokens must equal sdpa's run of the same requests."""
+    model, reference = tiny_model(family)
+    prompts = [torch.randint(1, 128, (n,)).tolist() for n in (11, 4, 7)]
+    config = transformers.GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    outs = {}
+    for impl in (reference, "hf_flash"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            results = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+        outs[impl] = {request: result.generated_tokens for request, result in results.items()}
+    assert len(outs["hf_flash"]) == len(prompts)
+    assert all(len(tokens) == 10 for tokens in outs["hf_flash"].values())
+    assert outs["hf_flash"] == outs[reference]
+
+
 def test_training_mode_is_refused():
     model, _ = tiny_model("llama")
     model.set_attn_implementation("hf_flash")
