@@ -1,0 +1,140 @@
+"""Charts of benchmark results: PNGs drawn from the JSON that ``bench_kernels.py`` and ``bench_generate.py`` write
+with ``--out``, for the sections the given files hold:
+    prefill.png    TFLOP/s against sequence length, one panel per head dim and masking
+    decode.png     TB/s of K+V read per (batch, context length), beside the copy bandwidth of the same run
+    generate.png   end-to-end tokens/s and peak GPU memory per model and shape
+Each chart is titled with the device, versions and date of its run.
+    python scripts/plot_benchmarks.py bench_kernels.json bench_generate.json --out-dir plots
+"""
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt
+from bench_common import describe
+
+GIB = 2**30
+# (label, color): one color per backend in every chart; hf_flash in the warm colors.
+STYLE = {"ours": ("hf_flash", "C3"), "ours_p16": ("hf_flash page 16", "C3"), "ours_p64": ("hf_flash page 64", "C1"),
+         "flash": ("SDPA flash", "C0"), "cudnn": ("SDPA cuDNN", "C2"), "efficient": ("SDPA efficient", "C4"),
+         "default": ("SDPA default", "C7"), "flex": ("FlexAttention", "C9"), "sdpa": ("sdpa + DynamicCache", "C0"),
+         "hf_flash": ("hf_flash + PagedCache", "C3"), "static": ("sdpa + static (compiled)", "C2")}
+
+
+def style(name):
+    """Label and color of a backend; an unknown one keeps its name and the next default color."""
+    text, color = STYLE.get(name, (name, None))
+    return {"label": text, "color": color}
+
+
+def is_ours(name):
+    return name.startswith(("ours", "hf_flash"))
+
+
+def bars(ax, groups, series, values, ylabel):
+    """Grouped bars: one group per entry of ``groups``, one bar per series; ``values[series][group]`` may be None
+    (a backend that did not run there), which leaves a gap; a series that never ran is left out."""
+    series = [name for name in series if any(v is not None for v in values[name])]
+    width = 0.8 / max(len(series), 1)
+    for i, name in enumerate(series):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ys = [values[name][g] for g in range(len(groups))]
+        ax.bar([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None], width,
+               edgecolor="black" if is_ours(name) else "none", linewidth=1.2, **style(name))
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    if not series:
+        ax.text(0.5, 0.5, "not measured on this device", transform=ax.transAxes, ha="center", color="gray")
+
+
+def plot_prefill(records):
+    panels = sorted({(r["head_dim"], r["causal"]) for r in records})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, (head_dim, causal) in zip(axes[0], panels):
+        rows = sorted((r for r in records if (r["head_dim"], r["causal"]) == (head_dim, causal)),
+                      key=lambda r: r["seqlen"])
+        for name in rows[0]["tflops"]:
+            points = [(r["seqlen"], r["tflops"][name]) for r in rows if r["tflops"].get(name) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", linewidth=2.5 if is_ours(name) else 1.2, **style(name))
+        ax.set_xscale("log", base=2)
+        lengths = [r["seqlen"] for r in rows]
+        ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set_title(f"head dim {head_dim}, {'causal' if causal else 'no mask'}")
+        ax.set_xlabel("sequence length")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("TFLOP/s")
+    axes[0][-1].legend(fontsize=8)
+    return fig
+
+
+def plot_decode(records, copy_tbps=None):
+    groups = [f"B={r['batch']}\nL={r['seqlen']}" for r in records]
+    series = list(records[0]["tbps"])
+    values = {name: [r["tbps"].get(name) for r in records] for name in series}
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups)), 4.2))
+    bars(ax, groups, series, values, "TB/s of K+V read")
+    if copy_tbps:
+        ax.axhline(copy_tbps, color="gray", linestyle="--", linewidth=1)
+        ax.text(-0.45, copy_tbps, f"device copy {copy_tbps:.2f} TB/s", ha="left", va="bottom", fontsize=8)
+    r = records[0]
+    ax.set_title(f"paged decode, bf16, GQA {r['heads']}/{r['kv_heads']}, head dim {r['head_dim']}")
+    ax.legend(fontsize=8, ncol=2)
+    return fig
+
+
+def plot_generate(records):
+    records = [r for r in records if "error" not in r]
+    groups = list(dict.fromkeys(f"{r['model']} {r['batch']}x{r['prompt']}x{r['new_tokens']}" for r in records))
+    series = list(dict.fromkeys(r["impl"] for r in records))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 3.0 * len(groups)), 4.2))
+    for ax, key, ylabel, scale in ((axes[0], "e2e_tok_s", "end-to-end tokens/s", 1),
+                                   (axes[1], "peak_bytes", "peak GPU memory, GiB", 1 / GIB)):
+        values = {name: [None] * len(groups) for name in series}
+        for r in records:
+            if r.get(key) is not None:
+                values[r["impl"]][groups.index(f"{r['model']} {r['batch']}x{r['prompt']}x{r['new_tokens']}")] = \
+                    r[key] * scale
+        bars(ax, groups, series, values, ylabel)
+        ax.set_xlabel("model, batch x prompt x new tokens")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("generate(), greedy")
+    return fig
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="JSON files written by bench_kernels.py / bench_generate.py --out")
+    parser.add_argument("--out-dir", default="plots", help="where the PNGs go (default: plots)")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    written = []
+    for results_path in args.results:
+        with open(results_path) as f:
+            data = json.load(f)
+        for section, plot in (("prefill", plot_prefill), ("decode", plot_decode), ("generate", plot_generate)):
+            records = data.get(section)
+            if not records:
+                continue
+            extra = {"copy_tbps": data.get("copy_tbps")} if section == "decode" else {}
+            path = os.path.join(args.out_dir, f"{section}.png")
+            fig = plot(records, **extra)
+            fig.suptitle(describe(data["environment"]), fontsize=8, y=0.995)
+            fig.tight_layout()
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+            written.append(path)
+    if not written:
+        print(f"no prefill, decode or generate results in {', '.join(args.results)}", file=sys.stderr)
+        return 1
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
