@@ -40,9 +40,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     """``flash_attn.flash_attn_varlen_func`` on ``hf_flash.ops.attention_varlen``."""
     _check_inference(dropout_p)
     # transformers' collators and position-id helpers produce int64 offsets; the kernels index with int32.
-    return ops.attention_varlen(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), softmax_scale=softmax_scale,
-                                causal=causal, window_size=tuple(window_size), softcap=softcap or 0.0,
-                                return_softmax_lse=return_attn_probs)
+    return ops.attention_varlen(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), max_seqlen_q, max_seqlen_k,
+                                softmax_scale=softmax_scale, causal=causal, window_size=tuple(window_size),
+                                softcap=softcap or 0.0, return_softmax_lse=return_attn_probs)
 
 
 def _lazy_imports(implementation, attention_wrapper=None, allow_all_kernels=False):
@@ -121,7 +121,7 @@ def continuous_batching_attention_forward(module, query, key, value, attention_m
                         write_index=write_index)
     dtype = k.dtype
     out = flash_attn_varlen_func(query.transpose(1, 2).squeeze(0).to(dtype), k, v, cu_seq_lens_q, cu_seq_lens_k,
-                                 softmax_scale=module.scaling, causal=True,
+                                 max_seqlen_q, max_seqlen_k, softmax_scale=module.scaling, causal=True,
                                  window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1), softcap=softcap)
     return out[None].to(query.dtype), None
 

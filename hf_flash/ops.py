@@ -14,6 +14,7 @@ import contextlib
 import functools
 import itertools
 import math
+import operator
 import os
 
 import torch
@@ -109,20 +110,45 @@ def _check_options(softmax_scale, window_size, softcap, head_dim):
     return float(softmax_scale), (int(window_size[0]), int(window_size[1])), float(softcap)
 
 
-def _check_cu_seqlens(name, cu, total, device):
-    """``cu`` must be int32 ``[B+1]``, start at 0, never decrease and end at ``total``; returns its lengths."""
+def _capturing(device):
+    """Inside CUDA-graph capture no device value can be read on the host (transformers' continuous batching captures
+    its steps, as flash-attn allows)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _longest(name, lens, given):
+    """The longest of ``lens`` on the host: ``given`` when the caller passed it (trusted), else read (one sync)."""
+    if given is not None:
+        try:
+            value = operator.index(given)  # ints, numpy ints, 0-d integer tensors on the CPU
+        except TypeError:
+            value = -1
+        if value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {given!r}")
+        return value
+    if _capturing(lens.device):
+        raise ValueError(f"{name} must be given during CUDA-graph capture, where the lengths cannot be read")
+    return int(lens.max())
+
+
+def _check_cu_seqlens(name, cu, total, device, max_seqlen=None):
+    """``cu`` must be int32 ``[B+1]``, start at 0, never decrease and end at ``total``; returns its lengths and the
+    longest. During CUDA-graph capture the offsets cannot be checked: the caller's ``max_seqlen`` is used."""
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype != torch.int32:
         raise ValueError(f"{name} must be a 1-D int32 tensor of batch_size + 1 offsets, got "
                          f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    lens = cu[1:] - cu[:-1]
+    if _capturing(device):
+        return lens, _longest(name.replace("cu_seqlens", "max_seqlen"), lens, max_seqlen)
     host = cu.tolist()
     if host[0] != 0 or any(b < a for a, b in itertools.pairwise(host)):
         shown = f"{host[:8]}{'...' if len(host) > 8 else ''}"
         raise ValueError(f"{name} must start at 0 and be non-decreasing, got {shown}")
     if total is not None and host[-1] != total:
         raise ValueError(f"{name} ends at {host[-1]} but the packed tensor has {total} tokens")
-    return cu[1:] - cu[:-1], max(b - a for a, b in itertools.pairwise(host))
+    return lens, max(b - a for a, b in itertools.pairwise(host))
 
 
 def _check_lengths(name, lens, batch, device):
@@ -202,7 +228,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
             ``block_table`` is given.
         cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]`` offsets (``cu_seqlens_k`` gives the key lengths also
             with pages).
-        max_seqlen_q, max_seqlen_k: accepted for flash-attn compatibility; derived from the offsets.
+        max_seqlen_q, max_seqlen_k: derived from the offsets, which are checked on the host (one sync); needed
+            only during CUDA-graph capture, where they are used as given.
         block_table: int32 ``[batch, max_pages]`` page ids of each sequence's keys.
         The other arguments are as in ``attention``.
 
@@ -215,8 +242,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     v = _check_tensor("v", v, 4 if paged else 3)
     q, k, v = _check_qkv(q[None], k if paged else k[None], v if paged else v[None], batch_dims=2)
     softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
-    q_len, max_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[1], q.device)
-    k_len, max_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[1], q.device)
+    q_len, max_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[1], q.device, max_seqlen_q)
+    k_len, max_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[1], q.device,
+                                     max_seqlen_k)
     if k_len.numel() != q_len.numel():
         raise ValueError(f"cu_seqlens_q describes {q_len.numel()} sequences but cu_seqlens_k {k_len.numel()}")
     batch = q_len.numel()
@@ -267,7 +295,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
     _check_qkv(q4, k_cache, v_cache, batch_dims=2, names=("k_cache", "v_cache"))
     softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
     if packed:
-        q_len, max_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+        q_len, max_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q)
         batch, q_start = q_len.numel(), cu_seqlens_q[:-1]
         q4 = q4.expand(batch, *q.shape)
     else:
@@ -288,7 +316,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together")
     k_len = cache_seqlens + (q_len if packed else max_q) if k is not None else cache_seqlens
-    longest = max_seqlen_k if max_seqlen_k is not None else int(k_len.max())  # one sync unless planned
+    longest = _longest("max_seqlen_k", k_len, max_seqlen_k)
     capacity = table.shape[1] * pages_k.shape[1]
     if longest > capacity:
         raise ValueError(f"the cache holds {capacity} tokens per sequence but {longest} are needed "

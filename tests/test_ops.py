@@ -354,6 +354,53 @@ def test_attention_varlen(options, backend, device):
     _check(out, lse.T, *_ref(qs, ks, vs, **options))
 
 
+def test_graph_capture_reads_no_length_on_the_host(monkeypatch):
+    """transformers' continuous batching captures its steps as CUDA graphs, where reading the offsets on the host
+    fails: during capture the given max_seqlen_q/k reach the launcher and nothing is read back; without them a
+    ValueError says what to pass. (Capture itself is simulated here; the GPU test below captures for real.)"""
+    q, _ = _packed([3, 5], 4, 32, torch.float16, "cpu")
+    k, _ = _packed([4, 6], 2, 32, torch.float16, "cpu")
+    cu_q, cu_k = _cu([3, 5], "cpu"), _cu([4, 6], "cpu")
+    launched = []
+    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    monkeypatch.setattr(ops, "_run_prefill", lambda *args, **kwargs: launched.append(args) or (None, torch.zeros(1)))
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a device value was read on the host during capture")
+
+    with mock.patch.object(torch.Tensor, "tolist", host_read), mock.patch.object(torch.Tensor, "item", host_read), \
+            mock.patch.object(torch.Tensor, "__int__", host_read):
+        ops.attention_varlen(q, k, k, cu_q, cu_k, 7, 9, causal=True)
+        with pytest.raises(ValueError, match="max_seqlen_q must be given during CUDA-graph capture"):
+            ops.attention_varlen(q, k, k, cu_q, cu_k, causal=True)
+        cache = torch.zeros(2, 8, 2, 32, dtype=torch.float16)
+        with pytest.raises(ValueError, match="max_seqlen_k must be given during CUDA-graph capture"):
+            ops.attention_with_kvcache(q.view(2, 4, 4, 32)[:, :1], cache, cache, _i32([3, 5]))
+    assert len(launched) == 1 and launched[0][7] == 7  # max_seqlen_q, as given
+
+
+@pytest.mark.cuda
+def test_attention_varlen_replays_in_a_cuda_graph(device):
+    """Captured once with room for sequences as long as the whole batch, replayed with other offsets written into the
+    same tensors (as continuous batching does): each replay matches the reference for the offsets of that step."""
+    hq, hkv, head_dim, total_q, total_k = 4, 2, 64, 24, 40
+    q, k, v = (_randn(n, h, head_dim, dtype=torch.bfloat16, device=device)
+               for n, h in ((total_q, hq), (total_k, hkv), (total_k, hkv)))
+    cu_q, cu_k = _cu([10, 14], device), _cu([16, 24], device)
+    out = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(ops.attention_varlen(q, k, v, cu_q, cu_k, total_q, total_k, causal=True))
+    for q_lens, k_lens in (([10, 14], [16, 24]), ([16, 8], [20, 20]), ([1, 23], [3, 37])):
+        cu_q.copy_(_cu(q_lens, device))
+        cu_k.copy_(_cu(k_lens, device))
+        out.fill_(NAN)
+        graph.replay()
+        qs, ks, vs = q.split(q_lens), k.split(k_lens), v.split(k_lens)
+        ref_out, _ = _ref(qs, ks, vs, causal=True)
+        torch.testing.assert_close(out.double(), ref_out, atol=OUT_TOL[out.dtype], rtol=OUT_TOL[out.dtype])
+
+
 def _page_table(lens, page_size, device):
     """A block table over shuffled pages (torch.randperm) for sequences of ``lens`` keys, one spare column; unused
     entries point at the pool's last page, which no sequence owns. Returns (table, number of pages)."""
