@@ -132,11 +132,15 @@ def test_continuous_batching_matches_reference(family):
     model, reference = tiny_model(family)
     prompts = [torch.randint(1, 128, (n,)).tolist() for n in (11, 4, 7)]
     config = transformers.GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    # A small cache (by default it is sized from the free memory: GBs on a CPU), and steps of at most 8 tokens: the
+    # 11-token prompt is prefilled in chunks that read the earlier chunks back from the cache.
+    batching = transformers.ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=8)
     outs = {}
     for impl in (reference, "hf_flash"):
         model.set_attn_implementation(impl)
         with torch.no_grad():
-            results = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+            results = model.generate_batch(prompts, generation_config=config, continuous_batching_config=batching,
+                                           progress_bar=False)
         outs[impl] = {request: result.generated_tokens for request, result in results.items()}
     assert len(outs["hf_flash"]) == len(prompts)
     assert all(len(tokens) == 10 for tokens in outs["hf_flash"].values())
