@@ -22,6 +22,10 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 5.0,
                                     "final_logit_softcapping": None, "query_pre_attn_scalar": 16}, "eager"),
     "phi3": ("Phi3Config", {"pad_token_id": 0}, "sdpa"),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
+                                    "layer_types": ["sliding_attention", "full_attention"]}, "sdpa"),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32}, "sdpa"),
 }
 
 
