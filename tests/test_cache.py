@@ -106,6 +106,26 @@ def test_greedy_generate_matches_dynamic_cache(family, page_size, device):
     assert cache.memory_stats()["pages_free"] == 0
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_a_second_generate_continues_the_cache(family, device):
+    """A chat's next turn: the same cache passed again with the conversation so far plus new prompt tokens. Only the
+    tokens the cache lacks are run (the last answer token and the new ones); the answer must equal DynamicCache's."""
+    model, reference = tiny_model(family)
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([12, 5]))
+    more = torch.randint(1, 128, (2, 6), device=device)
+    outs = {}
+    for impl, cache in ((reference, transformers.DynamicCache(config=model.config)),
+                        ("hf_flash", PagedCache(model.config, page_size=4))):
+        first = _generate(model, impl, ids, mask, new=7, do_sample=False, past_key_values=cache)
+        turn = torch.cat([first, more], dim=1)
+        outs[impl] = _generate(model, impl, turn, torch.cat([mask, torch.ones_like(turn[:, mask.shape[1]:])], dim=1),
+                               new=9, do_sample=False, past_key_values=cache)
+        assert cache.get_seq_length() == turn.shape[1] + 9 - 1
+    assert torch.equal(outs["hf_flash"], outs[reference])
+    assert cache._lengths == [12 + 7 + 6 + 9 - 1, 5 + 7 + 6 + 9 - 1]  # pads never stored
+
+
 def test_beam_search_matches_sdpa(device):
     model, _ = tiny_model("mistral")
     model.to(device)
