@@ -16,6 +16,7 @@ from transformers.masking_utils import flash_attention_mask
 
 from . import ops
 from .cache import PagedKV
+from .patches import attn_implementation as attn_implementation_patch
 from .patches import generate as generate_patch
 
 NAME = "hf_flash"
@@ -137,3 +138,4 @@ def register():
     AttentionInterface.register(f"paged|{NAME}", continuous_batching_attention_forward)
     AttentionMaskInterface.register(NAME, flash_attention_mask)
     generate_patch.apply()
+    attn_implementation_patch.apply()

@@ -6,6 +6,7 @@ import transformers
 
 import hf_flash  # noqa: F401  (registers "hf_flash")
 from hf_flash import ops
+from hf_flash.integration import attn_implementation_patch  # hf_flash.patches.attn_implementation
 
 _COMMON = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "max_position_embeddings": 256, "pad_token_id": 0}
@@ -169,6 +170,29 @@ def test_attention_sinks_are_refused():
     kv = torch.randn(1, 2, 3, 16)
     with pytest.raises(NotImplementedError, match="s_aux"):
         hf_flash_attention_forward(attention, q, kv, kv, None, s_aux=torch.zeros(4))
+
+
+def test_models_listing_their_flash_kernels_are_refused():
+    """GPT-OSS lists the flash kernels it works with, and transformers would swap the first of them in for "hf_flash"
+    without a word; hf_flash refuses such a model instead, naming what to use. Other models load as before."""
+    config = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                       num_experts_per_tok=2, sliding_window=8)
+    with pytest.raises(ValueError, match=r"GptOssForCausalLM works only with the flash kernels it lists \(.*"
+                                         r"attention sinks.*attn_implementation='eager'"):  # no sdpa for GPT-OSS
+        transformers.AutoModelForCausalLM.from_config(config, attn_implementation="hf_flash")
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with pytest.raises(ValueError, match="GptOssForCausalLM works only with"):
+        model.set_attn_implementation("hf_flash")
+    assert model.config._attn_implementation == "eager"
+    assert tiny_model("llama")[0].set_attn_implementation("hf_flash") is None
+
+    attn_implementation_patch.revert()  # undoable, like every patch
+    try:
+        assert transformers.PreTrainedModel._check_and_adjust_attn_implementation is \
+            attn_implementation_patch._original_check
+    finally:
+        attn_implementation_patch.apply()
 
 
 def test_other_flash_names_still_reach_transformers():

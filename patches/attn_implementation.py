@@ -1,0 +1,36 @@
+"""``PreTrainedModel._check_and_adjust_attn_implementation`` for ``"hf_flash"``: refuse, with a message naming what
+to use, a model that lists the flash kernels it works with (``_compatible_flash_implementations``).
+
+Those models (GPT-OSS and a few others, all with attention sinks, which hf_flash does not implement yet) get any other
+flash-named implementation replaced by the first kernel of their list, a Hub kernel: asked for "hf_flash", they would
+run another library's attention, or fail on that library's missing package with a message that never names hf_flash.
+"""
+import functools
+
+from transformers import PreTrainedModel
+
+NAME = "hf_flash"
+
+_original_check = PreTrainedModel._check_and_adjust_attn_implementation
+
+
+@functools.wraps(_original_check)
+def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+    listed = getattr(self, "_compatible_flash_implementations", None)
+    if (isinstance(attn_implementation, str) and attn_implementation.removeprefix("paged|") == NAME
+            and listed is not None and NAME not in listed):
+        instead = "sdpa" if getattr(self, "_supports_sdpa", False) else "eager"
+        raise ValueError(
+            f"{type(self).__name__} works only with the flash kernels it lists ({', '.join(listed)}), and transformers "
+            f"would silently swap one of them in for hf_flash; the models that list kernels use attention sinks, which "
+            f"hf_flash does not implement yet. Load it with attn_implementation='{instead}'.")
+    return _original_check(self, attn_implementation, *args, **kwargs)
+
+
+def apply():
+    """Install the check (idempotent)."""
+    PreTrainedModel._check_and_adjust_attn_implementation = _check_and_adjust_attn_implementation
+
+
+def revert():
+    PreTrainedModel._check_and_adjust_attn_implementation = _original_check
