@@ -131,10 +131,12 @@ def test_generate_through_triton_kernels(device):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2"])
-def test_continuous_batching_matches_reference(family):
+def test_continuous_batching_matches_reference(family, device):
     """generate_batch (transformers' continuous batching, its own paged cache): requests of different lengths share
-    steps; it reaches our varlen function as "paged|hf_flash". Tokens must equal sdpa's run of the same requests."""
+    steps; it reaches our varlen function as "hf_flash" (5.23) or "paged|hf_flash" (5.17). Tokens must equal the
+    reference's run of the same requests. On a GPU it captures its steps as CUDA graphs."""
     model, reference = tiny_model(family)
+    model.to(device)
     prompts = [torch.randint(1, 128, (n,)).tolist() for n in (11, 4, 7)]
     config = transformers.GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=-1, pad_token_id=0)
     # A small cache (by default it is sized from the free memory: GBs on a CPU), and steps of at most 8 tokens: the
