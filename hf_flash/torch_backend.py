@@ -99,12 +99,41 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
 
 def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_scale, window_left, softcap,
                  num_splits):
-    """Torch twin of ``hf_flash.kernels.decode.paged_decode`` (one query per sequence; splits are moot here)."""
-    batch = q.shape[0]
-    zeros = torch.zeros(batch, dtype=torch.int32, device=q.device)
-    prefill(q[:, None], k_pool, v_pool, out[:, None], lse[:, :, None], zeros, torch.ones_like(zeros), zeros,
-            seqlens, 1, softmax_scale=softmax_scale, causal=True, window_left=window_left, window_right=-1,
-            softcap=softcap, block_table=block_table)
+    """Torch twin of ``hf_flash.kernels.decode.paged_decode``: one query per sequence, the whole batch at once over
+    BLOCK keys at a time, gathered through the block table (a handful of ops per block rather than a loop over the
+    sequences; splits are moot here)."""
+    batch, hq, d = q.shape
+    page_size, hkv = k_pool.shape[1], k_pool.shape[2]
+    g = hq // hkv
+    lens = seqlens.long()
+    first = (lens - 1 - window_left).clamp_min(0) if window_left >= 0 else torch.zeros_like(lens)
+    table = block_table.long()
+    k_rows, v_rows = k_pool.flatten(0, 1), v_pool.flatten(0, 1)  # slot page * page_size + row
+    qg = q.float().view(batch, hkv, g, d)
+    m = torch.full((batch, hkv, g), float("-inf"), device=q.device)
+    l = torch.zeros((batch, hkv, g), device=q.device)
+    acc = torch.zeros((batch, hkv, g, d), device=q.device)
+    longest = int(lens.max()) if batch else 0
+    for start in range(0, longest, BLOCK):
+        col = torch.arange(start, min(start + BLOCK, longest), device=q.device)
+        keep = (col[None, :] < lens[:, None]) & (col[None, :] >= first[:, None])  # [B, n]
+        slot = torch.where(keep, table[:, col // page_size] * page_size + col % page_size, 0)
+        # Hidden keys are zeroed, not only masked: a pool may hold anything (NaN) where no token is stored.
+        kb = k_rows[slot].float().masked_fill(~keep[..., None, None], 0.0)  # [B, n, Hkv, D]
+        vb = v_rows[slot].float().masked_fill(~keep[..., None, None], 0.0)
+        s = torch.einsum("bhgd,bnhd->bhgn", qg, kb)
+        s = softcap * torch.tanh(s * (softmax_scale / softcap)) if softcap > 0 else s * softmax_scale
+        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # sequences with nothing visible yet stay at zero
+        p = torch.exp(s - m_safe[..., None])
+        alpha = torch.exp(m - m_safe)
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.einsum("bhgn,bnhd->bhgd", p, vb)
+        m = m_new
+    seen = l > 0
+    out.copy_(torch.where(seen[..., None], acc / l.clamp_min(1e-30)[..., None], 0.0).view(batch, hq, d))
+    lse.copy_(torch.where(seen, m + torch.log(l.clamp_min(1e-30)), float("-inf")).view(batch, hq))
 
 
 def merge_state(out_a, lse_a, out_b, lse_b, out, lse):

@@ -407,11 +407,12 @@ def test_attention_varlen_replays_in_a_cuda_graph(device):
 
 def _page_table(lens, page_size, device):
     """A block table over shuffled pages (torch.randperm) for sequences of ``lens`` keys, one spare column; unused
-    entries point at the pool's last page, which no sequence owns. Returns (table, number of pages)."""
+    entries point at page 0, which no sequence owns (NaN: slot 0 is where a gather of a hidden key lands).
+    Returns (table, number of pages)."""
     need = [math.ceil(n / page_size) for n in lens]
     num_pages = sum(need) + 1
-    order = torch.randperm(num_pages - 1).tolist()
-    table = torch.full((len(lens), max(need) + 1), num_pages - 1, dtype=torch.int32)
+    order = (torch.randperm(num_pages - 1) + 1).tolist()
+    table = torch.zeros((len(lens), max(need) + 1), dtype=torch.int32)
     for b, n in enumerate(need):
         table[b, :n] = torch.tensor(order[:n], dtype=torch.int32)
         order = order[n:]
