@@ -29,6 +29,35 @@ def _visible_keys(row_lo, row_hi, sk, *, right, window_left):
     return lo, hi
 
 
+def _logits(scores, softmax_scale, softcap):
+    return softcap * torch.tanh(scores * (softmax_scale / softcap)) if softcap > 0 else scores * softmax_scale
+
+
+class _OnlineSoftmax:
+    """Running softmax of rows ``shape`` over key blocks: max, sum and the fp32 output accumulator."""
+
+    def __init__(self, shape, head_dim, device):
+        self.m = torch.full(shape, float("-inf"), device=device)
+        self.l = torch.zeros(shape, device=device)
+        self.acc = torch.zeros((*shape, head_dim), device=device)
+
+    def add(self, s, values_times):
+        """Fold in a block of logits ``s`` ``[*shape, n]`` (-inf where hidden); ``values_times(p)`` is p @ V."""
+        m_new = torch.maximum(self.m, s.amax(-1))
+        m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing visible yet stay at zero
+        p = torch.exp(s - m_safe[..., None])
+        alpha = torch.exp(self.m - m_safe)
+        self.l = self.l * alpha + p.sum(-1)
+        self.acc = self.acc * alpha[..., None] + values_times(p)
+        self.m = m_new
+
+    def result(self):
+        """(out, lse); a row that saw no key gets out 0 and lse -inf."""
+        seen = self.l > 0
+        out = torch.where(seen[..., None], self.acc / self.l.clamp_min(1e-30)[..., None], 0.0)
+        return out, torch.where(seen, self.m + torch.log(self.l.clamp_min(1e-30)), float("-inf"))
+
+
 def _attend(q, k, v, *, softmax_scale, causal, window_left, window_right, softcap):
     """One sequence: q ``[Sq, Hq, D]``, k/v ``[Sk, Hkv, D]`` -> (out ``[Sq, Hq, D]`` fp32, lse ``[Hq, Sq]``).
 
@@ -46,16 +75,13 @@ def _attend(q, k, v, *, softmax_scale, causal, window_left, window_right, softca
         n_rows = min(BLOCK, sq - q0)
         row_lo, row_hi = q0 + sk - sq, q0 + n_rows - 1 + sk - sq  # bottom-right aligned positions of the block
         qb = qg[:, :, q0 : q0 + n_rows].reshape(hkv, g * n_rows, d)
-        m = torch.full((hkv, g * n_rows), float("-inf"), device=q.device)
-        l = torch.zeros((hkv, g * n_rows), device=q.device)
-        acc = torch.zeros((hkv, g * n_rows, d), device=q.device)
+        state = _OnlineSoftmax((hkv, g * n_rows), d, q.device)
         lo, hi = _visible_keys(row_lo, row_hi, sk, right=right, window_left=window_left)
         for start in range(lo - lo % BLOCK, hi, BLOCK):
             end = min(start + BLOCK, hi)
             kb = k[start:end].float().permute(1, 2, 0)  # [Hkv, D, n]
             vb = v[start:end].float().permute(1, 0, 2)  # [Hkv, n, D]
-            s = torch.bmm(qb, kb)
-            s = softcap * torch.tanh(s * (softmax_scale / softcap)) if softcap > 0 else s * softmax_scale
+            s = _logits(torch.bmm(qb, kb), softmax_scale, softcap)
             # Every row sees every key of the block unless the block crosses the window's or the causal edge.
             if (right >= 0 and end - 1 > row_lo + right) or (window_left >= 0 and start < row_hi - window_left):
                 rows = torch.arange(row_lo, row_hi + 1, device=q.device)
@@ -66,18 +92,10 @@ def _attend(q, k, v, *, softmax_scale, causal, window_left, window_right, softca
                 if window_left >= 0:
                     keep &= col[None, :] >= rows[:, None] - window_left
                 s = s.masked_fill(~keep.repeat(g, 1), float("-inf"))
-            m_new = torch.maximum(m, s.amax(-1))
-            m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing visible yet stay at zero
-            p = torch.exp(s - m_safe[..., None])
-            alpha = torch.exp(m - m_safe)
-            l = l * alpha + p.sum(-1)
-            acc = acc * alpha[..., None] + torch.bmm(p, vb)
-            m = m_new
-        seen = l > 0
-        out[:, :, q0 : q0 + n_rows] = torch.where(seen[..., None], acc / l.clamp_min(1e-30)[..., None], 0.0).view(
-            hkv, g, n_rows, d)
-        lse[:, :, q0 : q0 + n_rows] = torch.where(seen, m + torch.log(l.clamp_min(1e-30)), float("-inf")).view(
-            hkv, g, n_rows)
+            state.add(s, lambda p, vb=vb: torch.bmm(p, vb))
+        block_out, block_lse = state.result()
+        out[:, :, q0 : q0 + n_rows] = block_out.view(hkv, g, n_rows, d)
+        lse[:, :, q0 : q0 + n_rows] = block_lse.view(hkv, g, n_rows)
     return out.reshape(hq, sq, d).permute(1, 0, 2), lse.reshape(hq, sq)
 
 
@@ -110,9 +128,7 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
     table = block_table.long()
     k_rows, v_rows = k_pool.flatten(0, 1), v_pool.flatten(0, 1)  # slot page * page_size + row
     qg = q.float().view(batch, hkv, g, d)
-    m = torch.full((batch, hkv, g), float("-inf"), device=q.device)
-    l = torch.zeros((batch, hkv, g), device=q.device)
-    acc = torch.zeros((batch, hkv, g, d), device=q.device)
+    state = _OnlineSoftmax((batch, hkv, g), d, q.device)
     longest = int(lens.max()) if batch else 0
     for start in range(0, longest, BLOCK):
         col = torch.arange(start, min(start + BLOCK, longest), device=q.device)
@@ -121,19 +137,12 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
         # Hidden keys are zeroed, not only masked: a pool may hold anything (NaN) where no token is stored.
         kb = k_rows[slot].float().masked_fill(~keep[..., None, None], 0.0)  # [B, n, Hkv, D]
         vb = v_rows[slot].float().masked_fill(~keep[..., None, None], 0.0)
-        s = torch.einsum("bhgd,bnhd->bhgn", qg, kb)
-        s = softcap * torch.tanh(s * (softmax_scale / softcap)) if softcap > 0 else s * softmax_scale
+        s = _logits(torch.einsum("bhgd,bnhd->bhgn", qg, kb), softmax_scale, softcap)
         s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
-        m_new = torch.maximum(m, s.amax(-1))
-        m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # sequences with nothing visible yet stay at zero
-        p = torch.exp(s - m_safe[..., None])
-        alpha = torch.exp(m - m_safe)
-        l = l * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + torch.einsum("bhgn,bnhd->bhgd", p, vb)
-        m = m_new
-    seen = l > 0
-    out.copy_(torch.where(seen[..., None], acc / l.clamp_min(1e-30)[..., None], 0.0).view(batch, hq, d))
-    lse.copy_(torch.where(seen, m + torch.log(l.clamp_min(1e-30)), float("-inf")).view(batch, hq))
+        state.add(s, lambda p, vb=vb: torch.einsum("bhgn,bnhd->bhgd", p, vb))
+    seq_out, seq_lse = state.result()
+    out.copy_(seq_out.view(batch, hq, d))
+    lse.copy_(seq_lse.view(batch, hq))
 
 
 def merge_state(out_a, lse_a, out_b, lse_b, out, lse):
