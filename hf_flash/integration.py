@@ -16,15 +16,19 @@ from transformers.masking_utils import flash_attention_mask
 
 from . import ops
 from .cache import PagedKV
+from .patches import NAME, asks_for_hf_flash
 from .patches import attn_implementation as attn_implementation_patch
 from .patches import generate as generate_patch
-
-NAME = "hf_flash"
 
 
 def _check_inference(dropout_p):
     if dropout_p:
         raise ValueError(f"hf_flash has no attention dropout (dropout_p={dropout_p}); call model.eval() first")
+
+
+def _refuse_sinks(kwargs):
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("hf_flash does not implement attention sinks (s_aux) yet")
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -48,7 +52,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
 
 def _lazy_imports(implementation, attention_wrapper=None, allow_all_kernels=False):
     """Serve hf_flash's functions for our name; defer to transformers for every other implementation."""
-    if implementation is not None and implementation.removeprefix("paged|") == NAME:
+    if asks_for_hf_flash(implementation):
         # No flash_attn_with_kvcache: transformers only uses it for names matching "flash.*[23]".
         return flash_attn_func, flash_attn_varlen_func, None, flash_utils._pad_input, flash_utils._unpad_input
     return _transformers_lazy_imports(implementation, attention_wrapper, allow_all_kernels=allow_all_kernels)
@@ -63,8 +67,7 @@ def hf_flash_attention_forward(module, query, key, value, attention_mask, **kwar
     if module.training and torch.is_grad_enabled():
         raise NotImplementedError("hf_flash is inference-only (no backward pass); use model.eval(), or "
                                   "attn_implementation='sdpa' for training")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("hf_flash does not implement attention sinks (s_aux) yet")
+    _refuse_sinks(kwargs)
     if isinstance(key, PagedKV):
         return paged_attention_forward(module, query, key, attention_mask, **kwargs), None
     return flash_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -113,15 +116,13 @@ def continuous_batching_attention_forward(module, query, key, value, attention_m
     paged cache, where 5.23 calls ``"hf_flash"`` itself. Store the new states, read every key of the batch's
     sequences back packed, attend varlen. (transformers' ``flash_paged`` would do the same but takes the window from
     a module attribute that Mistral lacks: Mistral would attend past its window.)"""
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("hf_flash does not implement attention sinks (s_aux) yet")
+    _refuse_sinks(kwargs)
     if isinstance(cu_seq_lens_k, dict):  # models with full and sliding layers keep one set of lengths per kind
         kind = "sliding_attention" if sliding_window else "full_attention"
         cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k[kind], max_seqlen_k[kind]
     k, v = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, read_index=read_index,
                         write_index=write_index)
-    dtype = k.dtype
-    out = flash_attn_varlen_func(query.transpose(1, 2).squeeze(0).to(dtype), k, v, cu_seq_lens_q, cu_seq_lens_k,
+    out = flash_attn_varlen_func(query.transpose(1, 2).squeeze(0).to(k.dtype), k, v, cu_seq_lens_q, cu_seq_lens_k,
                                  max_seqlen_q, max_seqlen_k, softmax_scale=module.scaling, causal=True,
                                  window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1), softcap=softcap)
     return out[None].to(query.dtype), None

@@ -9,7 +9,7 @@ import functools
 
 from transformers import PreTrainedModel
 
-NAME = "hf_flash"
+from . import NAME, asks_for_hf_flash
 
 _original_check = PreTrainedModel._check_and_adjust_attn_implementation
 
@@ -17,8 +17,7 @@ _original_check = PreTrainedModel._check_and_adjust_attn_implementation
 @functools.wraps(_original_check)
 def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
     listed = getattr(self, "_compatible_flash_implementations", None)
-    if (isinstance(attn_implementation, str) and attn_implementation.removeprefix("paged|") == NAME
-            and listed is not None and NAME not in listed):
+    if asks_for_hf_flash(attn_implementation) and listed is not None and NAME not in listed:
         instead = "sdpa" if getattr(self, "_supports_sdpa", False) else "eager"
         raise ValueError(
             f"{type(self).__name__} works only with the flash kernels it lists ({', '.join(listed)}), and transformers "

@@ -18,8 +18,8 @@ from transformers.generation.utils import GenerationMixin
 
 from ..cache import PagedCache
 from ..graphs import DecodeGraphs
+from . import NAME
 
-NAME = "hf_flash"
 PAGE_SIZE = 16
 # Prompts are prefilled in chunks of about this many tokens over the whole batch (vLLM's default token budget is of
 # this order): enough tokens per chunk to keep the GPU's matrix units busy, a fraction of a long batch's activations.
