@@ -26,6 +26,20 @@ def device():
     return DEVICE
 
 
+@pytest.fixture
+def torch_path_on_cpu():
+    """Model-level tests: on CPU the torch path (the kernels have their own interpreter tests, and a few model tests
+    force them); on a GPU the Triton kernels and CUDA graphs, as users get them, for the tests that move their model
+    there. Modules opt in with ``pytestmark = pytest.mark.usefixtures("torch_path_on_cpu")``."""
+    if DEVICE == "cuda":
+        yield
+        return
+    from hf_flash import ops  # imported late: TRITON_INTERPRET must be set first (above)
+
+    with ops.use_backend("torch"):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # A different but reproducible draw per test: fresh inputs, replayable failures.

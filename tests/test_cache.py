@@ -21,15 +21,7 @@ from hf_flash.integration import generate_patch, paged_attention_forward  # gene
 NEW = 64  # new tokens per greedy generate
 
 
-@pytest.fixture(autouse=True)
-def _torch_path(device):
-    """CPU: the torch path (the kernels have their own interpreter tests). GPU: the Triton kernels and CUDA graphs, as
-    users get them; the generate tests below move their models there."""
-    if device == "cuda":
-        yield
-        return
-    with ops.use_backend("torch"):
-        yield
+pytestmark = pytest.mark.usefixtures("torch_path_on_cpu")
 
 
 @pytest.fixture(autouse=True, scope="module")

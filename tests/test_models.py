@@ -30,15 +30,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _torch_path(device):
-    """On CPU model tests run the torch path (kernels have their own tests, and one model test runs them below); on a
-    GPU the Triton kernels, for the tests that move their model there."""
-    if device == "cuda":
-        yield
-        return
-    with ops.use_backend("torch"):
-        yield
+pytestmark = pytest.mark.usefixtures("torch_path_on_cpu")
 
 
 def tiny_model(family):
