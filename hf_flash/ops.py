@@ -132,8 +132,10 @@ def _longest(name, lens, given):
 
 
 def _check_cu_seqlens(name, cu, total, device, max_seqlen=None):
-    """``cu`` must be int32 ``[B+1]``, start at 0, never decrease and end at ``total``; returns its lengths and the
-    longest. During CUDA-graph capture the offsets cannot be checked: the caller's ``max_seqlen`` is used."""
+    """``cu`` must be int32 ``[B+1]``, start at 0, never decrease and end at or before ``total`` (as in flash-attn,
+    tokens past the last offset belong to no sequence: static-shape callers such as transformers' continuous
+    batching pad the packed tensors); returns its lengths, the longest and where the last sequence ends. During
+    CUDA-graph capture the offsets cannot be read: the caller's ``max_seqlen`` is used and the end is None."""
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype != torch.int32:
         raise ValueError(f"{name} must be a 1-D int32 tensor of batch_size + 1 offsets, got "
                          f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
@@ -141,14 +143,14 @@ def _check_cu_seqlens(name, cu, total, device, max_seqlen=None):
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
     lens = cu[1:] - cu[:-1]
     if _capturing(device):
-        return lens, _longest(name.replace("cu_seqlens", "max_seqlen"), lens, max_seqlen)
+        return lens, _longest(name.replace("cu_seqlens", "max_seqlen"), lens, max_seqlen), None
     host = cu.tolist()
     if host[0] != 0 or any(b < a for a, b in itertools.pairwise(host)):
         shown = f"{host[:8]}{'...' if len(host) > 8 else ''}"
         raise ValueError(f"{name} must start at 0 and be non-decreasing, got {shown}")
-    if total is not None and host[-1] != total:
-        raise ValueError(f"{name} ends at {host[-1]} but the packed tensor has {total} tokens")
-    return lens, max(b - a for a, b in itertools.pairwise(host))
+    if total is not None and host[-1] > total:
+        raise ValueError(f"{name} ends at {host[-1]} but the packed tensor has only {total} tokens")
+    return lens, max(b - a for a, b in itertools.pairwise(host)), host[-1]
 
 
 def _check_lengths(name, lens, batch, device):
@@ -242,8 +244,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     v = _check_tensor("v", v, 4 if paged else 3)
     q, k, v = _check_qkv(q[None], k if paged else k[None], v if paged else v[None], batch_dims=2)
     softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
-    q_len, max_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[1], q.device, max_seqlen_q)
-    k_len, max_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[1], q.device,
+    q_len, max_q, q_end = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[1], q.device, max_seqlen_q)
+    k_len, max_k, _ = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[1], q.device,
                                      max_seqlen_k)
     if k_len.numel() != q_len.numel():
         raise ValueError(f"cu_seqlens_q describes {q_len.numel()} sequences but cu_seqlens_k {k_len.numel()}")
@@ -256,7 +258,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     q4 = q.expand(batch, *q.shape[1:])
     k4 = k if paged else k.expand(batch, *k.shape[1:])
     v4 = v if paged else v.expand(batch, *v.shape[1:])
-    out = torch.empty_like(q[0])
+    # Query rows past the last sequence get no attention: zeros keep them finite for the layers after.
+    out = torch.empty_like(q[0]) if q_end == q.shape[1] else torch.zeros_like(q[0])
     _, lse = _run_prefill(
         q4, k4, v4, cu_seqlens_q[:-1], q_len.int(), cu_seqlens_k[:-1], k_len.int(), max_q,
         softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap, block_table=block_table,
@@ -295,7 +298,9 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
     _check_qkv(q4, k_cache, v_cache, batch_dims=2, names=("k_cache", "v_cache"))
     softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
     if packed:
-        q_len, max_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q)
+        q_len, max_q, q_end = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q)
+        if q_end not in (None, q.shape[0]):  # every packed row is a new token to append
+            raise ValueError(f"cu_seqlens_q ends at {q_end} but q has {q.shape[0]} tokens")
         batch, q_start = q_len.numel(), cu_seqlens_q[:-1]
         q4 = q4.expand(batch, *q.shape)
     else:

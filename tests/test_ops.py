@@ -188,7 +188,7 @@ INVALID = {
     "cu-2d": _case("varlen", lambda g: {"cu_seqlens_k": g.cu[None]}, "cu_seqlens_k must be a 1-D int32"),
     "cu-one-entry": _case("varlen", lambda g: {"cu_seqlens_q": g.cu[:1]}, "cu_seqlens_q must be a 1-D int32"),
     "cu-list": _case("varlen", lambda g: {"cu_seqlens_q": [0, 3, 10]}, "cu_seqlens_q must be a 1-D int32"),
-    "cu-end": _case("varlen", lambda g: {"cu_seqlens_k": g.i32([0, 3, 9])}, "cu_seqlens_k ends at 9"),
+    "cu-end": _case("varlen", lambda g: {"cu_seqlens_k": g.i32([0, 3, 11])}, "cu_seqlens_k ends at 11 .* only 10"),
     "cu-batch": _case("varlen", lambda g: {"cu_seqlens_k": g.i32([0, 3, 6, 10])}, "cu_seqlens_q describes 2 .* 3"),
     "cu-device": _case("varlen", lambda g: {"cu_seqlens_q": g.cu.to("meta")}, "cu_seqlens_q is on meta"),
     "varlen-q-rank": _case("varlen", lambda g: {"q": g.qp[None]}, "q must have 3 dimensions"),
@@ -356,6 +356,21 @@ def test_attention_varlen(options, backend, device):
                                     return_softmax_lse=True, **_ops_options(**options))
     assert out.shape == q.shape and lse.shape == (4, sum(q_lens))
     _check(out, lse.T, *_ref(qs, ks, vs, **options))
+
+
+def test_attention_varlen_ignores_rows_past_the_offsets(backend, device):
+    # Static-shape callers (transformers' continuous batching under CUDA graphs) pad the packed tensors: rows past
+    # the last offset belong to no sequence. Their keys are never read (NaN here) and their outputs are 0, finite.
+    q_lens, k_lens = [3, 6], [5, 7]
+    q, qs = _packed(q_lens + [4], 4, 32, torch.bfloat16, device)
+    k, ks = _packed(k_lens + [5], 2, 32, torch.bfloat16, device)
+    v, vs = _packed(k_lens + [5], 2, 32, torch.bfloat16, device)
+    k[sum(k_lens):], v[sum(k_lens):] = NAN, NAN
+    out, lse = ops.attention_varlen(q, k, v, _cu(q_lens, device), _cu(k_lens, device), causal=True,
+                                    return_softmax_lse=True)
+    assert out.shape == q.shape
+    _check(out[:sum(q_lens)], lse.T[:sum(q_lens)], *_ref(qs[:-1], ks[:-1], vs[:-1], causal=True))
+    assert (out[sum(q_lens):] == 0).all()
 
 
 def test_graph_capture_reads_no_length_on_the_host(monkeypatch):
