@@ -3,7 +3,7 @@
 One program per (sequence, KV head, split): the whole group of query heads sharing the KV head is packed into the
 M dimension of ``tl.dot`` (padded to 16 rows), so every key and value is read from memory once. Keys are gathered
 BLOCK_N at a time through the block table, so the tile size does not depend on the page size. Split ``s`` streams
-a contiguous range of the sequence's key tiles and writes an fp32 partial (out, lse); a second small kernel merges
+tiles s, s + num_splits, ... of the sequence's keys and writes an fp32 partial (out, lse); a second small kernel merges
 the partials with the helpers of ``merge``. With one split the first kernel writes the result directly."""
 import contextlib
 
@@ -49,24 +49,28 @@ def _tanh(x):
 
 
 @triton.jit
-def _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, lo, hi, seqlen, page_size,
+def _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, max_pages, kv_lo, first, last, step, seqlen, page_size,
                   stride_kp, stride_kn, stride_vp, stride_vn, qk_scale, cap_scale, cap_log2, offs_n, offs_d,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAD_D: tl.constexpr,
                   HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Folds keys [lo, hi) into the running (acc, l_i, m_i), in the log2 domain. MASKED: the range is one ragged
-    tile whose keys past seqlen are hidden; otherwise every key of every tile is visible and nothing is masked."""
+    """Folds key tiles first, first + step, ... < last (tile t holds keys kv_lo + t * BLOCK_N + [0, BLOCK_N)) into
+    the running (acc, l_i, m_i), in the log2 domain. MASKED: the tiles are ragged and keys past seqlen are hidden;
+    otherwise every key of every tile is visible and nothing is masked."""
     d_ok = offs_d[None, :] < HEAD_DIM
     # Keys are gathered BLOCK_N at a time through the block table, whatever the page size. The page ids of the next
     # tile are loaded one iteration ahead by hand: K/V addresses then come from a loop-carried value, not from a load
     # of the same iteration, and Triton's pipeliner gives the K/V copies num_stages - 1 buffers instead of one.
-    # Page ids past seqlen are masked (the block table may end there).
-    cols_next = lo + offs_n
-    page_next = tl.load(bt_row + (cols_next // page_size) * stride_btp, mask=cols_next < seqlen, other=0)
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + offs_n
+    # The page-id loads are bounded by the table's width, not by seqlen: without a window the first one does not
+    # wait for the length load (one memory round trip less before the first K/V tile).
+    cols_next = kv_lo + first * BLOCK_N + offs_n
+    page_next = tl.load(bt_row + (cols_next // page_size) * stride_btp, mask=cols_next // page_size < max_pages,
+                        other=0)
+    for tile in range(first, last, step):
+        cols = kv_lo + tile * BLOCK_N + offs_n
         page = page_next.to(tl.int64)  # int64: page * page stride passes 2^31 in large pools
-        cols_next = cols + BLOCK_N
-        page_next = tl.load(bt_row + (cols_next // page_size) * stride_btp, mask=cols_next < seqlen, other=0)
+        cols_next = cols + step * BLOCK_N
+        page_next = tl.load(bt_row + (cols_next // page_size) * stride_btp, mask=cols_next // page_size < max_pages,
+                            other=0)
         row = (cols % page_size).to(tl.int64)
         k_ptrs = K + (page * stride_kp + row * stride_kn)[:, None] + offs_d[None, :]
         v_ptrs = V + (page * stride_vp + row * stride_vn)[:, None] + offs_d[None, :]
@@ -110,36 +114,25 @@ def _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, lo, hi, seqlen, pa
 @triton.jit
 def _decode_kernel(Q, K, V, BlockTable, Seqlens, Out, Lse, OutPart, LsePart,
                    stride_qb, stride_qh, stride_kp, stride_kn, stride_kh, stride_vp, stride_vn, stride_vh,
-                   stride_btb, stride_btp, stride_ob, stride_oh, stride_lb, stride_lh,
+                   stride_btb, stride_btp, max_pages, stride_ob, stride_oh, stride_lb, stride_lh,
                    num_heads, num_kv_heads, group, page_size, window_left, num_splits,
                    qk_scale, cap_scale, cap_log2,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
-                   UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+                   UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
     # Layouts (element strides, last dim contiguous):
     #   Q / Out      [B, Hq, D]; Lse [B, Hq] float32, natural log
     #   K / V        pools [num_pages, page_size, Hkv, D]; key j of sequence b at page BlockTable[b, j // page_size],
     #                row j % page_size; keys 0 .. Seqlens[b] - 1 exist and the query is the last of them
     #   OutPart      [B, Hq, num_splits, HEAD_DIM] float32 and LsePart [B, Hq, num_splits] (SPLIT only), contiguous
     # Grid (B * Hkv, num_splits); query heads kv_head * group .. + group - 1 are the rows of the tile.
+    if PDL:  # the reduce kernel may be scheduled now; it waits in gdc_wait for this grid's stores
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // num_kv_heads
     kv_head = pid % num_kv_heads
     b64 = b.to(tl.int64)
-    seqlen = tl.load(Seqlens + b)
-
-    # Visible keys [kv_lo, seqlen) in tiles of BLOCK_N from kv_lo (the gather needs no alignment), dealt to the
-    # splits in contiguous runs of per_split tiles. Splits past the last tile get an empty range and write an
-    # empty state, so the grid is fixed whatever the lengths.
-    kv_lo = 0
-    if HAS_WINDOW:
-        kv_lo = tl.maximum(seqlen - 1 - window_left, 0)
-    per_split = tl.cdiv(tl.cdiv(seqlen - kv_lo, BLOCK_N), num_splits)
-    lo = kv_lo + split * per_split * BLOCK_N
-    hi = tl.maximum(tl.minimum(lo + per_split * BLOCK_N, seqlen), lo)
-    mid = lo + ((hi - lo) // BLOCK_N) * BLOCK_N  # full tiles [lo, mid), at most one ragged tile [mid, hi)
-
     offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -147,7 +140,20 @@ def _decode_kernel(Q, K, V, BlockTable, Seqlens, Out, Lse, OutPart, LsePart,
     heads = (kv_head * group + offs_g).to(tl.int64)
     g_ok = offs_g < group
     gd_ok = g_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    # Loads that need no length go first, so their memory round trips overlap the length's.
     q = tl.load(Q + b64 * stride_qb + (heads * stride_qh)[:, None] + offs_d[None, :], mask=gd_ok, other=0.0)
+    seqlen = tl.load(Seqlens + b)
+
+    # Visible keys [kv_lo, seqlen) in tiles of BLOCK_N from kv_lo (the gather needs no alignment), dealt to the
+    # splits round robin: split s takes tiles s, s + num_splits, ..., so where a split starts does not depend on
+    # seqlen. Only the last tile can be ragged. Splits past the last tile get no tile and write an empty state, so
+    # the grid is fixed whatever the lengths.
+    kv_lo = 0
+    if HAS_WINDOW:
+        kv_lo = tl.maximum(seqlen - 1 - window_left, 0)
+    full_tiles = (seqlen - kv_lo) // BLOCK_N
+    all_tiles = tl.cdiv(seqlen - kv_lo, BLOCK_N)
+    ragged = full_tiles + (split + num_splits - full_tiles % num_splits) % num_splits  # this split's, if any
 
     K += kv_head.to(tl.int64) * stride_kh
     V += kv_head.to(tl.int64) * stride_vh
@@ -155,12 +161,14 @@ def _decode_kernel(Q, K, V, BlockTable, Seqlens, Out, Lse, OutPart, LsePart,
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, lo, mid, seqlen, page_size,
-                                  stride_kp, stride_kn, stride_vp, stride_vn, qk_scale, cap_scale, cap_log2,
-                                  offs_n, offs_d, BLOCK_N, False, HAS_SOFTCAP, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, mid, hi, seqlen, page_size,
-                                  stride_kp, stride_kn, stride_vp, stride_vn, qk_scale, cap_scale, cap_log2,
-                                  offs_n, offs_d, BLOCK_N, True, HAS_SOFTCAP, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, max_pages, kv_lo, split, full_tiles,
+                                  num_splits, seqlen, page_size, stride_kp, stride_kn, stride_vp, stride_vn,
+                                  qk_scale, cap_scale, cap_log2, offs_n, offs_d,
+                                  BLOCK_N, False, HAS_SOFTCAP, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, max_pages, kv_lo, ragged, all_tiles,
+                                  num_splits, seqlen, page_size, stride_kp, stride_kn, stride_vp, stride_vn,
+                                  qk_scale, cap_scale, cap_log2, offs_n, offs_d,
+                                  BLOCK_N, True, HAS_SOFTCAP, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
 
     # An empty range leaves acc = 0 and l = 0: out 0, lse -inf.
     seen = l_i > 0.0
@@ -179,9 +187,11 @@ def _decode_kernel(Q, K, V, BlockTable, Seqlens, Out, Lse, OutPart, LsePart,
 
 @triton.jit
 def _reduce_kernel(OutPart, LsePart, Out, Lse, num_heads, num_splits, stride_ob, stride_oh, stride_lb, stride_lh,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     # One program per (sequence, query head): merges its num_splits partials BLOCK_S at a time, each chunk loaded as
     # one tile (all loads in flight together) and merged in one step.
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # launched early (programmatic dependent launch): the partials must be complete
     pid = tl.program_id(0)
     b = pid // num_heads
     h = pid % num_heads
@@ -201,6 +211,12 @@ def _reduce_kernel(OutPart, LsePart, Out, Lse, num_heads, num_splits, stride_ob,
         out = merge_outputs(out, w_a, o_c, w_b)
     tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
     tl.store(Lse + b.to(tl.int64) * stride_lb + h * stride_lh, lse)
+
+
+def _pdl(device):
+    """Programmatic dependent launch of the reduce kernel (Hopper and newer, not the interpreter): it is scheduled
+    while the split kernel's last programs run, which hides the gap between the two launches."""
+    return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seqlen: int, num_sms: int) -> int:
@@ -228,19 +244,20 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
     else:
         out_part, lse_part = out, lse  # unused
     has_softcap = softcap > 0
+    pdl = split and _pdl(q.device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _decode_kernel[(batch * num_kv_heads, num_splits)](
             q, k_pool, v_pool, block_table, seqlens, out, lse, out_part, lse_part,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
             v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), block_table.stride(0), block_table.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+            block_table.shape[1], out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
             num_heads, num_kv_heads, group, k_pool.shape[1], max(window_left, 0), num_splits,
             softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
             softcap * LOG2E if has_softcap else 1.0,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=block_n,
             HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=has_softcap, SPLIT=split,
             UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
-            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl,
             num_warps=num_warps, num_stages=num_stages,
         )
         if split:
@@ -249,5 +266,5 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
             _reduce_kernel[(batch * num_heads,)](
                 out_part, lse_part, out, lse, num_heads, num_splits,
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-                HEAD_DIM=head_dim, BLOCK_D=block_d_reduce, BLOCK_S=block_s, num_warps=4,
+                HEAD_DIM=head_dim, BLOCK_D=block_d_reduce, BLOCK_S=block_s, PDL=pdl, num_warps=4, launch_pdl=pdl,
             )
