@@ -318,6 +318,11 @@ class PagedCache(Cache):
             self._plan_layers.add(layer_idx)
         return self._plan
 
+    def step_done(self):
+        """The planned step ran without its layers asking for the plan (a CUDA-graph replay): the next attention call
+        plans the next step instead of taking this one for its own."""
+        self._plan, self._plan_layers = None, set()
+
     def _valid_new_tokens(self, attention_mask, q_len, batch_size):
         """Bool ``[B, q_len]`` on the host: which new tokens are not padding (from the 2-D mask's last ``q_len``
         columns), or None when all are. Padding is never stored; valid tokens keep their order."""

@@ -89,6 +89,7 @@ class DecodeGraphs:
                 return self._eager(step, device)
             self._capture(step_graph, step, cache)
         step_graph.graph.replay()
+        cache.step_done()
         # A copy: the next replay overwrites the static logits, and a caller may keep these.
         return step_graph.output_type(logits=step_graph.logits.clone(), past_key_values=cache)
 

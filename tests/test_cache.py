@@ -460,6 +460,17 @@ def test_crop():
     assert cache.memory_stats()["pages_used"] == 3
 
 
+def test_a_step_replayed_from_a_graph_is_not_planned_again():
+    # DecodeGraphs plans a decode step ahead and replays it: the layers never ask for that plan. Told step_done(),
+    # the cache plans the next forward (a chat's next prefill, say) anew instead of handing it the spent plan.
+    cache = _cache()
+    Shadow(cache, 2).step(5)
+    cache.plan(None, 1, 2)
+    cache.step_done()
+    plan = cache.plan(None, 3, 2, layer_idx=0)
+    assert plan.q_len == 3 and plan.slots.numel() == 6 and cache._lengths == [9, 9]
+
+
 def test_reset_forgets_everything_and_is_reusable():
     cache = _cache()
     Shadow(cache, 3).step(9)
