@@ -113,22 +113,30 @@ def main(argv=None):
     parser.add_argument("--out-dir", default="plots", help="where the PNGs go (default: plots)")
     args = parser.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    written = []
+    # A section may come in several files (e.g. bench_generate.py run once per model): their rows go on one chart,
+    # titled with the first file's run.
+    sections = {}
     for results_path in args.results:
         with open(results_path) as f:
             data = json.load(f)
-        for section, plot in (("prefill", plot_prefill), ("decode", plot_decode), ("generate", plot_generate)):
-            records = data.get(section)
-            if not records:
-                continue
-            extra = {"copy_tbps": data.get("copy_tbps")} if section == "decode" else {}
-            path = os.path.join(args.out_dir, f"{section}.png")
-            fig = plot(records, **extra)
-            fig.suptitle(describe(data["environment"]), fontsize=8, y=0.995)
-            fig.tight_layout()
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
+        for section in ("prefill", "decode", "generate"):
+            if data.get(section):
+                found = sections.setdefault(section, {"records": [], "environment": data["environment"],
+                                                      "copy_tbps": data.get("copy_tbps")})
+                found["records"] += data[section]
+    written = []
+    for section, plot in (("prefill", plot_prefill), ("decode", plot_decode), ("generate", plot_generate)):
+        if section not in sections:
+            continue
+        found = sections[section]
+        extra = {"copy_tbps": found["copy_tbps"]} if section == "decode" else {}
+        path = os.path.join(args.out_dir, f"{section}.png")
+        fig = plot(found["records"], **extra)
+        fig.suptitle(describe(found["environment"]), fontsize=8, y=0.995)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
     if not written:
         print(f"no prefill, decode or generate results in {', '.join(args.results)}", file=sys.stderr)
         return 1

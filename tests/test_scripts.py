@@ -34,8 +34,10 @@ def test_benchmarks_write_results_and_plots(tmp_path):
     assert all("error" not in r and r["e2e_tok_s"] > 0 for r in records)
 
     plots = tmp_path / "plots"
-    done = run("plot_benchmarks.py", str(kernels), str(generate), "--out-dir", str(plots), cwd=tmp_path)
+    # One section in two files (bench_generate.py run once per model): one chart.
+    done = run("plot_benchmarks.py", str(kernels), str(generate), str(generate), "--out-dir", str(plots), cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("generate.png") == 1
     for name in ("prefill", "decode", "generate"):
         image = matplotlib.image.imread(plots / f"{name}.png")
         assert image.shape[0] >= 400 and image.std() > 0.05  # drawn, not blank
