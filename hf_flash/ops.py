@@ -229,7 +229,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         k, v: ``[total_k, nheads_k, headdim]``, or page pools ``[num_pages, page_size, nheads_k, headdim]`` when
             ``block_table`` is given.
         cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]`` offsets (``cu_seqlens_k`` gives the key lengths also
-            with pages).
+            with pages). As in flash-attn they may end before the packed tensors do: the rows after belong to no
+            sequence (their keys are not read, their outputs are 0 and their lse is undefined).
         max_seqlen_q, max_seqlen_k: derived from the offsets, which are checked on the host (one sync); needed
             only during CUDA-graph capture, where they are used as given.
         block_table: int32 ``[batch, max_pages]`` page ids of each sequence's keys.

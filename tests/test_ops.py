@@ -358,9 +358,12 @@ def test_attention_varlen(options, backend, device):
     _check(out, lse.T, *_ref(qs, ks, vs, **options))
 
 
-def test_attention_varlen_ignores_rows_past_the_offsets(backend, device):
+def test_attention_varlen_ignores_rows_past_the_offsets(backend, device, monkeypatch):
     # Static-shape callers (transformers' continuous batching under CUDA graphs) pad the packed tensors: rows past
     # the last offset belong to no sequence. Their keys are never read (NaN here) and their outputs are 0, finite.
+    # Every tensor made with empty_like starts as NaN, so rows nothing writes cannot pass as zeros by chance.
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(NAN))
     q_lens, k_lens = [3, 6], [5, 7]
     q, qs = _packed(q_lens + [4], 4, 32, torch.bfloat16, device)
     k, ks = _packed(k_lens + [5], 2, 32, torch.bfloat16, device)
