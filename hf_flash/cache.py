@@ -1,22 +1,22 @@
 """``PagedCache``: a transformers ``Cache`` that keeps K/V in fixed-size pages (vLLM / FlashInfer style).
 
 Every layer owns one pool per K and V, ``[num_pages, page_size, H_kv, D]``, on that layer's device. All layers share
-the bookkeeping: one page allocator (free list + reference counts: a page id names the same slot in every layer's
-pool), a block table of page ids per sequence and the number of tokens each sequence holds.
+the bookkeeping, a ``hf_flash.pages.PageTable`` (allocator, reference counts, each sequence's page ids and lengths):
+a page id names the same slots in every layer's pool.
 
 The model calls ``update(k, v, layer_idx)`` and hands its return value to the attention function, which is the only
 place that sees the attention mask. So ``update`` returns a ``PagedKV`` view of the new tokens, and the registered
-``"hf_flash"`` attention function (``hf_flash.integration``) asks the cache to ``plan`` the step once (allocate pages,
-drop left-padding tokens, build the slot mapping and lengths: host work, like FlashInfer's ``plan``), then writes the
-layer's tokens into their pages and attends over them in place.
+``"hf_flash"`` attention function (``hf_flash.integration``) asks the cache for the step's plan (``layer_plan``: the
+first layer plans it: pages, dropped left padding, slot mapping and lengths), writes the layer's tokens into their
+pages, attends over them in place and reports the layer done (``layer_done``).
 """
-import collections
 import dataclasses
-import math
 import weakref
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .pages import PageTable
 
 
 def _pinned(host_tensor, device):
@@ -33,10 +33,6 @@ def to_device(host_tensor, device):
 def copy_from_host(dst, host_tensor):
     """Copy host bookkeeping into the device tensor ``dst`` (or its leading block) without a sync."""
     dst[tuple(slice(0, n) for n in host_tensor.shape)].copy_(_pinned(host_tensor, dst.device), non_blocking=True)
-
-
-class PoolExhaustedError(RuntimeError):
-    """The page pool cannot hold the tokens asked for; nothing was written."""
 
 
 @dataclasses.dataclass
@@ -130,6 +126,14 @@ class PagedCache(Cache):
         cuda_graphs: let ``generate()`` replay its single-token decode steps as CUDA graphs (``hf_flash.graphs``),
             captured once per batch size and split count; on CUDA only, and not with ``disable_compile=True``.
 
+    A forward over the cache is one step (``hf_flash.pages``): the first layer to attend plans it (pages, slots,
+    lengths: host work, like FlashInfer's ``plan``), every layer stores its tokens and attends, and the step commits
+    when the last layer has. A step that raises anywhere (an exception, an interrupt, out of memory, a model the cache
+    does not fit) is aborted, so the cache holds exactly what it held before: at once when hf_flash's attention
+    raises, else as soon as the cache is used again. The reads transformers makes (``get_seq_length``,
+    ``get_mask_sizes``) always see the last committed step. ``generate()`` on a caller's cache is one transaction too:
+    if it raises, the cache is as it was when the call began.
+
     Example:
         >>> cache = PagedCache(model.config, page_size=16, num_pages=1024)
         >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
@@ -137,11 +141,12 @@ class PagedCache(Cache):
     """
 
     is_compileable = False
+    ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")  # the masks hf_flash's kernels implement
 
     def __init__(self, config, *, page_size=16, num_pages=None, max_memory=None, dtype=None, device=None,
                  grow=None, max_batch_size=None, cuda_graphs=True):
         config = config.get_text_config(decoder=True)
-        if not isinstance(page_size, int) or page_size < 1:
+        if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
         if num_pages is not None and max_memory is not None:
             raise ValueError("give num_pages or max_memory, not both")
@@ -149,6 +154,11 @@ class PagedCache(Cache):
             raise ValueError(f"num_pages must be a positive int, got {num_pages!r}")
         if max_memory is not None and (not isinstance(max_memory, int) or max_memory < 1):
             raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+        layer_types = getattr(config, "layer_types", None) or []
+        others = sorted(set(layer_types) - set(self.ATTENTION_LAYER_TYPES))
+        if others:
+            raise ValueError(f"PagedCache holds attention layers only, but this model's layer_types include "
+                             f"{others}; use the model's default cache (and attn_implementation='sdpa')")
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -157,73 +167,69 @@ class PagedCache(Cache):
         self._max_batch_size = max_batch_size
         self._max_memory = max_memory
         self.grow = (num_pages is None and max_memory is None) if grow is None else bool(grow)
-        self.num_pages = num_pages if num_pages is not None else (None if max_memory is not None else 256)
         self.cuda_graphs = bool(cuda_graphs)
         self.graphs = {}  # hf_flash.graphs: captured decode steps over these pools, by (model, batch, splits, ...)
+        # Sized from max_memory once the first key states give the element size.
+        self.page_table = PageTable(page_size, 0 if num_pages is None and max_memory is not None else num_pages or 256)
+        self._step = None  # the open step: _OpenStep
+        self._table_tensor = None  # (page table version, host block table)
         super().__init__(layers=[PagedLayer(self) for _ in range(self.num_layers)])
-        self.reset()
 
-    # ------------------------------------------------------------------------------------------ bookkeeping
+    @property
+    def num_pages(self):
+        return self.page_table.num_pages
 
-    def reset(self):
-        """Forget every sequence; the pools are kept (and zeroed) for reuse."""
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.keys.zero_()
-                layer.values.zero_()
-        self._refs = [0] * (self.num_pages or 0)
-        self._free = list(range((self.num_pages or 0) - 1, -1, -1))
-        self._pages = []  # page ids per sequence
-        self._lengths = []  # tokens stored per sequence (padding excluded)
-        self._seen = 0  # positions processed per sequence, padding included: what transformers calls seq length
-        self._plan = None
-        self._plan_layers = set()  # layers that have attended with the current plan
-        self._table_cache = None
+    # ------------------------------------------------------------------------------------------ the pools
 
     def pool_shape(self, key_states):
-        if self.num_pages is None:  # sized from the memory budget once the element size is known
+        if self.num_pages == 0:  # sized from the memory budget now that the element size is known
             itemsize = (self.dtype or key_states.dtype).itemsize
             per_page = 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * itemsize
-            self.num_pages = max(1, self._max_memory // per_page)
-            self._refs = [0] * self.num_pages
-            self._free = list(range(self.num_pages - 1, -1, -1))
+            self.page_table.add_pages(max(1, self._max_memory // per_page))
         return self.num_pages, self.page_size, self.num_kv_heads, self.head_dim
 
-    def _pages_for(self, tokens):
-        return math.ceil(tokens / self.page_size)
-
-    def _release(self, pages):
-        for p in pages:
-            self._refs[p] -= 1
-            if self._refs[p] == 0:
-                self._free.append(p)
-
     def _grow_pools(self, needed):
-        new_total = max(2 * self.num_pages, self.num_pages + needed)
+        extra = max(self.num_pages, needed)
         for layer in self.layers:
             if layer.is_initialized:
-                extra = new_total - self.num_pages
                 layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((extra, *layer.keys.shape[1:]))])
                 layer.values = torch.cat([layer.values, layer.values.new_zeros((extra, *layer.values.shape[1:]))])
         self.graphs.clear()  # they point into the old pools
-        self._refs += [0] * (new_total - self.num_pages)
-        self._free = list(range(new_total - 1, self.num_pages - 1, -1)) + self._free
-        self.num_pages = new_total
+        self.page_table.add_pages(extra)
+
+    def _copy_pages(self, src, dst):
+        for layer in self.layers:
+            if layer.is_initialized:
+                s = to_device(torch.tensor(src), layer.keys.device)
+                d = to_device(torch.tensor(dst), layer.keys.device)
+                layer.keys[d] = layer.keys[s]
+                layer.values[d] = layer.values[s]
 
     def _block_table(self):
-        if self._table_cache is None:
-            width = max([len(p) for p in self._pages] + [1])
-            table = torch.zeros((len(self._pages), width), dtype=torch.int32)
-            for b, pages in enumerate(self._pages):
-                table[b, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-            self._table_cache = table
-        return self._table_cache
+        """The host block table ``[B, max_pages]`` (int32), rebuilt only when some sequence's page ids changed."""
+        table = self.page_table
+        if self._table_tensor is None or self._table_tensor[0] != table.version:
+            width = max([len(p) for p in table.pages] + [1])
+            host = torch.zeros((len(table.pages), width), dtype=torch.int32)
+            for b, pages in enumerate(table.pages):
+                host[b, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+            self._table_tensor = (table.version, host)
+        return self._table_tensor[1]
 
     # ---------------------------------------------------------------------------------------- the step
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Called by each attention layer with its new ``[B, H_kv, S, D]`` states; returns a ``PagedKV`` view
         (twice, for the model's ``key, value`` unpacking). The attention function stores and attends."""
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
+            raise ValueError(f"layer_idx {layer_idx!r} is out of range: this PagedCache was made for a model with "
+                             f"{self.num_layers} layers")
+        want = (self.num_kv_heads, self.head_dim)
+        for name, states in (("key_states", key_states), ("value_states", value_states)):
+            if states.dim() != 4 or tuple(states.shape[1:2]) + tuple(states.shape[3:]) != want:
+                raise ValueError(f"{name} {tuple(states.shape)} do not fit this PagedCache, made for {want[0]} KV "
+                                 f"heads of dim {want[1]} ([batch, heads, tokens, dim]): was it made for another "
+                                 f"model?")
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states.to(self.dtype or key_states.dtype), value_states)
@@ -232,96 +238,88 @@ class PagedCache(Cache):
         view = PagedKV(self, layer_idx, key_states, value_states)
         return view, view
 
-    def plan(self, attention_mask, q_len, batch_size, layer_idx=None):
-        """Plan a forward step once: allocate pages for the valid new tokens and build the slot mapping. Raises
-        ``PoolExhaustedError`` before changing anything if the pool cannot hold them (unless ``grow``).
+    def begin_step(self, attention_mask, q_len, batch_size):
+        """Plan a forward step: allocate pages for the valid new tokens and build the slot mapping; every layer then
+        uses this plan, and the caller ends the step with ``commit_step()`` or ``abort_step()``. Raises
+        ``PoolExhaustedError`` (or ``ValueError`` for a batch the cache does not hold) with nothing changed."""
+        self._abandon_open_step()
+        self._step = _OpenStep(self._plan(attention_mask, q_len, batch_size), explicit=True)
+        return self._step.plan
 
-        Each layer's attention call passes its ``layer_idx`` and gets the current plan until it has used it once: a
-        layer asking again starts the next step. Without ``layer_idx`` (a caller planning ahead of the forward, like
-        the CUDA-graph runner) a new step is always planned, and every layer then uses it."""
-        if self._plan is not None and layer_idx is not None and layer_idx not in self._plan_layers:
-            self._plan_layers.add(layer_idx)
-            return self._plan
-        self._plan, self._plan_layers = None, set()
+    def commit_step(self):
+        """Keep the open step's tokens."""
+        self.page_table.commit_step()
+        self._step = None
+
+    def abort_step(self):
+        """Give back everything the open step took: the cache holds exactly what it held before the step."""
+        self.page_table.abort_step()
+        self._step = None
+
+    def layer_plan(self, layer_idx, attention_mask, q_len, batch_size):
+        """The plan layer ``layer_idx`` stores and attends with: the open step's, or a new step's when there is none
+        (a plain forward) or when this layer already stored in the open one (then the forward that opened it raised
+        and was never finished: it is aborted first)."""
+        step = self._step
+        if step is None or layer_idx in step.stored:
+            self._abandon_open_step()
+            step = self._step = _OpenStep(self._plan(attention_mask, q_len, batch_size), explicit=False)
+        if (q_len, batch_size) != (step.plan.q_len, len(step.plan.new_tokens)):
+            raise ValueError(f"layer {layer_idx} got {batch_size} x {q_len} new tokens but the step was planned for "
+                             f"{len(step.plan.new_tokens)} x {step.plan.q_len}")
+        step.stored.add(layer_idx)
+        return step.plan
+
+    def layer_done(self, layer_idx):
+        """Layer ``layer_idx`` stored its tokens and attended: a step no caller owns commits after the last layer."""
+        step = self._step
+        if step is not None and not step.explicit and len(step.stored) == self.num_layers:
+            self.commit_step()
+
+    def _abandon_open_step(self):
+        if self._step is not None:  # a forward raised midway, outside hf_flash's attention, and nobody aborted
+            self.abort_step()
+
+    def _plan(self, attention_mask, q_len, batch_size):
+        table = self.page_table
         valid = self._valid_new_tokens(attention_mask, q_len, batch_size)
         new_tokens = [q_len] * batch_size if valid is None else valid.sum(-1).tolist()
-        first = not self._pages
-        if first:
-            if self._max_batch_size is not None and batch_size > self._max_batch_size:
-                raise ValueError(f"batch of {batch_size} sequences exceeds max_batch_size={self._max_batch_size}")
-            self._pages = [[] for _ in range(batch_size)]
-            self._lengths = [0] * batch_size
-            self._table_cache = None
-        elif batch_size != len(self._pages):
-            raise ValueError(f"the cache holds {len(self._pages)} sequences but the step has {batch_size}")
+        if not table.pages and self._max_batch_size is not None and batch_size > self._max_batch_size:
+            raise ValueError(f"batch of {batch_size} sequences exceeds max_batch_size={self._max_batch_size}")
+        needed = table.pages_needed(new_tokens)
+        if needed > len(table.free) and self.grow:
+            self._grow_pools(needed - len(table.free))
+        step = table.begin_step(new_tokens, q_len)
+        try:
+            return self._plan_tensors(step, new_tokens, valid)
+        except BaseException:
+            table.abort_step()
+            raise
 
-        # Pages to allocate: growth, plus a private copy of a shared, partly filled last page (copy on write).
-        cow = [b for b in range(batch_size) if new_tokens[b] and self._lengths[b] % self.page_size
-               and self._refs[self._pages[b][-1]] > 1]
-        grow_by = [self._pages_for(self._lengths[b] + new_tokens[b]) - len(self._pages[b]) for b in range(batch_size)]
-        # A shared page written by all of its sharers needs one copy fewer: the last writer keeps the page itself.
-        writers = collections.Counter(self._pages[b][-1] for b in cow)
-        needed = sum(grow_by) + sum(w if w < self._refs[p] else w - 1 for p, w in writers.items())
-        if needed > len(self._free):
-            if not self.grow:
-                if first:  # the batch size is not committed either: a retry may use another one
-                    self._pages, self._lengths = [], []
-                raise PoolExhaustedError(
-                    f"PagedCache pool is full: {self.num_pages} pages of {self.page_size} tokens per layer, "
-                    f"{self.num_pages - len(self._free)} in use, {len(self._free)} free, but this step needs {needed} "
-                    f"more for {sum(new_tokens)} new tokens. Pass a larger num_pages/max_memory or grow=True.")
-            self._grow_pools(needed)
-
-        # Commit: from here on nothing can fail.
-        copies = []
-        for b in cow:
-            shared = self._pages[b][-1]
-            if self._refs[shared] > 1:  # the last of the sharers keeps the page itself
-                fresh = self._free.pop()
-                self._refs[shared] -= 1
-                self._refs[fresh] = 1
-                self._pages[b][-1] = fresh
-                copies.append((shared, fresh))
-        if copies:
-            self._copy_pages(*zip(*copies))
-        for b, n in enumerate(grow_by):
-            for _ in range(n):
-                p = self._free.pop()
-                self._refs[p] = 1
-                self._pages[b].append(p)
-        if copies or any(grow_by):
-            self._table_cache = None
-        before = list(self._lengths)
-        ps = self.page_size
-        if q_len == 1 and valid is None:  # decode: one slot per sequence, plain Python beats a dozen tensor ops
-            slots = torch.tensor([self._pages[b][n // ps] * ps + n % ps for b, n in enumerate(before)])
+    def _plan_tensors(self, step, new_tokens, valid):
+        """Copy the pages the step copies on write, and build its plan: slots, lengths, block table."""
+        table, q_len, batch_size = self.page_table, step.q_len, len(new_tokens)
+        if step.copies:
+            _, shared, fresh = zip(*step.copies)
+            self._copy_pages(shared, fresh)
+        before = step.lengths_before
+        if q_len == 1 and valid is None:  # decode: one slot per sequence
+            slots = torch.tensor([table.slots(b, n, 1)[0] for b, n in enumerate(before)], dtype=torch.int64)
         else:
             slots = torch.full((batch_size, q_len), -1, dtype=torch.int64)
-            for b in range(batch_size):
-                if new_tokens[b]:
-                    pos = torch.arange(before[b], before[b] + new_tokens[b])
-                    pages = torch.tensor(self._pages[b], dtype=torch.int64)
-                    slots[b, slice(None) if valid is None else valid[b]] = pages[pos // ps] * ps + pos % ps
-        self._lengths = [n + new for n, new in zip(before, new_tokens)]
-        self._seen += q_len
+            for b, new in enumerate(new_tokens):
+                if new:
+                    slots[b, slice(None) if valid is None else valid[b]] = torch.tensor(table.slots(b, before[b], new))
         padded = any(n != q_len for n in new_tokens)
         rows = cu = None
         if padded:
             rows = torch.nonzero(slots.flatten() >= 0).flatten()
             cu = torch.zeros(batch_size + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(torch.tensor(new_tokens, dtype=torch.int32), 0)
-        self._plan = StepPlan(q_len=q_len, new_tokens=new_tokens, slots=slots.flatten(),
-                              seqlens=torch.tensor(self._lengths, dtype=torch.int32),
-                              block_table=self._block_table(), max_seqlen_k=max(self._lengths),
-                              padded=padded, first=not any(before), rows=rows, cu_seqlens_q=cu)
-        if layer_idx is not None:
-            self._plan_layers.add(layer_idx)
-        return self._plan
-
-    def step_done(self):
-        """The planned step ran without its layers asking for the plan (a CUDA-graph replay): the next attention call
-        plans the next step instead of taking this one for its own."""
-        self._plan, self._plan_layers = None, set()
+        return StepPlan(q_len=q_len, new_tokens=new_tokens, slots=slots.flatten(),
+                        seqlens=torch.tensor(table.lengths, dtype=torch.int32), block_table=self._block_table(),
+                        max_seqlen_k=max(table.lengths), padded=padded, first=not any(before), rows=rows,
+                        cu_seqlens_q=cu)
 
     def _valid_new_tokens(self, attention_mask, q_len, batch_size):
         """Bool ``[B, q_len]`` on the host: which new tokens are not padding (from the 2-D mask's last ``q_len``
@@ -335,76 +333,103 @@ class PagedCache(Cache):
         valid = attention_mask[:, -q_len:].bool().cpu()
         return None if bool(valid.all()) else valid
 
-    def _copy_pages(self, src, dst):
-        for layer in self.layers:
-            if layer.is_initialized:
-                s = to_device(torch.tensor(src), layer.keys.device)
-                d = to_device(torch.tensor(dst), layer.keys.device)
-                layer.keys[d] = layer.keys[s]
-                layer.values[d] = layer.values[s]
-
     # ---------------------------------------------------------------- what generate() and friends call
 
     def get_seq_length(self, layer_idx=0):
-        return self._seen
+        """Positions processed per sequence (padding included) up to the last committed step."""
+        return self.page_table.seen - (self._step.plan.q_len if self._step is not None else 0)
 
     def get_mask_sizes(self, query_length, layer_idx=0):
         # The 2-D mask covers every position, padding included; the kernels never read padding.
-        return self._seen + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def get_max_length(self, layer_idx=None):
         return self.layers[0].get_max_length()
 
     @property
     def batch_size(self):
-        return len(self._pages)
+        return self.page_table.batch_size
 
     @property
     def is_croppable(self):
         return True
 
-    def _replace_sequences(self, sources):
-        """New sequence ``i`` shares all pages of old sequence ``sources[i]`` (reference counted)."""
-        pages = [list(self._pages[s]) for s in sources]
-        lengths = [self._lengths[s] for s in sources]
-        for p in pages:
-            for page in p:
-                self._refs[page] += 1
-        for p in self._pages:
-            self._release(p)
-        self._pages, self._lengths, self._table_cache = pages, lengths, None
+    def reset(self):
+        """Forget every sequence; the pools are kept (and zeroed) for reuse."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys.zero_()
+                layer.values.zero_()
+        self._step, self._table_tensor = None, None
+        self.page_table = PageTable(self.page_size, self.num_pages)
+
+    def _sequences(self, name, indices):
+        """``indices`` (ints or a bool mask over the sequences, as DynamicCache takes them) as a list of sequence
+        numbers: a ValueError for negative or non-integer ones, an IndexError (as DynamicCache) past the batch."""
+        self._abandon_open_step()
+        batch = self.batch_size
+        t = torch.as_tensor(indices)
+        if t.dtype == torch.bool:
+            if t.shape != (batch,):
+                raise ValueError(f"{name} as a bool mask must have shape ({batch},), got {tuple(t.shape)}")
+            t = torch.nonzero(t).flatten()
+        if t.dim() != 1 or t.is_floating_point() or t.is_complex():
+            raise ValueError(f"{name} must be a 1-D sequence of ints (or a bool mask), got {t.dtype} {tuple(t.shape)}")
+        values = t.tolist()
+        if any(i < 0 for i in values):
+            raise ValueError(f"{name} must be >= 0 (no wrap-around), got {values}")
+        if any(i >= batch for i in values):
+            raise IndexError(f"{name} {values} out of range for the cache's {batch} sequences")
+        return values
 
     def reorder_cache(self, beam_idx):
         """Beam search: row ``i`` continues beam ``beam_idx[i]``; pages are shared, not copied."""
-        self._replace_sequences([int(i) for i in beam_idx.tolist()])
+        self.page_table.fork(self._sequences("beam_idx", beam_idx))
 
     def batch_repeat_interleave(self, repeats):
-        self._replace_sequences([b for b in range(len(self._pages)) for _ in range(repeats)])
+        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        self._abandon_open_step()
+        self.page_table.fork([b for b in range(self.batch_size) for _ in range(repeats)])
 
     def batch_select_indices(self, indices):
-        self._replace_sequences([int(i) for i in torch.as_tensor(indices).tolist()])
+        self.page_table.fork(self._sequences("indices", indices))
 
     def crop(self, max_length):
         """Drop the newest positions: ``crop(-n)`` removes ``n``; ``crop(n > 0)`` keeps the first ``n``."""
-        keep = self._seen + max_length if max_length < 0 else min(max_length, self._seen)
-        if max_length == 0 or keep >= self._seen:
-            return
-        keep = max(keep, 0)
-        removed = self._seen - keep
-        for b in range(len(self._pages)):
-            self._lengths[b] = max(self._lengths[b] - removed, 0)
-            extra = self._pages[b][self._pages_for(self._lengths[b]) :]
-            del self._pages[b][self._pages_for(self._lengths[b]) :]
-            self._release(extra)
-        self._seen = keep
-        self._plan, self._table_cache = None, None
+        if not isinstance(max_length, int) or isinstance(max_length, bool):
+            raise ValueError(f"max_length must be an int, got {max_length!r}")
+        self._abandon_open_step()
+        seen = self.page_table.seen
+        keep = seen + max_length if max_length < 0 else min(max_length, seen)
+        if max_length != 0 and keep < seen:
+            self.page_table.crop(max(keep, 0))
+
+    def snapshot(self):
+        """The bookkeeping, for ``restore``: what a transaction over several steps (``generate()``) rolls back to."""
+        self._abandon_open_step()
+        return self.page_table.snapshot()
+
+    def restore(self, snapshot):
+        """Back to what ``snapshot()`` saw; pages taken since are free again (their contents are never read)."""
+        self._step = None
+        self.page_table.restore(snapshot)
 
     def memory_stats(self):
         """Pages used and free, bytes allocated to the pools and the bytes the held tokens need, tokens held."""
+        self._abandon_open_step()
+        table = self.page_table
         bytes_per_page = sum(2 * layer.keys[0].numel() * layer.keys.element_size()
                              for layer in self.layers if layer.is_initialized)
-        used = (self.num_pages or 0) - len(self._free)
-        tokens = sum(self._lengths)
-        return {"page_size": self.page_size, "pages_total": self.num_pages or 0, "pages_used": used,
-                "pages_free": len(self._free), "tokens": tokens, "bytes_allocated": (self.num_pages or 0) * bytes_per_page,
-                "bytes_used": used * bytes_per_page, "bytes_per_token": bytes_per_page // self.page_size}
+        used = table.num_pages - len(table.free)
+        return {"page_size": self.page_size, "pages_total": table.num_pages, "pages_used": used,
+                "pages_free": len(table.free), "tokens": sum(table.lengths),
+                "bytes_allocated": table.num_pages * bytes_per_page, "bytes_used": used * bytes_per_page,
+                "bytes_per_token": bytes_per_page // self.page_size}
+
+
+@dataclasses.dataclass
+class _OpenStep:
+    plan: StepPlan
+    explicit: bool  # begun by a caller (the CUDA-graph runner), which commits it; else the last layer commits it
+    stored: set = dataclasses.field(default_factory=set)  # layers that have stored their tokens in this step

@@ -15,10 +15,10 @@ import torch
 
 from . import ops
 from .cache import PagedCache, copy_from_host
+from .patches.internals import CACHE_NAME
 
 # The arguments of a decode step that a graph reproduces; a step with any other argument set runs eagerly.
-_STEP_ARGS = {"input_ids", "position_ids", "attention_mask", "past_key_values", "use_cache", "return_dict",
-              "logits_to_keep"}
+_STEP_ARGS = {"input_ids", "position_ids", "attention_mask", CACHE_NAME, "use_cache", "return_dict", "logits_to_keep"}
 
 
 class _StepGraph:
@@ -61,16 +61,29 @@ class DecodeGraphs:
         self.fallback = fallback
 
     def __call__(self, **kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(CACHE_NAME)
         if not isinstance(cache, PagedCache):
             return self.fallback()(**kwargs)
         if not self._is_plain_decode_step(cache, kwargs):
             return self.model(**kwargs)
         input_ids = kwargs["input_ids"]
         batch, device = input_ids.shape[0], input_ids.device
-        plan = cache.plan(kwargs.get("attention_mask"), 1, batch)  # every layer then uses this plan
+        plan = cache.begin_step(kwargs.get("attention_mask"), 1, batch)  # every layer then uses this plan
         if plan.padded:
+            cache.abort_step()
             return self.model(**kwargs)
+        try:
+            output = self._run(cache, plan, kwargs, device)
+        except BaseException:
+            cache.abort_step()
+            raise
+        cache.commit_step()
+        return output
+
+    def _run(self, cache, plan, kwargs, device):
+        """The planned step: eagerly on the static buffers the first time, captured the second, replayed after."""
+        input_ids = kwargs["input_ids"]
+        batch = input_ids.shape[0]
         splits = ops.choose_num_splits(batch, cache.num_kv_heads, plan.max_seqlen_k, device)
         plan.num_splits = 1 << (splits.bit_length() - 1)
         logits_to_keep = kwargs.get("logits_to_keep")
@@ -79,7 +92,7 @@ class DecodeGraphs:
             cache.graphs[key] = _StepGraph(cache, batch, device)
         step_graph = cache.graphs[key]
         step_graph.load(plan, input_ids, kwargs["position_ids"], device)
-        step = {"input_ids": step_graph.input_ids, "position_ids": step_graph.position_ids, "past_key_values": cache,
+        step = {"input_ids": step_graph.input_ids, "position_ids": step_graph.position_ids, CACHE_NAME: cache,
                 "use_cache": True, "return_dict": True}
         if logits_to_keep is not None:
             step["logits_to_keep"] = logits_to_keep
@@ -89,9 +102,8 @@ class DecodeGraphs:
                 return self._eager(step, device)
             self._capture(step_graph, step, cache)
         step_graph.graph.replay()
-        cache.step_done()
         # A copy: the next replay overwrites the static logits, and a caller may keep these.
-        return step_graph.output_type(logits=step_graph.logits.clone(), past_key_values=cache)
+        return step_graph.output_type(logits=step_graph.logits.clone(), **{CACHE_NAME: cache})
 
     @staticmethod
     def _is_plain_decode_step(cache, kwargs):
@@ -122,15 +134,14 @@ class DecodeGraphs:
 
     def _capture(self, step_graph, step, cache):
         """Capture the step (which it does not run). A model that cannot be captured (one that syncs with the host
-        inside its forward, say) raises, with the cache as it was before the step: after a failed capture torch's
-        CUDA random generator refuses further work in this process, so running on eagerly is no way out."""
+        inside its forward, say) raises (and the caller aborts the step): after a failed capture torch's CUDA random
+        generator refuses further work in this process, so running on eagerly is no way out."""
         pools = [g.graph.pool() for g in cache.graphs.values() if g.graph is not None]
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=pools[0] if pools else None):
                 output = self.model(**step)
         except Exception as e:
-            cache.crop(-1)  # the step was planned (one new token per sequence) but never ran: nothing was stored
             raise RuntimeError(f"hf_flash could not capture this model's decode step as a CUDA graph "
                                f"({type(e).__name__}: {e}); call generate(..., disable_compile=True) or give it "
                                f"PagedCache(config, cuda_graphs=False) to decode eagerly") from e

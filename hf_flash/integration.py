@@ -8,6 +8,8 @@ path (unpadding to varlen, packed sequences, sliding window, soft-cap) runs our 
 function and the 2-D mask function under the same name (without a mask function every layer would silently get
 ``attention_mask=None``). Checked against transformers 5.17 and 5.23.
 """
+import logging
+
 import torch
 import transformers.modeling_flash_attention_utils as flash_utils
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -75,10 +77,28 @@ def hf_flash_attention_forward(module, query, key, value, attention_mask, **kwar
 
 def paged_attention_forward(module, query, kv, attention_mask, *, scaling=None, sliding_window=None, softcap=None,
                             is_causal=None, **kwargs):
-    """Store this layer's new tokens in the cache's pages, then attend over the pages in place."""
-    cache, layer = kv.cache, kv.cache.layers[kv.layer_idx]
+    """Store this layer's new tokens in the cache's pages, then attend over the pages in place. If anything here
+    raises, the step is aborted: the cache holds exactly what it held before the step."""
+    cache, layer_idx = kv.cache, kv.layer_idx
+    layers = getattr(getattr(module, "config", None), "num_hidden_layers", cache.num_layers)
+    if layers != cache.num_layers:
+        raise ValueError(f"this PagedCache was made for a model with {cache.num_layers} layers, but the model using it "
+                         f"has {layers}: make one PagedCache per model")
+    batch, _, q_len, _ = query.shape
+    plan = cache.layer_plan(layer_idx, attention_mask, q_len, batch)
+    try:
+        out = _store_and_attend(module, query, kv, plan, scaling=scaling, sliding_window=sliding_window,
+                                softcap=softcap, is_causal=is_causal)
+    except BaseException:
+        cache.abort_step()
+        raise
+    cache.layer_done(layer_idx)
+    return out
+
+
+def _store_and_attend(module, query, kv, plan, *, scaling, sliding_window, softcap, is_causal):
+    layer = kv.cache.layers[kv.layer_idx]
     batch, heads, q_len, head_dim = query.shape
-    plan = cache.plan(attention_mask, q_len, batch, kv.layer_idx)
     tensors = plan.on(query.device)
     dtype = layer.keys.dtype
     q = query.transpose(1, 2).to(dtype)
@@ -131,6 +151,17 @@ def continuous_batching_attention_forward(module, query, key, value, attention_m
 _transformers_lazy_imports = flash_utils._lazy_imports
 
 
+class _NoOpCastMessage(logging.Filter):
+    """transformers' flash path says "Casting fp32 inputs back to torch.float32 for flash-attn compatibility" for every
+    fp32 model: a cast to the dtype the inputs already have, and hf_flash computes fp32 natively. Drop that line only."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Casting fp32 inputs back to torch.float32")
+
+
+_no_op_cast_message = _NoOpCastMessage()
+
+
 def register():
     """Make ``attn_implementation="hf_flash"`` loadable (idempotent)."""
     if flash_utils._lazy_imports is not _lazy_imports:
@@ -138,5 +169,6 @@ def register():
     AttentionInterface.register(NAME, hf_flash_attention_forward)
     AttentionInterface.register(f"paged|{NAME}", continuous_batching_attention_forward)
     AttentionMaskInterface.register(NAME, flash_attention_mask)
+    logging.getLogger(flash_utils.__name__).addFilter(_no_op_cast_message)  # a set: idempotent
     generate_patch.apply()
     attn_implementation_patch.apply()

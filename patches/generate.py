@@ -8,17 +8,23 @@ actually generated. ``_prefill`` gets a default ``prefill_chunk_size`` for a ``P
 pages of the earlier ones in place, and the activations of the forward shrink with the chunk. The decode loop runs
 the model's "compiled call" when ``_valid_auto_compile_criteria`` allows it; for a ``PagedCache`` on CUDA that is
 ``hf_flash.graphs.DecodeGraphs`` (``disable_compile=True`` or ``PagedCache(cuda_graphs=False)`` keep it eager).
+``generate`` itself is wrapped only to make a call on a caller's ``PagedCache`` a transaction.
+
+Each wrapped internal is checked when the patches are applied (``.internals``): one that this transformers release
+lacks is left alone, and the logger says once what is off.
 """
 import functools
 import inspect
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMixin
 
 from ..cache import PagedCache
 from ..graphs import DecodeGraphs
 from . import NAME
+from .internals import CACHE_NAME, has, warn_once
 
 PAGE_SIZE = 16
 # Prompts are prefilled in chunks of about this many tokens over the whole batch (vLLM's default token budget is of
@@ -28,33 +34,56 @@ PREFILL_CHUNK_TOKENS = 16384
 # is prefilled whole, as transformers cannot split those.
 _TEXT_INPUTS = {"attention_mask", "position_ids", "token_type_ids"}
 
+_original_generate = GenerationMixin.generate
 _original_prepare_cache = GenerationMixin._prepare_cache_for_generation
 _original_prefill = GenerationMixin._prefill
 _original_compile_criteria = GenerationMixin._valid_auto_compile_criteria
 _original_compiled_call = PreTrainedModel.get_compiled_call
-_prepare_cache_signature = inspect.signature(_original_prepare_cache)
+
+
+def _callers_paged_cache(kwargs):
+    cache = kwargs.get(CACHE_NAME, kwargs.get("past_key_values"))
+    return cache if isinstance(cache, PagedCache) else None
+
+
+@functools.wraps(_original_generate)
+def generate(self, *args, **kwargs):
+    """``generate()`` on a caller's ``PagedCache`` is a transaction: if it raises (an interrupt, out of memory, a
+    failed step), the cache is as it was when the call began, so the turn can be retried."""
+    cache = _callers_paged_cache(kwargs)
+    if cache is None:
+        return _original_generate(self, *args, **kwargs)
+    before = cache.snapshot()
+    try:
+        return _original_generate(self, *args, **kwargs)
+    except BaseException:
+        cache.restore(before)
+        raise
 
 
 @functools.wraps(_original_prepare_cache)
-def _prepare_cache_for_generation(self, *args, **kwargs):
-    result = _original_prepare_cache(self, *args, **kwargs)
-    bound = _prepare_cache_signature.bind(self, *args, **kwargs)
-    config, model_kwargs = bound.arguments["generation_config"], bound.arguments["model_kwargs"]
-    cache = model_kwargs.get("past_key_values")
-    if (type(cache) is DynamicCache and config.cache_implementation is None and not self.config.is_encoder_decoder
-            and self.config._attn_implementation == NAME):
-        copies = max(config.num_beams or 1, config.num_return_sequences or 1)
-        sequences = bound.arguments["batch_size"] * copies
-        pages_per_sequence = -(-bound.arguments["max_cache_length"] // PAGE_SIZE)
+def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    result = _original_prepare_cache(self, generation_config, model_kwargs, *args, **kwargs)
+    if self.config._attn_implementation != NAME or self.config.is_encoder_decoder:
+        return result
+    cache = model_kwargs.get(CACHE_NAME)
+    if type(cache) is DynamicCache and generation_config.cache_implementation is None:
+        bound = _prepare_cache_signature.bind(self, generation_config, model_kwargs, *args, **kwargs).arguments
+        copies = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        sequences = bound["batch_size"] * copies
+        pages_per_sequence = -(-bound["max_cache_length"] // PAGE_SIZE)
         # grow: an assistant model's cache is made for its first candidate round only, and later rounds reuse it.
-        model_kwargs["past_key_values"] = PagedCache(self.config, page_size=PAGE_SIZE, grow=True,
-                                                     num_pages=sequences * (pages_per_sequence + 1))
+        model_kwargs[CACHE_NAME] = PagedCache(self.config, page_size=PAGE_SIZE, grow=True,
+                                              num_pages=sequences * (pages_per_sequence + 1))
+    elif cache is None and generation_config.use_cache and any(isinstance(v, Cache) for v in model_kwargs.values()):
+        warn_once(f"generate() keeps its cache under another name than {CACHE_NAME!r} in this transformers release, "
+                  f"so it runs on transformers' own cache: no PagedCache, CUDA graphs or chunked prefill")
     return result
 
 
 @functools.wraps(_original_prefill)
 def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
-    cache = model_kwargs.get("past_key_values")
+    cache = model_kwargs.get(CACHE_NAME)
     chunk = max(PAGE_SIZE, PREFILL_CHUNK_TOKENS // max(input_ids.shape[0], 1) // PAGE_SIZE * PAGE_SIZE)
     if not (isinstance(cache, PagedCache) and generation_config.prefill_chunk_size is None
             and cache.get_seq_length() == 0 and input_ids.shape[-1] > chunk
@@ -74,7 +103,7 @@ def graphs_run_on(device):
 
 @functools.wraps(_original_compile_criteria)
 def _valid_auto_compile_criteria(self, model_kwargs, generation_config):
-    cache = model_kwargs.get("past_key_values")
+    cache = model_kwargs.get(CACHE_NAME)
     if isinstance(cache, PagedCache):  # torch.compile cannot trace a PagedCache step; its CUDA graphs replace it
         return cache.cuda_graphs and graphs_run_on(self.device) and not generation_config.disable_compile
     return _original_compile_criteria(self, model_kwargs, generation_config)
@@ -87,19 +116,31 @@ def get_compiled_call(self, compile_config):
     return DecodeGraphs(self, fallback=functools.partial(_original_compiled_call, self, compile_config))
 
 
-_PATCHES = [(GenerationMixin, "_prepare_cache_for_generation", _original_prepare_cache, _prepare_cache_for_generation),
-            (GenerationMixin, "_prefill", _original_prefill, _prefill),
-            (GenerationMixin, "_valid_auto_compile_criteria", _original_compile_criteria, _valid_auto_compile_criteria),
-            (PreTrainedModel, "get_compiled_call", _original_compiled_call, get_compiled_call)]
+# (owner, name, original, wrapper, the parameters the wrapper relies on, what is lost without it)
+_PATCHES = [
+    (GenerationMixin, "generate", _original_generate, generate, (),
+     "generate() on a caller's PagedCache is no transaction (a failed call leaves the steps before the failure)"),
+    (GenerationMixin, "_prepare_cache_for_generation", _original_prepare_cache, _prepare_cache_for_generation,
+     ("generation_config", "model_kwargs", "batch_size", "max_cache_length"),
+     "generate() runs hf_flash models on transformers' DynamicCache: no PagedCache, CUDA graphs or chunked prefill"),
+    (GenerationMixin, "_prefill", _original_prefill, _prefill, ("input_ids", "generation_config", "model_kwargs"),
+     "long prompts are prefilled whole, not in chunks"),
+    (GenerationMixin, "_valid_auto_compile_criteria", _original_compile_criteria, _valid_auto_compile_criteria,
+     ("model_kwargs", "generation_config"), "decode steps over a PagedCache are not replayed as CUDA graphs"),
+    (PreTrainedModel, "get_compiled_call", _original_compiled_call, get_compiled_call, ("compile_config",),
+     "decode steps over a PagedCache are not replayed as CUDA graphs"),
+]
+_prepare_cache_signature = inspect.signature(_original_prepare_cache)
 
 
 def apply():
-    """Install the wrappers (idempotent)."""
-    for owner, name, _, wrapper in _PATCHES:
-        setattr(owner, name, wrapper)
+    """Install the wrappers whose internals this transformers release has (idempotent); say what is off otherwise."""
+    for owner, name, original, wrapper, parameters, consequence in _PATCHES:
+        if has(owner, name, parameters, consequence=consequence):
+            setattr(owner, name, wrapper)
 
 
 def revert():
     """Give ``generate()`` back transformers' own behaviour."""
-    for owner, name, original, _ in _PATCHES:
+    for owner, name, original, *_ in _PATCHES:
         setattr(owner, name, original)

@@ -3,8 +3,8 @@ DynamicCache (sdpa; eager for Gemma2) on tiny random models, pool exhaustion and
 page bookkeeping (reference counts, copy on write, batch ops, crop, reset) on its own. fp32 on CPU, torch path, but
 for one test that runs the Triton kernels (interpreter).
 
-The bookkeeping tests read the cache's private page lists (``_pages``, ``_lengths``, ``_refs``): they are what is
-being tested. Every step also checks the attention output against the float64 reference over the keys the test
+The bookkeeping tests read the cache's page table (``page_table.pages``, ``.lengths``, ``.refs``): it is what is being
+tested. Every step also checks the attention output against the float64 reference over the keys the test
 itself stored, so wrong pages show up as wrong attention, not only as wrong lists."""
 import math
 from types import SimpleNamespace
@@ -17,6 +17,7 @@ from test_models import left_padded_batch, tiny_model
 
 from hf_flash import PagedCache, PoolExhaustedError, ops
 from hf_flash.integration import generate_patch, paged_attention_forward  # generate_patch: hf_flash.patches.generate
+from hf_flash.patches.internals import CACHE_NAME
 
 NEW = 64  # new tokens per greedy generate
 
@@ -33,10 +34,19 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _generate(model, impl, ids, mask, new=NEW, **kwargs):
+def _generate(model, impl, ids, mask, new=NEW, cache=None, **kwargs):
+    """Greedy or sampled ``generate()`` of exactly ``new`` tokens; ``cache`` goes under the name this transformers
+    release gives it (``past_key_values``, ``cache`` from 5.24)."""
     model.set_attn_implementation(impl)
+    if cache is not None:
+        kwargs[CACHE_NAME] = cache
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                           pad_token_id=0, **kwargs)
+
+
+def cache_of(output):
+    """The cache a ``generate()`` or forward output holds."""
+    return getattr(output, CACHE_NAME)
 
 
 def _bytes_per_token(config):
@@ -51,7 +61,7 @@ def _check_memory(cache, config, lengths, *, shared=False):
     stats = cache.memory_stats()
     page = cache.page_size
     pages = sum(math.ceil(n / page) for n in lengths)
-    assert cache._lengths == lengths
+    assert cache.page_table.lengths == lengths
     assert stats["tokens"] == sum(lengths)
     assert stats["bytes_per_token"] == _bytes_per_token(config)
     assert stats["bytes_used"] <= pages * page * _bytes_per_token(config)
@@ -83,15 +93,15 @@ def test_greedy_generate_matches_dynamic_cache(family, page_size, device):
 
     if page_size == 16:  # generate's own default cache for hf_flash (page size 16)
         out = _generate(model, "hf_flash", ids, mask, do_sample=False, return_dict_in_generate=True)
-        assert type(out.past_key_values).__name__ == "PagedCache"
+        assert type(cache_of(out)).__name__ == "PagedCache"
         assert torch.equal(out.sequences, want)
-        _check_memory(out.past_key_values, model.config, stored)
+        _check_memory(cache_of(out), model.config, stored)
 
     # An explicit cache with exactly the pages the sequences need: one page too many allocated anywhere (at a page
     # boundary, for padding) would exhaust it.
     pages = sum(math.ceil(n / page_size) for n in stored)
     cache = PagedCache(model.config, page_size=page_size, num_pages=pages, grow=False)
-    got = _generate(model, "hf_flash", ids, mask, do_sample=False, past_key_values=cache)
+    got = _generate(model, "hf_flash", ids, mask, do_sample=False, cache=cache)
     assert torch.equal(got, want)
     assert cache.get_seq_length() == ids.shape[1] + NEW - 1
     _check_memory(cache, model.config, stored)
@@ -109,13 +119,13 @@ def test_a_second_generate_continues_the_cache(family, device):
     outs = {}
     for impl, cache in ((reference, transformers.DynamicCache(config=model.config)),
                         ("hf_flash", PagedCache(model.config, page_size=4))):
-        first = _generate(model, impl, ids, mask, new=7, do_sample=False, past_key_values=cache)
+        first = _generate(model, impl, ids, mask, new=7, do_sample=False, cache=cache)
         turn = torch.cat([first, more], dim=1)
         outs[impl] = _generate(model, impl, turn, torch.cat([mask, torch.ones_like(turn[:, mask.shape[1]:])], dim=1),
-                               new=9, do_sample=False, past_key_values=cache)
+                               new=9, do_sample=False, cache=cache)
         assert cache.get_seq_length() == turn.shape[1] + 9 - 1
     assert torch.equal(outs["hf_flash"], outs[reference])
-    assert cache._lengths == [12 + 7 + 6 + 9 - 1, 5 + 7 + 6 + 9 - 1]  # pads never stored
+    assert cache.page_table.lengths == [12 + 7 + 6 + 9 - 1, 5 + 7 + 6 + 9 - 1]  # pads never stored
 
 
 def test_beam_search_matches_sdpa(device):
@@ -127,12 +137,12 @@ def test_beam_search_matches_sdpa(device):
               "return_dict_in_generate": True}
     want = _generate(model, "sdpa", ids, mask, **kwargs)
     out = _generate(model, "hf_flash", ids, mask, **kwargs)
-    assert type(out.past_key_values).__name__ == "PagedCache"
+    assert type(cache_of(out)).__name__ == "PagedCache"
     assert torch.equal(out.sequences, want.sequences)
     torch.testing.assert_close(out.sequences_scores, want.sequences_scores, atol=1e-4, rtol=0)
     # Page size 4: beams share their pages and copy the partly filled one at almost every step.
     cache = PagedCache(model.config, page_size=4)
-    got = _generate(model, "hf_flash", ids, mask, **kwargs, past_key_values=cache)
+    got = _generate(model, "hf_flash", ids, mask, **kwargs, cache=cache)
     assert torch.equal(got.sequences, want.sequences)
     stored = [n + 24 - 1 for n in lengths for _ in range(4)]
     _check_memory(cache, model.config, stored, shared=True)
@@ -149,7 +159,7 @@ def test_sampling_num_return_sequences_matches_sdpa(device):
         torch.manual_seed(seed)
         outs[impl] = _generate(model, impl, ids, mask, new=24, do_sample=True, num_return_sequences=3,
                                return_dict_in_generate=True)
-    assert type(outs["hf_flash"].past_key_values).__name__ == "PagedCache"
+    assert type(cache_of(outs["hf_flash"])).__name__ == "PagedCache"
     assert outs["hf_flash"].sequences.shape == (9, ids.shape[1] + 24)
     assert torch.equal(outs["hf_flash"].sequences, outs["sdpa"].sequences)
     # The three samples of a prompt differ (so the repeated sequences really are separate).
@@ -169,10 +179,10 @@ def test_assisted_decoding_matches_greedy(assistant_impl, monkeypatch):
     monkeypatch.setattr(PagedCache, "crop", lambda self, n: (crops.append(n), original_crop(self, n))[1])
     out = _generate(model, "hf_flash", ids, mask, do_sample=False, assistant_model=assistant,
                     return_dict_in_generate=True)
-    assert type(out.past_key_values).__name__ == "PagedCache"
+    assert type(cache_of(out)).__name__ == "PagedCache"
     assert torch.equal(out.sequences, want)
     assert any(n < 0 for n in crops), f"no rejected candidates were cropped: {crops}"
-    _check_memory(out.past_key_values, model.config, [out.sequences.shape[1] - 1])
+    _check_memory(cache_of(out), model.config, [out.sequences.shape[1] - 1])
 
 
 def test_generate_grows_a_small_pool():
@@ -181,14 +191,14 @@ def test_generate_grows_a_small_pool():
     ids, mask = left_padded_batch(lengths)
     want = _generate(model, "sdpa", ids, mask, new=40, do_sample=False)
     cache = PagedCache(model.config, page_size=4, num_pages=2, grow=True)
-    assert _generate(model, "hf_flash", ids, mask, new=40, do_sample=False, past_key_values=cache).equal(want)
+    assert _generate(model, "hf_flash", ids, mask, new=40, do_sample=False, cache=cache).equal(want)
     stored = [n + 40 - 1 for n in lengths]
     assert cache.num_pages >= sum(math.ceil(n / 4) for n in stored) > 2
     _check_memory(cache, model.config, stored)
     # Without growth the same generate stops with an error that says what to do.
     small = PagedCache(model.config, page_size=4, num_pages=2, grow=False)
     with pytest.raises(PoolExhaustedError, match=r"2 pages of 4 tokens.*num_pages/max_memory or grow=True"):
-        _generate(model, "hf_flash", ids, mask, new=40, do_sample=False, past_key_values=small)
+        _generate(model, "hf_flash", ids, mask, new=40, do_sample=False, cache=small)
 
 
 # -------------------------------------------------------------------------- model forward steps, exhaustion
@@ -212,7 +222,7 @@ class Steps:
         self.model.set_attn_implementation("hf_flash")
         with torch.no_grad():
             return self.model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)[:, start:],
-                              past_key_values=self.cache).logits
+                              **{CACHE_NAME: self.cache}).logits
 
     def feed(self, chunk):
         """Feed ``chunk`` (``[B, n]`` ids, all valid, or ``None``: the prompt) and check its logits."""
@@ -244,13 +254,13 @@ def test_pool_exhaustion_keeps_stored_tokens(grow):
     steps.feed(None)  # 7 and 3 tokens: 2 + 1 pages
     steps.feed(torch.randint(1, 128, (2, 1)))  # 8 and 4 tokens: both sequences end exactly on a page boundary
     before = cache.memory_stats()
-    assert (before["pages_used"], before["tokens"], cache._lengths) == (3, 12, [8, 4])
+    assert (before["pages_used"], before["tokens"], cache.page_table.lengths) == (3, 12, [8, 4])
     seen = cache.get_seq_length()
 
     chunk = torch.randint(1, 128, (2, 20))  # 28 and 24 tokens: 7 + 6 pages, 10 more than held, 3 free
     if grow:
         steps.feed(chunk)
-        assert cache.num_pages >= 13 and cache._lengths == [28, 24]
+        assert cache.num_pages >= 13 and cache.page_table.lengths == [28, 24]
         _check_memory(cache, model.config, [28, 24])
     else:
         with pytest.raises(PoolExhaustedError) as error:
@@ -259,7 +269,7 @@ def test_pool_exhaustion_keeps_stored_tokens(grow):
         assert "6 pages of 4 tokens" in message and "3 in use, 3 free" in message, message
         assert "needs 10 more for 40 new tokens" in message, message
         # Nothing changed: same pages, tokens, lengths and positions.
-        assert cache.memory_stats() == before and cache.get_seq_length() == seen and cache._lengths == [8, 4]
+        assert cache.memory_stats() == before and cache.get_seq_length() == seen and cache.page_table.lengths == [8, 4]
     # Steps that fit go on attending every token stored before (a 2-token step crosses a page boundary).
     steps.feed(torch.randint(1, 128, (2, 2)))
     steps.feed(torch.randint(1, 128, (2, 1)))
@@ -285,10 +295,10 @@ def test_paged_steps_through_triton_kernels(device):
         assert cache.memory_stats()["pages_used"] == 4  # shared, not copied
         steps.feed(torch.randint(1, 128, (4, 1)))  # different tokens per copy: 10 and 5 tokens
         steps.feed(torch.randint(1, 128, (4, 2)))  # 12 and 7
-    assert cache._lengths == [12, 12, 7, 7]
+    assert cache.page_table.lengths == [12, 12, 7, 7]
     # Full pages stay shared; each copy has its own last page (a copy of the shared one, or a new one).
-    assert cache._pages[0][:2] == cache._pages[1][:2] and cache._pages[2][:1] == cache._pages[3][:1]
-    assert len({p[-1] for p in cache._pages}) == 4 and cache.memory_stats()["pages_free"] == 0
+    assert cache.page_table.pages[0][:2] == cache.page_table.pages[1][:2] and cache.page_table.pages[2][:1] == cache.page_table.pages[3][:1]
+    assert len({p[-1] for p in cache.page_table.pages}) == 4 and cache.memory_stats()["pages_free"] == 0
 
 
 # --------------------------------------------------------------------------- bookkeeping, without a model
@@ -338,19 +348,19 @@ class Shadow:
     def check(self):
         """The pages hold exactly the shadow's tokens; reference counts match the block table."""
         cache = self.cache
-        assert cache._lengths == [k.shape[0] for k, _ in self.kv[0]]
+        assert cache.page_table.lengths == [k.shape[0] for k, _ in self.kv[0]]
         for layer, seqs in zip(cache.layers, self.kv):
-            for pages, n, (keys, values) in zip(cache._pages, cache._lengths, seqs):
+            for pages, n, (keys, values) in zip(cache.page_table.pages, cache.page_table.lengths, seqs):
                 assert len(pages) == math.ceil(n / cache.page_size)
                 index = torch.tensor(pages, dtype=torch.long)
                 assert torch.equal(layer.keys[index].flatten(0, 1)[:n], keys)
                 assert torch.equal(layer.values[index].flatten(0, 1)[:n], values)
         counts = [0] * cache.num_pages
-        for pages in cache._pages:
+        for pages in cache.page_table.pages:
             for p in pages:
                 counts[p] += 1
-        assert cache._refs == counts
-        assert sorted(cache._free) == [p for p, c in enumerate(counts) if c == 0]
+        assert cache.page_table.refs == counts
+        assert sorted(cache.page_table.free) == [p for p, c in enumerate(counts) if c == 0]
 
 
 def _cache(**kwargs):
@@ -362,20 +372,20 @@ def test_reorder_shares_pages_by_reference():
     shadow = Shadow(cache, 3)
     shadow.step(10)  # 3 pages each, the last holding 2 tokens
     pools = [(layer.keys.data_ptr(), layer.keys.clone()) for layer in cache.layers]
-    pages = [list(p) for p in cache._pages]
+    pages = [list(p) for p in cache.page_table.pages]
     cache.reorder_cache(torch.tensor([2, 0, 2]))
     shadow.select([2, 0, 2])
     shadow.check()
-    assert cache._pages == [pages[2], pages[0], pages[2]]
-    assert all(cache._refs[p] == 2 for p in pages[2]) and all(cache._refs[p] == 1 for p in pages[0])
-    assert sorted(cache._free[-3:]) == sorted(pages[1])  # the dropped sequence's pages are free again
+    assert cache.page_table.pages == [pages[2], pages[0], pages[2]]
+    assert all(cache.page_table.refs[p] == 2 for p in pages[2]) and all(cache.page_table.refs[p] == 1 for p in pages[0])
+    assert sorted(cache.page_table.free[-3:]) == sorted(pages[1])  # the dropped sequence's pages are free again
     assert cache.memory_stats()["pages_used"] == 6 and cache.memory_stats()["tokens"] == 30
     for layer, (pointer, keys) in zip(cache.layers, pools):  # no copy: the pools were not touched
         assert layer.keys.data_ptr() == pointer and torch.equal(layer.keys, keys)
     cache.reorder_cache(torch.tensor([1, 1, 1]))  # the last references to pages[2] go
     shadow.select([1, 1, 1])
     shadow.check()
-    assert all(cache._refs[p] == 3 for p in pages[0]) and all(cache._refs[p] == 0 for p in pages[2])
+    assert all(cache.page_table.refs[p] == 3 for p in pages[0]) and all(cache.page_table.refs[p] == 0 for p in pages[2])
     assert cache.memory_stats()["pages_used"] == 3
 
 
@@ -385,10 +395,10 @@ def test_copy_on_write_of_a_shared_partly_filled_page():
     shadow.step(6)  # 2 pages each: one full, one with 2 tokens
     cache.reorder_cache(torch.tensor([1, 1]))
     shadow.select([1, 1])
-    shared = list(cache._pages[0])
+    shared = list(cache.page_table.pages[0])
     shadow.step(1)  # both write into the shared half-filled page: one copies it, the other keeps it
-    assert cache._pages[0][0] == cache._pages[1][0] == shared[0] and cache._refs[shared[0]] == 2
-    assert cache._pages[0][1] != cache._pages[1][1] and shared[1] in (cache._pages[0][1], cache._pages[1][1])
+    assert cache.page_table.pages[0][0] == cache.page_table.pages[1][0] == shared[0] and cache.page_table.refs[shared[0]] == 2
+    assert cache.page_table.pages[0][1] != cache.page_table.pages[1][1] and shared[1] in (cache.page_table.pages[0][1], cache.page_table.pages[1][1])
     assert cache.memory_stats()["pages_used"] == 3
     # Three sharers of a page holding 3 tokens write 3 tokens each (crossing into a new page): two copies, the last
     # writer keeps the original.
@@ -397,7 +407,7 @@ def test_copy_on_write_of_a_shared_partly_filled_page():
     cache.batch_repeat_interleave(3)
     shadow.select([0, 0, 0])
     shadow.step(3)  # 7 -> 10 tokens: the shared page 2 gets 1 token, a new page 3 gets 2
-    assert len({p[1] for p in cache._pages}) == 3 and len({p[2] for p in cache._pages}) == 3
+    assert len({p[1] for p in cache.page_table.pages}) == 3 and len({p[2] for p in cache.page_table.pages}) == 3
     assert cache.memory_stats()["pages_used"] == 1 + 3 + 3
 
 
@@ -437,7 +447,7 @@ def test_crop():
     shadow = Shadow(cache, 2)
     shadow.step(7, valid=[7, 2])  # 5 padding positions in the second sequence (not stored)
     shadow.step(3)
-    assert cache.get_seq_length() == 10 and cache._lengths == [10, 5]
+    assert cache.get_seq_length() == 10 and cache.page_table.lengths == [10, 5]
     cache.crop(-3)  # newest 3 positions of every sequence
     shadow.keep([7, 2])
     shadow.check()
@@ -460,15 +470,22 @@ def test_crop():
     assert cache.memory_stats()["pages_used"] == 3
 
 
-def test_a_step_replayed_from_a_graph_is_not_planned_again():
-    # DecodeGraphs plans a decode step ahead and replays it: the layers never ask for that plan. Told step_done(),
-    # the cache plans the next forward (a chat's next prefill, say) anew instead of handing it the spent plan.
+def test_a_step_begun_by_a_caller_is_ended_by_it():
+    """DecodeGraphs begins a decode step ahead of the forward and replays it: the layers never see that plan. Once the
+    caller commits, the next forward (a chat's next prefill, say) plans its own step instead of taking the spent one;
+    a step the caller aborts leaves the cache as it was."""
     cache = _cache()
     Shadow(cache, 2).step(5)
-    cache.plan(None, 1, 2)
-    cache.step_done()
-    plan = cache.plan(None, 3, 2, layer_idx=0)
-    assert plan.q_len == 3 and plan.slots.numel() == 6 and cache._lengths == [9, 9]
+    before = cache.snapshot()
+    cache.begin_step(None, 1, 2)
+    assert cache.get_seq_length() == 5  # reads see the last committed step
+    cache.abort_step()
+    assert cache.snapshot() == before
+    cache.begin_step(None, 1, 2)
+    cache.commit_step()
+    assert cache.get_seq_length() == 6
+    plan = cache.layer_plan(0, None, 3, 2)
+    assert plan.q_len == 3 and plan.slots.numel() == 6 and cache.page_table.lengths == [9, 9]
 
 
 def test_reset_forgets_everything_and_is_reusable():
@@ -515,7 +532,7 @@ def test_paged_cache_with_another_attention_raises(impl):
     model, _ = tiny_model("llama")
     ids, mask = left_padded_batch([5, 3])
     with pytest.raises(TypeError, match="attn_implementation='hf_flash'"):
-        _generate(model, impl, ids, mask, new=2, past_key_values=PagedCache(model.config))
+        _generate(model, impl, ids, mask, new=2, cache=PagedCache(model.config))
 
 
 def test_generate_patch_reverts():
@@ -523,18 +540,18 @@ def test_generate_patch_reverts():
     ids, mask = left_padded_batch([6, 4])
     kwargs = {"new": 5, "do_sample": False, "return_dict_in_generate": True}
     paged = _generate(model, "hf_flash", ids, mask, **kwargs)
-    assert type(paged.past_key_values).__name__ == "PagedCache"
+    assert type(cache_of(paged)).__name__ == "PagedCache"
     try:
         generate_patch.revert()
         dynamic = _generate(model, "hf_flash", ids, mask, **kwargs)
-        assert type(dynamic.past_key_values) is transformers.DynamicCache
+        assert type(cache_of(dynamic)) is transformers.DynamicCache
         assert torch.equal(dynamic.sequences, paged.sequences)
     finally:
         generate_patch.apply()
     again = _generate(model, "hf_flash", ids, mask, **kwargs)
-    assert type(again.past_key_values).__name__ == "PagedCache"
+    assert type(cache_of(again)).__name__ == "PagedCache"
     # Other implementations never get one.
-    assert type(_generate(model, "sdpa", ids, mask, **kwargs).past_key_values) is transformers.DynamicCache
+    assert type(cache_of(_generate(model, "sdpa", ids, mask, **kwargs))) is transformers.DynamicCache
 
 
 def test_padding_inside_prompts_matches_reference():
@@ -547,4 +564,4 @@ def test_padding_inside_prompts_matches_reference():
     outs = {impl: _generate(model, impl, ids, mask, new=16, do_sample=False, return_dict_in_generate=True)
             for impl in (reference, "hf_flash")}
     assert torch.equal(outs["hf_flash"].sequences, outs[reference].sequences)
-    assert outs["hf_flash"].past_key_values._lengths == [10 + 15, 9 + 15]
+    assert cache_of(outs["hf_flash"]).page_table.lengths == [10 + 15, 9 + 15]

@@ -9,10 +9,12 @@ import pytest
 import torch
 import transformers
 from test_cache import _generate as generate
+from test_cache import cache_of
 from test_models import left_padded_batch, tiny_model
 
 from hf_flash import PagedCache, ops
 from hf_flash.integration import generate_patch  # hf_flash.patches.generate
+from hf_flash.patches.internals import CACHE_NAME
 
 NEW = 40
 
@@ -46,9 +48,9 @@ def test_decode_graphs_match_sdpa(device, graphs_on_any_device, splits_growing_w
     want = _generate(model, reference, ids, mask)
     assert torch.equal(graphed.sequences, want.sequences)
     assert torch.equal(eager.sequences, want.sequences)
-    step_graphs = graphed.past_key_values.graphs
+    step_graphs = cache_of(graphed).graphs
     assert sorted(key[2] for key in step_graphs) == [1, 2, 4]  # the split buckets the steps went through
-    assert not eager.past_key_values.graphs
+    assert not cache_of(eager).graphs
     if device == "cuda":
         assert all(g.graph is not None for g in step_graphs.values())
 
@@ -59,9 +61,9 @@ def test_steps_that_graphs_do_not_cover_run_eagerly(graphs_on_any_device):
     ids, mask = left_padded_batch([8, 5])
     want = _generate(model, reference, ids, mask, new=6, output_hidden_states=True)
     got = _generate(model, "hf_flash", ids, mask, new=6, output_hidden_states=True)
-    assert torch.equal(got.sequences, want.sequences) and not got.past_key_values.graphs
+    assert torch.equal(got.sequences, want.sequences) and not cache_of(got).graphs
     cache = PagedCache(model.config, cuda_graphs=False)
-    got = _generate(model, "hf_flash", ids, mask, new=6, past_key_values=cache)
+    got = _generate(model, "hf_flash", ids, mask, new=6, cache=cache)
     assert torch.equal(got.sequences, _generate(model, reference, ids, mask, new=6).sequences) and not cache.graphs
 
 
@@ -70,6 +72,7 @@ _UNCAPTURABLE = """
 import torch
 from test_models import left_padded_batch, tiny_model
 import hf_flash
+from hf_flash.patches.internals import CACHE_NAME
 
 model, _ = tiny_model("llama")
 model.to("cuda").set_attn_implementation("hf_flash")
@@ -78,23 +81,22 @@ model.model.layers[0].register_forward_hook(lambda module, args, output: print(o
 cache = hf_flash.PagedCache(model.config)
 try:
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                   past_key_values=cache)
+                   **{CACHE_NAME: cache})
 except RuntimeError as e:
     print("\\n" + str(e))
-print("\\nlengths", cache._lengths, cache.get_seq_length())
+print("\\nlengths", cache.page_table.lengths, cache.get_seq_length())
 """
 
 
 @pytest.mark.cuda
 def test_a_step_that_cannot_be_captured_says_how_to_decode_eagerly():
     """A host sync inside the forward (a hook calling .item()) makes the capture fail: generate() raises, naming the
-    two ways to decode eagerly, and the cache holds what the steps before stored (the prompts and the first decode
-    step, which ran eagerly), not the failed step."""
+    two ways to decode eagerly, and the caller's cache is as it was before the call (generate() is a transaction)."""
     child = subprocess.run([sys.executable, "-c", _UNCAPTURABLE], capture_output=True, text=True, timeout=300,
                            check=False, cwd=os.path.dirname(__file__))
     assert "could not capture this model's decode step" in child.stdout, child.stdout + child.stderr
     assert "disable_compile=True" in child.stdout and "cuda_graphs=False" in child.stdout
-    assert "lengths [10, 7] 10" in child.stdout, child.stdout
+    assert "lengths [] 0" in child.stdout, child.stdout
 
 
 def test_long_prompts_are_prefilled_in_chunks(monkeypatch):
@@ -111,7 +113,7 @@ def test_long_prompts_are_prefilled_in_chunks(monkeypatch):
     hook.remove()
     assert widths[:4] == [16, 16, 8, 1]
     assert torch.equal(got.sequences, _generate(model, reference, ids, mask, new=12).sequences)
-    assert got.past_key_values._lengths == [40 + 11, 23 + 11, 9 + 11]
+    assert cache_of(got).page_table.lengths == [40 + 11, 23 + 11, 9 + 11]
 
 
 def test_compile_criteria_for_a_paged_cache():
@@ -119,12 +121,12 @@ def test_compile_criteria_for_a_paged_cache():
     caches keep transformers' own answer."""
     model, _ = tiny_model("llama")
     config = transformers.GenerationConfig()
-    paged = {"past_key_values": PagedCache(model.config)}
+    paged = {CACHE_NAME: PagedCache(model.config)}
     on_cuda = model.device.type == "cuda"
     assert model._valid_auto_compile_criteria(paged, config) is on_cuda
-    assert not model._valid_auto_compile_criteria({"past_key_values": PagedCache(model.config, cuda_graphs=False)},
+    assert not model._valid_auto_compile_criteria({CACHE_NAME: PagedCache(model.config, cuda_graphs=False)},
                                                   config)
     assert not model._valid_auto_compile_criteria(paged, transformers.GenerationConfig(disable_compile=True))
-    dynamic = {"past_key_values": transformers.DynamicCache()}
+    dynamic = {CACHE_NAME: transformers.DynamicCache()}
     assert model._valid_auto_compile_criteria(dynamic, config) == generate_patch._original_compile_criteria(
         model, dynamic, config)

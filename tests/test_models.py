@@ -7,6 +7,7 @@ import transformers
 import hf_flash  # noqa: F401  (registers "hf_flash")
 from hf_flash import ops
 from hf_flash.integration import attn_implementation_patch  # hf_flash.patches.attn_implementation
+from hf_flash.patches.internals import CACHE_NAME
 
 _COMMON = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "max_position_embeddings": 256, "pad_token_id": 0}
@@ -80,7 +81,7 @@ def test_greedy_generate_matches_reference(family, cache, device):
     outs = {}
     for impl in (reference, "hf_flash"):
         model.set_attn_implementation(impl)
-        extra = {"past_key_values": transformers.DynamicCache(config=model.config)} if cache == "dynamic" else {}
+        extra = {CACHE_NAME: transformers.DynamicCache(config=model.config)} if cache == "dynamic" else {}
         outs[impl] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
                                     min_new_tokens=32, pad_token_id=0, **extra)
     assert outs["hf_flash"].shape == (3, ids.shape[1] + 32)

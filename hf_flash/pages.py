@@ -1,0 +1,206 @@
+"""``PageTable``: the host-side page bookkeeping of a ``PagedCache``, in plain Python (no tensors, no device).
+
+A pool holds ``num_pages`` pages of ``page_size`` token slots; a page id names the same slot range in every layer's
+pool. The table owns:
+
+* the allocator: a free list and a reference count per page (pages are shared by forks, e.g. beam search);
+* per sequence, its page ids in order (its row of the block table) and how many tokens it stores;
+* ``seen``: positions processed per sequence, padding included (what transformers calls the sequence length).
+
+Every change goes through one of the transitions below, each of which either completes or raises with the table
+untouched:
+
+``begin_step(new_tokens, q_len)`` -> ``StepChanges``
+    Allocate pages for each sequence's new (non-padding) tokens, give a sequence a private copy of a shared, partly
+    filled last page (copy on write: the caller copies the pages' contents), advance the lengths. The step is then
+    open: ``commit_step()`` keeps it, ``abort_step()`` gives every page back and restores the lengths, leaving the
+    table exactly as before ``begin_step``. Tokens are only ever written at or past a sequence's length, into pages it
+    alone owns (or shares with nobody who reads that far), so an aborted step never damaged a stored token.
+``fork(sources)``
+    Sequence ``i`` becomes a copy of sequence ``sources[i]``, sharing its pages by reference.
+``crop(keep)``
+    Forget positions past ``keep``.
+``snapshot()`` / ``restore(snapshot)``
+    The whole table, for a transaction spanning many steps (``generate()`` on a caller's cache).
+``add_pages(count)``
+    The pools grew by ``count`` pages.
+"""
+import dataclasses
+
+
+class PoolExhaustedError(RuntimeError):
+    """The page pool cannot hold the tokens asked for; nothing was written."""
+
+
+@dataclasses.dataclass
+class StepChanges:
+    """What ``begin_step`` did, in the order it did it: enough to undo it and to tell the caller what to copy."""
+
+    first: bool  # the step made the sequences (no sequence existed before it)
+    q_len: int
+    lengths_before: list
+    copies: list  # (sequence, shared page, private copy): the caller copies shared -> copy in every layer's pool
+    appended: list  # (sequence, page) in allocation order
+
+
+class PageTable:
+    def __init__(self, page_size, num_pages):
+        self.page_size = page_size
+        self.num_pages = 0
+        self.refs, self.free = [], []
+        self.pages, self.lengths = [], []
+        self.seen = 0
+        self.open_step = None  # StepChanges of the step begun and neither committed nor aborted
+        self.version = 0  # bumped whenever a sequence's page ids change (the block table must be rebuilt)
+        self.add_pages(num_pages)
+
+    # ------------------------------------------------------------------------------------------- queries
+
+    def pages_for(self, tokens):
+        return -(-tokens // self.page_size)
+
+    @property
+    def batch_size(self):
+        return len(self.pages)
+
+    def pages_needed(self, new_tokens):
+        """Free pages ``begin_step(new_tokens)`` would take: growth, plus copies of shared, partly filled pages."""
+        self._check_batch(new_tokens)
+        if not self.pages:
+            return sum(self.pages_for(n) for n in new_tokens)
+        grow = sum(self.pages_for(n + new) - len(p) for n, new, p in zip(self.lengths, new_tokens, self.pages))
+        writers = {}
+        for b, page in self._shared_partial_pages(new_tokens):
+            writers[page] = writers.get(page, 0) + 1
+        # A shared page written by all of its sharers needs one copy fewer: the last writer keeps the page itself.
+        return grow + sum(w if w < self.refs[p] else w - 1 for p, w in writers.items())
+
+    def slots(self, b, start, count):
+        """Pool slots (``page * page_size + row``) of positions ``start .. start + count - 1`` of sequence ``b``."""
+        pages, ps = self.pages[b], self.page_size
+        return [pages[pos // ps] * ps + pos % ps for pos in range(start, start + count)]
+
+    def snapshot(self):
+        return (self.num_pages, list(self.refs), list(self.free), [list(p) for p in self.pages], list(self.lengths),
+                self.seen)
+
+    # ----------------------------------------------------------------------------------------- transitions
+
+    def add_pages(self, count):
+        """Make ``count`` more page ids (the pools grew); new pages are taken first."""
+        self.refs += [0] * count
+        self.free = list(range(self.num_pages + count - 1, self.num_pages - 1, -1)) + self.free
+        self.num_pages += count
+
+    def begin_step(self, new_tokens, q_len):
+        """Open a step storing ``new_tokens[b]`` tokens for each sequence ``b`` (``q_len`` positions each, padding
+        included). Raises ``PoolExhaustedError`` (nothing changed) when the free pages do not suffice."""
+        if self.open_step is not None:
+            raise RuntimeError("a step is already open: commit or abort it first")
+        needed = self.pages_needed(new_tokens)
+        if needed > len(self.free):
+            raise PoolExhaustedError(
+                f"PagedCache pool is full: {self.num_pages} pages of {self.page_size} tokens per layer, "
+                f"{self.num_pages - len(self.free)} in use, {len(self.free)} free, but this step needs {needed} more "
+                f"for {sum(new_tokens)} new tokens. Pass a larger num_pages/max_memory or grow=True.")
+        first = not self.pages
+        if first:
+            self.pages, self.lengths = [[] for _ in new_tokens], [0] * len(new_tokens)
+        step = StepChanges(first=first, q_len=q_len, lengths_before=list(self.lengths), copies=[], appended=[])
+        for b, shared in self._shared_partial_pages(new_tokens):
+            if self.refs[shared] > 1:  # the last of the sharers keeps the page itself
+                fresh = self._take()
+                self.refs[shared] -= 1
+                self.pages[b][-1] = fresh
+                step.copies.append((b, shared, fresh))
+        for b, new in enumerate(new_tokens):
+            for _ in range(self.pages_for(self.lengths[b] + new) - len(self.pages[b])):
+                page = self._take()
+                self.pages[b].append(page)
+                step.appended.append((b, page))
+        self.lengths = [n + new for n, new in zip(self.lengths, new_tokens)]
+        self.seen += q_len
+        if step.copies or step.appended or first:
+            self.version += 1
+        self.open_step = step
+        return step
+
+    def commit_step(self):
+        self.open_step = None
+
+    def abort_step(self):
+        """Undo the open step (in reverse order, so the free list is as it was too)."""
+        step, self.open_step = self.open_step, None
+        if step is None:
+            return
+        for b, page in reversed(step.appended):
+            self.pages[b].pop()
+            self._give_back(page)
+        for b, shared, fresh in reversed(step.copies):
+            self.pages[b][-1] = shared
+            self.refs[shared] += 1
+            self._give_back(fresh)
+        self.lengths, self.seen = step.lengths_before, self.seen - step.q_len
+        if step.first:
+            self.pages, self.lengths = [], []
+        self.version += 1
+
+    def fork(self, sources):
+        """Sequence ``i`` becomes a copy of sequence ``sources[i]`` (validated by the caller), sharing its pages."""
+        pages = [list(self.pages[s]) for s in sources]
+        lengths = [self.lengths[s] for s in sources]
+        for p in pages:
+            for page in p:
+                self.refs[page] += 1
+        for p in self.pages:
+            self._release(p)
+        self.pages, self.lengths = pages, lengths
+        self.version += 1
+
+    def crop(self, keep):
+        """Keep the first ``keep`` positions (``0 <= keep <= seen``) of every sequence; padding is never stored, so a
+        sequence loses ``seen - keep`` tokens or all it has."""
+        removed = self.seen - keep
+        for b, pages in enumerate(self.pages):
+            self.lengths[b] = max(self.lengths[b] - removed, 0)
+            kept = self.pages_for(self.lengths[b])
+            self._release(pages[kept:])
+            del pages[kept:]
+        self.seen = keep
+        self.version += 1
+
+    def restore(self, snapshot):
+        """Back to ``snapshot()``'s state; pages made since stay, free."""
+        num_pages, refs, free, pages, lengths, seen = snapshot
+        self.refs = refs + [0] * (self.num_pages - num_pages)
+        self.free = list(range(self.num_pages - 1, num_pages - 1, -1)) + free
+        self.pages, self.lengths, self.seen, self.open_step = [list(p) for p in pages], list(lengths), seen, None
+        self.version += 1
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    def _check_batch(self, new_tokens):
+        if self.pages and len(new_tokens) != len(self.pages):
+            raise ValueError(f"the cache holds {len(self.pages)} sequences but the step has {len(new_tokens)}")
+
+    def _shared_partial_pages(self, new_tokens):
+        """(sequence, last page) of the sequences that write into a last page they share with another sequence."""
+        if not self.pages:
+            return []
+        return [(b, p[-1]) for b, (p, n, new) in enumerate(zip(self.pages, self.lengths, new_tokens))
+                if new and n % self.page_size and self.refs[p[-1]] > 1]
+
+    def _take(self):
+        page = self.free.pop()
+        self.refs[page] = 1
+        return page
+
+    def _give_back(self, page):
+        self.refs[page] = 0
+        self.free.append(page)
+
+    def _release(self, pages):
+        for page in pages:
+            self.refs[page] -= 1
+            if self.refs[page] == 0:
+                self.free.append(page)
