@@ -1,0 +1,77 @@
+"""The transformers internals hf_flash relies on (``hf_flash.patches.internals``): a patch whose internal is missing or
+changed is not applied and the log says once what is off; and the log carries no line about flash-attn that is
+wrong for hf_flash."""
+import logging
+
+import pytest
+import torch
+import transformers
+import transformers.modeling_flash_attention_utils as flash_utils
+from test_cache import _generate, cache_of
+from test_models import left_padded_batch, tiny_model
+from transformers.generation.utils import GenerationMixin
+from transformers.utils import logging as transformers_logging
+
+from hf_flash.integration import generate_patch
+from hf_flash.patches import internals
+
+pytestmark = pytest.mark.usefixtures("torch_path_on_cpu")
+
+
+@pytest.fixture
+def fresh_warnings():
+    """warning_once remembers every message it has emitted in this process; forget them for this test."""
+    transformers_logging.warning_once.cache_clear()
+    yield
+    transformers_logging.warning_once.cache_clear()
+
+
+def test_a_changed_internal_is_left_alone_and_named_once(caplog, fresh_warnings, monkeypatch):
+    def renamed(self, config, kwargs, mode, batch, length):  # as if a release renamed the parameters
+        raise AssertionError("never called: the generate() below runs transformers' own method")
+
+    monkeypatch.setattr(GenerationMixin, "_prepare_cache_for_generation", renamed)
+    with caplog.at_level(logging.WARNING, logger="hf_flash"):
+        generate_patch.apply()
+        generate_patch.apply()
+    assert GenerationMixin._prepare_cache_for_generation is renamed
+    lines = [r.getMessage() for r in caplog.records if "_prepare_cache_for_generation" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "no longer takes generation_config, model_kwargs, batch_size, max_cache_length" in lines[0]
+    assert "no PagedCache, CUDA graphs or chunked prefill" in lines[0]
+    assert GenerationMixin._prefill is generate_patch._prefill  # the others were applied
+    monkeypatch.undo()
+    generate_patch.apply()
+    assert GenerationMixin._prepare_cache_for_generation is generate_patch._prepare_cache_for_generation
+
+
+def test_the_default_generate_runs_on_a_paged_cache():
+    """On every transformers release CI runs (5.17 and the newest): a PagedCache, not silently a DynamicCache."""
+    model, _ = tiny_model("llama")
+    ids, mask = left_padded_batch([6, 3])
+    out = _generate(model, "hf_flash", ids, mask, new=3, do_sample=False, return_dict_in_generate=True)
+    assert type(cache_of(out)).__name__ == "PagedCache"
+    assert cache_of(out).page_table.lengths == [6 + 2, 3 + 2]
+    assert internals.CACHE_NAME == ("cache" if transformers.__version__ >= "5.24" else "past_key_values")
+
+
+def test_no_flash_attn_casting_line_for_an_fp32_model(fresh_warnings):
+    """fp32 through transformers' flash path (a DynamicCache): transformers would log that fp32 inputs are cast "back
+    to torch.float32 for flash-attn compatibility", a cast that does nothing; hf_flash computes fp32 natively."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    flash_logger = logging.getLogger(flash_utils.__name__)
+    flash_logger.addHandler(handler)
+    try:
+        model, _ = tiny_model("llama")
+        ids, mask = left_padded_batch([6, 3])
+        _generate(model, "hf_flash", ids, mask, new=2, do_sample=False,
+                  cache=transformers.DynamicCache(config=model.config))
+        flash_logger.warning_once("Casting fp32 inputs back to torch.bfloat16 for flash-attn compatibility.")
+    finally:
+        flash_logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert not any("back to torch.float32" in m for m in messages), messages
+    assert any("back to torch.bfloat16" in m for m in messages)  # a real cast is still said
+    assert model.dtype == torch.float32
