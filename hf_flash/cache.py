@@ -11,6 +11,7 @@ first layer plans it: pages, dropped left padding, slot mapping and lengths), wr
 pages, attends over them in place and reports the layer done (``layer_done``).
 """
 import dataclasses
+import operator
 import weakref
 
 import torch
@@ -397,8 +398,10 @@ class PagedCache(Cache):
 
     def crop(self, max_length):
         """Drop the newest positions: ``crop(-n)`` removes ``n``; ``crop(n > 0)`` keeps the first ``n``."""
-        if not isinstance(max_length, int) or isinstance(max_length, bool):
-            raise ValueError(f"max_length must be an int, got {max_length!r}")
+        try:
+            max_length = operator.index(max_length)  # ints and 0-d integer tensors (transformers 5.17 passes one)
+        except TypeError:
+            raise ValueError(f"max_length must be an int, got {max_length!r}") from None
         self._abandon_open_step()
         seen = self.page_table.seen
         keep = seen + max_length if max_length < 0 else min(max_length, seen)
