@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One batched run on a lent CUDA machine: install hf_flash (offline, into /tmp/site), run the test suite on the GPU,
-# then the given steps. Logs go to $OUT (or ./device_out). Steps: tests, perplexity, tune, bench, generate.
-#   bash scripts/device_check.sh tests perplexity bench
+# then the given steps. Logs go to $OUT (or ./device_out). Steps: tests, memcheck, perplexity, tune, bench, generate.
+#   bash scripts/device_check.sh tests memcheck perplexity bench
+# TESTS picks the test files of the tests step (default: all of tests/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-device_out}
@@ -18,8 +19,13 @@ summary=()
 for step in "$@"; do
   start=$(date +%s)
   case $step in
-    tests) (cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir "$OLDPWD" "$OLDPWD/tests" \
-             -k "not slow" 2>&1) | tee "$out/tests.log" | tail -25 ;;
+    tests) (cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir "$OLDPWD" \
+             $(printf "$OLDPWD/%s " ${TESTS:-tests}) -k "not slow" 2>&1) | tee "$out/tests.log" | tail -25 ;;
+    # Every kernel launch of the guard tests and the paged op tests under compute-sanitizer (it refuses the GPU on
+    # some machines: the log says so, and the guard tests of the tests step still check the pools' bounds).
+    memcheck) (cd /tmp && compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
+                --rootdir "$OLDPWD" "$OLDPWD/tests/test_bounds.py" "$OLDPWD/tests/test_ops.py" \
+                -k "bounds or paged or kvcache or write or invalid" 2>&1) | tee "$out/memcheck.log" | tail -25 ;;
     perplexity) python3 scripts/perplexity.py --model "$(dirname $gguf)" --gguf-file "$(basename $gguf)" \
                   --dtypes fp32,bf16 --max-windows 16 --window 2048 2>&1 | tee "$out/perplexity.log" | tail -12 ;;
     tune) { python3 scripts/tune_prefill.py; python3 scripts/tune_decode.py; } 2>&1 | tee "$out/tune.log" | tail -60 ;;

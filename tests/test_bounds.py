@@ -3,7 +3,7 @@ larger buffer whose guard pages before and after it hold NaN; block-table entrie
 garbage (-1, num_pages, a huge id), as vLLM-style tables may. The pages used sit at the pool's two ends (ids 0 and
 num_pages - 1). A read outside the pool, or of a garbage entry, would bring NaN into the output; a write outside it
 would change a guard. Run on both backends (the Triton kernels in the interpreter on CPU, on the GPU when there is
-one; scripts/gpu_checks.sh also runs them under compute-sanitizer's memcheck)."""
+one; ``scripts/device_check.sh memcheck`` also runs them under compute-sanitizer's memcheck)."""
 import pytest
 import torch
 from reference import attention_ref
