@@ -77,8 +77,9 @@ def test_a_failed_turn_leaves_the_cache_as_it_was(layer, phase, site, fault, dec
     turn, turn_mask = _second_turn(first, mask, more)
     before = cache.snapshot()
 
-    # Layer `layer`'s call in the turn's prefill (its 1st forward) or its 3rd decode step (4th forward).
-    fail = FailOnce(FAULTS[fault], 1 if phase == "prefill" else 4)
+    # Layer `layer`'s call in the turn's prefill (its 1st forward) or its first decode step (2nd forward: on a GPU the
+    # runner's eager step before a capture; hooks raise nowhere else, as replays run no Python).
+    fail = FailOnce(FAULTS[fault], 1 if phase == "prefill" else 2)
     if site == "attention":  # inside hf_flash's attention function, after the layer's tokens were written
         write, calls = ops.write_kv_pages, iter(range(10**6))
 
