@@ -75,6 +75,7 @@ def test_a_failed_turn_leaves_the_cache_as_it_was(layer, phase, site, fault, dec
     cache = PagedCache(model.config, page_size=4)
     first = _generate(model, "hf_flash", ids, mask, new=6, do_sample=False, cache=cache, **decode_path)
     turn, turn_mask = _second_turn(first, mask, more)
+    cache.graphs.clear()  # on a GPU the first turn's graphs would replay the decode steps, where no hook runs
     before = cache.snapshot()
 
     # Layer `layer`'s call in the turn's prefill (its 1st forward) or its first decode step (2nd forward: on a GPU the
