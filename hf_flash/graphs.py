@@ -68,12 +68,9 @@ class DecodeGraphs:
             return self.model(**kwargs)
         input_ids = kwargs["input_ids"]
         batch, device = input_ids.shape[0], input_ids.device
-        pool_devices = {layer.keys.device for layer in cache.layers}
-        if pool_devices != {device}:
-            # A graph captures the work queued on one device's stream; layers elsewhere would run outside it.
-            warn_once(f"decode steps run eagerly, not as CUDA graphs: this model's layers are on "
-                      f"{', '.join(sorted(map(str, pool_devices)))} and its inputs on {device} (a model split over "
-                      f"devices with device_map); CUDA graphs need every layer on the inputs' device")
+        reason = self._why_eager(cache, device)
+        if reason is not None:
+            warn_once(f"decode steps run eagerly, not as CUDA graphs: {reason}")
             return self.model(**kwargs)
         plan = cache.begin_step(kwargs.get("attention_mask"), 1, batch)  # every layer then uses this plan
         if plan.padded:
@@ -128,6 +125,23 @@ class DecodeGraphs:
         if not isinstance(kwargs.get("logits_to_keep", 0), int) or ids.shape[0] != cache.batch_size:
             return False
         return all(layer.is_initialized for layer in cache.layers)
+
+    def _why_eager(self, cache, device):
+        """Why this model's decode steps cannot be captured as graphs on ``device`` (None if they can)."""
+        pool_devices = {layer.keys.device for layer in cache.layers}
+        if pool_devices != {device}:
+            # A graph captures the work queued on one device's stream; layers elsewhere would run outside it.
+            return (f"this model's layers are on {', '.join(sorted(map(str, pool_devices)))} and its inputs on "
+                    f"{device} (a model split over devices with device_map); CUDA graphs need every layer on the "
+                    f"inputs' device")
+        # Modules accelerate keeps off the device they run on: on disk, or on the CPU while the steps run elsewhere.
+        offloaded = sorted(name for name, where in getattr(self.model, "hf_device_map", {}).items()
+                           if str(where) == "disk" or (str(where) == "cpu" and device.type != "cpu"))
+        if offloaded:
+            # accelerate's hooks copy these modules' weights in from the host at every forward: a replay would not.
+            return (f"accelerate offloads {', '.join(offloaded)} to the CPU or disk (device_map), and loads their "
+                    f"weights anew at every step")
+        return None
 
     def _eager(self, step, device):
         if device.type != "cuda":

@@ -19,6 +19,7 @@ import pytest
 import torch
 import transformers
 from test_cache import _generate, cache_of
+from test_graphs import graphs_on_any_device  # noqa: F401  (a fixture)
 from test_internals import fresh_warnings  # noqa: F401  (a fixture)
 from test_models import left_padded_batch, tiny_model
 
@@ -191,14 +192,22 @@ def _check_split_generate(model, ids, mask):
     return cache_of(default)
 
 
-def test_a_layer_offloaded_to_disk_matches_sdpa(checkpoint, tmp_path):
-    """accelerate's hooks load the offloaded layer's weights for each forward and hand it the cache untouched."""
+def test_a_layer_offloaded_to_disk_matches_sdpa(checkpoint, tmp_path, graphs_on_any_device, caplog,
+                                                fresh_warnings):  # noqa: F811  (the fixtures)
+    """accelerate's hooks load the offloaded layer's weights for each forward and hand it the cache untouched; decode
+    steps, handed to the graph runner, stay eager (a replay would not load the weights) and the log says why, once."""
+    device_map = _split_llama("cpu", "disk")
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=torch.float32, device_map=_split_llama("cpu", "disk"), offload_folder=tmp_path / "offload")
+        checkpoint, dtype=torch.float32, device_map=device_map, offload_folder=tmp_path / "offload")
     assert model.model.layers[1].self_attn.k_proj.weight.device.type == "meta"  # offloaded: loaded per forward
     ids, mask = left_padded_batch(LENGTHS)
-    cache = _check_split_generate(model, ids, mask)
+    with caplog.at_level("WARNING", logger="hf_flash"):
+        cache = _check_split_generate(model, ids, mask)
     assert [layer.keys.device.type for layer in cache.layers] == ["cpu", "cpu"]
+    assert not cache.graphs
+    reasons = [r.getMessage() for r in caplog.records if "decode steps run eagerly" in r.getMessage()]
+    on_disk = ", ".join(sorted(name for name, where in device_map.items() if where == "disk"))
+    assert len(reasons) == 1 and f"accelerate offloads {on_disk} to the CPU or disk" in reasons[0], reasons
 
 
 @pytest.mark.cuda
