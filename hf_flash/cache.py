@@ -274,9 +274,9 @@ class PagedCache(Cache):
                                  f"made for a model with {self.config_kv_heads} (or a tensor-parallel share of them): "
                                  f"was it made for another model?")
         elif heads != self.num_kv_heads:
-            raise ValueError(f"layer {layer_idx}'s key_states {tuple(key_states.shape)} have {heads} KV heads, but this "
-                             f"PagedCache's pools hold {self.num_kv_heads} (from the key states its layers first saw): "
-                             f"was it made for another model, or used by another tensor-parallel layout?")
+            raise ValueError(f"layer {layer_idx}'s key_states {tuple(key_states.shape)} have {heads} KV heads, but "
+                             f"this PagedCache's pools hold {self.num_kv_heads} (from the key states its layers first "
+                             f"saw): was it made for another model, or used by another tensor-parallel layout?")
 
     def begin_step(self, attention_mask, q_len, batch_size):
         """Plan a forward step: allocate pages for the valid new tokens and build the slot mapping; every layer then
