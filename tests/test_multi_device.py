@@ -29,21 +29,21 @@ TP_SIZE = 2
 NEW = 12  # new tokens per greedy generate
 LENGTHS = [9, 5, 2]  # left-padded prompts
 PAGE_SIZE = 4
-WORKER_TIMEOUT_S = 240  # two ranks importing torch and transformers on two shared cores take about 20 s
+WORKER_TIMEOUT_S = 120  # two ranks importing torch and transformers on two shared cores take about 15 s
 
 pytestmark = pytest.mark.usefixtures("torch_path_on_cpu")
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 
-def _pages_needed(page_size=PAGE_SIZE):
+def _pages_needed():
     """Pages the batch fills after ``NEW`` tokens (the last one is never fed back; padding is never stored)."""
-    return sum(math.ceil((n + NEW - 1) / page_size) for n in LENGTHS)
+    return sum(math.ceil((n + NEW - 1) / PAGE_SIZE) for n in LENGTHS)
 
 
-def _bytes_per_page(config, kv_heads, page_size=PAGE_SIZE):
+def _bytes_per_page(config, kv_heads):
     """K + V of one page in every layer, fp32, for ``kv_heads`` heads per layer (computed from the config)."""
     head_dim = config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * page_size * kv_heads * head_dim * 4
+    return 2 * config.num_hidden_layers * PAGE_SIZE * kv_heads * head_dim * 4
 
 
 def _greedy(model, impl, ids, mask, **kwargs):
