@@ -1,6 +1,8 @@
 """``PagedCache``: a transformers ``Cache`` that keeps K/V in fixed-size pages (vLLM / FlashInfer style).
 
-Every layer owns one pool per K and V, ``[num_pages, page_size, H_kv, D]``, on that layer's device. All layers share
+Every layer owns one pool per K and V, ``[num_pages, page_size, H_kv, D]``, on that layer's device (a model split over
+devices with ``device_map`` keeps each layer's pages beside its weights), with ``H_kv`` the KV heads that layer's
+attention computes in this process: the model's, or this rank's share of them under tensor parallelism. All layers share
 the bookkeeping, a ``hf_flash.pages.PageTable`` (allocator, reference counts, each sequence's page ids and lengths):
 a page id names the same slots in every layer's pool.
 
@@ -95,6 +97,7 @@ class PagedLayer(CacheLayerMixin):
         return self._cache()
 
     def lazy_initialization(self, key_states, value_states):
+        # On the key states' device: under device_map each layer's pages stay beside its weights.
         self.keys = key_states.new_zeros(self.cache.pool_shape(key_states))
         self.values = torch.zeros_like(self.keys)
         self.is_initialized = True
@@ -119,13 +122,18 @@ class PagedCache(Cache):
         config: the model's config (its text config is used): number of layers, KV heads and head dim.
         page_size: tokens per page.
         num_pages: pages per layer pool. Default: from ``max_memory``, else 256 pages that grow on demand.
-        max_memory: bytes for the K and V pools of all layers together (an alternative to ``num_pages``).
-        dtype, device: of the pools; default to those of the first key states each layer sees.
+        max_memory: bytes for the K and V pools of all layers together, in this process (an alternative to
+            ``num_pages``): under tensor parallelism each rank's cache holds its own heads within its own budget.
+        dtype, device: of the pools; default to those of the first key states each layer sees. Leave ``device``
+            unset for a model whose layers are on several devices (``device_map``).
         grow: when the pool is full, double it instead of raising ``PoolExhaustedError``. Defaults to ``True``
             only when neither ``num_pages`` nor ``max_memory`` is given.
         max_batch_size: optional bound on the number of sequences, checked at the first step.
         cuda_graphs: let ``generate()`` replay its single-token decode steps as CUDA graphs (``hf_flash.graphs``),
             captured once per batch size and split count; on CUDA only, and not with ``disable_compile=True``.
+
+    The pools hold the KV heads the model's attention actually computes in this process (``num_kv_heads``, known from
+    the first key states): all of the config's, or under tensor parallelism (``tp_plan="auto"``) this rank's share.
 
     A forward over the cache is one step (``hf_flash.pages``): the first layer to attend plans it (pages, slots,
     lengths: host work, like FlashInfer's ``plan``), every layer stores its tokens and attends, and the step commits
@@ -161,7 +169,10 @@ class PagedCache(Cache):
             raise ValueError(f"PagedCache holds attention layers only, but this model's layer_types include "
                              f"{others}; use the model's default cache (and attn_implementation='sdpa')")
         self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.config_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        # The KV heads of every pool: taken from the first key states, since tensor parallelism gives each rank a share
+        # of the config's heads (the config itself is not changed). None until a layer has seen key states.
+        self.num_kv_heads = None
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.page_size, self.dtype, self.device = page_size, dtype, device
         # Private: transformers 5.17's ``Cache`` has a read-only ``max_batch_size`` property (deprecated alias).
@@ -225,19 +236,47 @@ class PagedCache(Cache):
         if not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"layer_idx {layer_idx!r} is out of range: this PagedCache was made for a model with "
                              f"{self.num_layers} layers")
-        want = (self.num_kv_heads, self.head_dim)
-        for name, states in (("key_states", key_states), ("value_states", value_states)):
-            if states.dim() != 4 or tuple(states.shape[1:2]) + tuple(states.shape[3:]) != want:
-                raise ValueError(f"{name} {tuple(states.shape)} do not fit this PagedCache, made for {want[0]} KV "
-                                 f"heads of dim {want[1]} ([batch, heads, tokens, dim]): was it made for another "
-                                 f"model?")
+        self._check_states(key_states, value_states, layer_idx)
         layer = self.layers[layer_idx]
+        if layer.is_initialized and key_states.device != layer.keys.device:
+            raise ValueError(f"layer {layer_idx}'s key_states are on {key_states.device} but its pages are on "
+                             f"{layer.keys.device}: a PagedCache stays where its layers first ran; make a new one "
+                             f"for the model where it is now")
         if not layer.is_initialized:
+            # The attention function writes the states into the pools in place: both must be on one device.
+            if self.device is not None and torch.empty(0, device=self.device).device != key_states.device:
+                raise ValueError(f"PagedCache(device={self.device!r}), but layer {layer_idx}'s key_states are on "
+                                 f"{key_states.device}: leave device unset (each layer's pages then go to its own "
+                                 f"device, as a model split with device_map needs)")
+            self.num_kv_heads = key_states.shape[1]
             layer.lazy_initialization(key_states.to(self.dtype or key_states.dtype), value_states)
-            if self.device is not None:
-                layer.keys, layer.values = layer.keys.to(self.device), layer.values.to(self.device)
         view = PagedKV(self, layer_idx, key_states, value_states)
         return view, view
+
+    def _check_states(self, key_states, value_states, layer_idx):
+        """ValueError unless the states are ``[batch, heads, tokens, head_dim]`` with the pools' heads (or, before any
+        pool exists, at most the config's KV heads: all of them, or a tensor-parallel rank's share) and the config's
+        head dim. Checked before anything changes."""
+        for name, states in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(states, torch.Tensor) or states.dim() != 4:
+                raise ValueError(f"{name} must be a [batch, heads, tokens, head_dim] tensor, got "
+                                 f"{tuple(getattr(states, 'shape', ())) or type(states).__name__}")
+        if key_states.shape != value_states.shape:
+            raise ValueError(f"key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} "
+                             f"differ in shape")
+        heads, head_dim = key_states.shape[1], key_states.shape[3]
+        if head_dim != self.head_dim:
+            raise ValueError(f"key_states {tuple(key_states.shape)} have head dim {head_dim}, but this PagedCache was "
+                             f"made for head dim {self.head_dim}: was it made for another model?")
+        if self.num_kv_heads is None:
+            if not 1 <= heads <= self.config_kv_heads:
+                raise ValueError(f"key_states {tuple(key_states.shape)} have {heads} KV heads, but this PagedCache was "
+                                 f"made for a model with {self.config_kv_heads} (or a tensor-parallel share of them): "
+                                 f"was it made for another model?")
+        elif heads != self.num_kv_heads:
+            raise ValueError(f"layer {layer_idx}'s key_states {tuple(key_states.shape)} have {heads} KV heads, but "
+                             f"this PagedCache's pools hold {self.num_kv_heads} (from the key states its layers first "
+                             f"saw): was it made for another model, or used by another tensor-parallel layout?")
 
     def begin_step(self, attention_mask, q_len, batch_size):
         """Plan a forward step: allocate pages for the valid new tokens and build the slot mapping; every layer then

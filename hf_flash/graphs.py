@@ -15,7 +15,7 @@ import torch
 
 from . import ops
 from .cache import PagedCache, copy_from_host
-from .patches.internals import CACHE_NAME
+from .patches.internals import CACHE_NAME, warn_once
 
 # The arguments of a decode step that a graph reproduces; a step with any other argument set runs eagerly.
 _STEP_ARGS = {"input_ids", "position_ids", "attention_mask", CACHE_NAME, "use_cache", "return_dict", "logits_to_keep"}
@@ -68,6 +68,10 @@ class DecodeGraphs:
             return self.model(**kwargs)
         input_ids = kwargs["input_ids"]
         batch, device = input_ids.shape[0], input_ids.device
+        reason = self._why_eager(cache, device)
+        if reason is not None:
+            warn_once(f"decode steps run eagerly, not as CUDA graphs: {reason}")
+            return self.model(**kwargs)
         plan = cache.begin_step(kwargs.get("attention_mask"), 1, batch)  # every layer then uses this plan
         if plan.padded:
             cache.abort_step()
@@ -84,6 +88,7 @@ class DecodeGraphs:
         """The planned step: eagerly on the static buffers the first time, captured the second, replayed after."""
         input_ids = kwargs["input_ids"]
         batch = input_ids.shape[0]
+        # The pools' KV heads: under tensor parallelism this rank's share, which is what the decode kernel launches on.
         splits = ops.choose_num_splits(batch, cache.num_kv_heads, plan.max_seqlen_k, device)
         plan.num_splits = 1 << (splits.bit_length() - 1)
         logits_to_keep = kwargs.get("logits_to_keep")
@@ -107,8 +112,8 @@ class DecodeGraphs:
 
     @staticmethod
     def _is_plain_decode_step(cache, kwargs):
-        """One new token per sequence, given by ids and positions, nothing else asked of the model, and every cache
-        layer on the device of the ids (a model split over GPUs runs eagerly)."""
+        """One new token per sequence, given by ids and positions, nothing else asked of the model, every cache layer
+        holding pages already."""
         if any(name not in _STEP_ARGS and value is not None and value is not False for name, value in kwargs.items()):
             return False
         ids, positions = kwargs.get("input_ids"), kwargs.get("position_ids")
@@ -119,7 +124,24 @@ class DecodeGraphs:
             return False
         if not isinstance(kwargs.get("logits_to_keep", 0), int) or ids.shape[0] != cache.batch_size:
             return False
-        return all(layer.is_initialized and layer.keys.device == ids.device for layer in cache.layers)
+        return all(layer.is_initialized for layer in cache.layers)
+
+    def _why_eager(self, cache, device):
+        """Why this model's decode steps cannot be captured as graphs on ``device`` (None if they can)."""
+        pool_devices = {layer.keys.device for layer in cache.layers}
+        if pool_devices != {device}:
+            # A graph captures the work queued on one device's stream; layers elsewhere would run outside it.
+            return (f"this model's layers are on {', '.join(sorted(map(str, pool_devices)))} and its inputs on "
+                    f"{device} (a model split over devices with device_map); CUDA graphs need every layer on the "
+                    f"inputs' device")
+        # Modules accelerate keeps off the device they run on: on disk, or on the CPU while the steps run elsewhere.
+        offloaded = sorted(name for name, where in getattr(self.model, "hf_device_map", {}).items()
+                           if str(where) == "disk" or (str(where) == "cpu" and device.type != "cpu"))
+        if offloaded:
+            # accelerate's hooks copy these modules' weights in from the host at every forward: a replay would not.
+            return (f"accelerate offloads {', '.join(offloaded)} to the CPU or disk (device_map), and loads their "
+                    f"weights anew at every step")
+        return None
 
     def _eager(self, step, device):
         if device.type != "cuda":
