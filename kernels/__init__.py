@@ -14,7 +14,10 @@ Shared conventions (the torch path in ``hf_flash.torch_backend`` implements the 
   ``j <= i + k_len - q_len`` (plus ``window_right``), and ``j >= i + k_len - q_len - window_left`` when
   ``window_left >= 0``. ``-1`` means an unbounded side.
 * Soft-capping (``softcap > 0``): ``s = softcap * tanh(s_raw * softmax_scale / softcap)`` before masking.
-* Log-sum-exp is natural-log, float32; a row that sees no key gets output 0 and lse ``-inf``.
+* Log-sum-exp is natural-log, float32; a row that sees no key gets output 0 and lse ``-inf``. NaN or inf in the
+  queries, keys or values a row sees reach its output and lse (NaN), as in SDPA; hidden keys reach nothing,
+  except that a NaN or inf value of a masked key reaches the other rows of its tile that see a key, through
+  ``0 * NaN`` in ``P @ V`` (as in SDPA).
 * Paged K/V: pools ``[num_pages, page_size, H_kv, D]``, ``block_table`` int32 ``[B, max_pages]``;
   logical key ``j`` of sequence ``b`` lives in page ``block_table[b, j // page_size]`` at row
   ``j % page_size``.

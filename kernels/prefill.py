@@ -215,11 +215,12 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
         stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
         True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
 
-    # Rows that saw no key: acc is exactly 0; give out 0 and lse -inf.
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # ln(2): back to log_e
+    # Rows that saw no key (sum exactly 0) give out 0 and lse -inf, whatever their tiles' hidden values held. NaN or
+    # inf in what a row sees makes its sum NaN or inf, and reaches its out and lse.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2): back to log_e
     o_base = b64 * stride_ob + (q_row0 + start_m).to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
     o_ptrs = Out + o_base + (offs_m * stride_os)[:, None] + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

@@ -8,7 +8,7 @@ from unittest import mock
 
 import pytest
 import torch
-from reference import attention_ref
+from reference import attention_ref, visible
 
 from hf_flash import ops, torch_backend
 
@@ -558,6 +558,53 @@ def test_rows_that_see_no_key(backend, device):
     assert (out[0] == 0).all() and (lse[0] == -INF).all() and lse[1].isfinite().all()
 
 
+def _assert_nan_exactly_at(out, lse, ref_out, ref_lse, rows):
+    """``rows`` (bool ``[tokens, heads]``): those rows of ``out`` and ``lse`` are NaN throughout, every other one is
+    finite and matches the reference."""
+    assert torch.equal(out.isnan().all(-1), rows) and torch.equal(out.isnan().any(-1), rows)
+    assert torch.equal(lse.isnan(), rows)
+    tol = OUT_TOL[out.dtype]
+    torch.testing.assert_close(out[~rows].double(), ref_out[~rows], atol=tol, rtol=tol)
+    torch.testing.assert_close(lse[~rows].double(), ref_lse[~rows], atol=LSE_TOL, rtol=0)
+
+
+def test_nan_reaches_the_rows_that_see_it(backend, device):
+    """A NaN in one key makes NaN the rows (out and lse) of the queries that see it, in the query heads of its KV
+    head, as in SDPA; rows the causal mask or the window hide it from, and other sequences, stay finite. A NaN query
+    makes its own row NaN. (The torch path once gave such rows 0 and lse -inf, hiding the fault on CPU.)"""
+    q_lens, k_lens, window = [6, 9, 4], [6, 14, 4], (5, -1)
+    q, qs = _packed(q_lens, 4, 32, torch.float16, device)
+    k, ks = _packed(k_lens, 2, 32, torch.float16, device)
+    v, vs = _packed(k_lens, 2, 32, torch.float16, device)
+    ks[1][7, 1, 3] = NAN  # sequence 1, key 7, KV head 1 (query heads 2 and 3); a view of k
+    qs[2][1, 0, 0] = NAN  # sequence 2, query 1, head 0
+    out, lse = ops.attention_varlen(q, k, v, _cu(q_lens, device), _cu(k_lens, device), causal=True,
+                                    window_size=window, return_softmax_lse=True)
+    rows = torch.zeros(sum(q_lens), 4, dtype=torch.bool, device=device)
+    rows[6:15, 2:] = visible(9, 14, causal=True, window=window, device=device)[:, 7, None]
+    rows[15 + 1, 0] = True
+    assert rows[6:15, 2].any() and not rows[6:15, 2].all()  # the mask hides the key from some rows of its sequence
+    _assert_nan_exactly_at(out, lse.T, *_ref(qs, ks, vs, causal=True, window=window), rows)
+
+
+def test_nan_in_a_cached_key_reaches_only_its_query(backend, device):
+    # Split decode over pages (the pool is NaN wherever no key is stored): the NaN key within the window makes its
+    # sequence's query NaN through the split merge; outside the window it is not read.
+    lens, window = [20, 20, 7], (8, -1)
+    k_cache, v_cache = ([torch.randn(n, 2, 32, device=device).half() for n in lens] for _ in range(2))
+    k_cache[0][15, 0, 0] = NAN  # in the window of sequence 0's query (keys 11..19), KV head 0: query heads 0 and 1
+    k_cache[1][3, 0, 0] = NAN  # outside sequence 1's window
+    table, num_pages = _page_table(lens, 4, device)
+    k_pool, v_pool = _pool(k_cache, table, num_pages, 4), _pool(v_cache, table, num_pages, 4)
+    q = _randn(3, 1, 4, 32, device=device)
+    out, lse = ops.attention_with_kvcache(q, k_pool, v_pool, _i32(lens, device), table, window_size=window,
+                                          num_splits=3, return_softmax_lse=True)
+    rows = torch.zeros(3, 4, dtype=torch.bool, device=device)
+    rows[0, :2] = True
+    ref_out, ref_lse = _ref(list(q), k_cache, v_cache, causal=True, window=window)
+    _assert_nan_exactly_at(out[:, 0], lse[:, :, 0], ref_out, ref_lse, rows)
+
+
 # ------------------------------------------------------------------------------------------------ merge_state and pages
 
 
@@ -580,6 +627,27 @@ def test_merge_state(dtype, backend, device):
     out, lse = ops.merge_state(out_a, lse_a, out_b, lse_b)
     assert out.dtype == dtype and lse.dtype == torch.float32
     _check(out, lse, *_merge_ref(out_a, lse_a, out_b, lse_b))
+
+
+def test_merge_state_nan(backend, device):
+    # A NaN lse makes the merged row NaN (out and lse; it once gave 0); a NaN output of a state with weight makes its
+    # elements NaN; the output of an empty state (lse -inf) is dropped, NaN or not.
+    out_a, out_b = (_randn(4, 2, 32, dtype=torch.float32, device=device) for _ in range(2))
+    lse_a, lse_b = (3 * torch.randn(4, 2, device=device) for _ in range(2))
+    lse_b[2, 1] = -INF
+    ref_out, ref_lse = _merge_ref(out_a, lse_a, out_b, lse_b)
+    out_b[2, 1] = NAN  # the empty state's output
+    lse_a[0, 0] = NAN
+    lse_a[1, 1], lse_b[1, 1] = NAN, -INF
+    out_a[3, 1, 5] = NAN
+    out, lse = ops.merge_state(out_a, lse_a, out_b, lse_b)
+    rows = torch.zeros(4, 2, dtype=torch.bool, device=device)
+    rows[0, 0] = rows[1, 1] = True
+    nan_out = rows[..., None].expand_as(out).clone()
+    nan_out[3, 1, 5] = True
+    assert torch.equal(out.isnan(), nan_out) and torch.equal(lse.isnan(), rows)
+    torch.testing.assert_close(out[~nan_out].double(), ref_out[~nan_out], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[~rows].double(), ref_lse[~rows], atol=LSE_TOL, rtol=0)
 
 
 @pytest.mark.parametrize("split", [0, 7])
