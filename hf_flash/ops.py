@@ -182,10 +182,11 @@ def _check_block_table(block_table, batch, device):
 
 def _run_prefill(q4, k4, v4, q_start, q_len, k_start, k_len, max_seqlen_q, *, softmax_scale, causal, window,
                  softcap, block_table=None, out=None):
-    """Allocate outputs and call the backend's prefill launcher; q4/k4/v4 are in the launchers' 4-D form."""
+    """Allocate outputs (``out`` unless given) and call the backend's prefill launcher; q4/k4/v4/out are in the
+    launchers' 4-D form (batch 1 when packed), and so is the lse, ``[q4's batch, heads, rows]``."""
     batch, rows, heads, _ = q4.shape
     out = torch.empty_like(q4) if out is None else out
-    lse = q4.new_empty((1 if out.stride(0) == 0 else batch, heads, rows), dtype=torch.float32).expand(batch, -1, -1)
+    lse = q4.new_empty((batch, heads, rows), dtype=torch.float32)
     _backend(q4.device).prefill(
         q4, k4, v4, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, softmax_scale=softmax_scale,
         causal=causal, window_left=window[0], window_right=window[1], softcap=softcap, block_table=block_table)
@@ -256,15 +257,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         if max_k > block_table.shape[1] * k.shape[1]:
             raise ValueError(f"cu_seqlens_k asks for {max_k} keys but block_table holds {block_table.shape[1]} pages "
                              f"of {k.shape[1]} tokens")
-    q4 = q.expand(batch, *q.shape[1:])
-    k4 = k if paged else k.expand(batch, *k.shape[1:])
-    v4 = v if paged else v.expand(batch, *v.shape[1:])
     # Query rows past the last sequence get no attention: zeros keep them finite for the layers after.
     out = torch.empty_like(q[0]) if q_end == q.shape[1] else torch.zeros_like(q[0])
     _, lse = _run_prefill(
-        q4, k4, v4, cu_seqlens_q[:-1], q_len.int(), cu_seqlens_k[:-1], k_len.int(), max_q,
-        softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap, block_table=block_table,
-        out=out[None].expand_as(q4))
+        q, k, v, cu_seqlens_q[:-1], q_len, cu_seqlens_k[:-1], k_len, max_q, softmax_scale=softmax_scale,
+        causal=causal, window=window, softcap=softcap, block_table=block_table, out=out[None])
     return (out, lse[0]) if return_softmax_lse else out
 
 
@@ -303,7 +300,6 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         if q_end not in (None, q.shape[0]):  # every packed row is a new token to append
             raise ValueError(f"cu_seqlens_q ends at {q_end} but q has {q.shape[0]} tokens")
         batch, q_start = q_len.numel(), cu_seqlens_q[:-1]
-        q4 = q4.expand(batch, *q.shape)
     else:
         batch, max_q = q.shape[0], q.shape[1]
         q_start = q_len = None  # made below for the prefill launcher only: decode launches nothing but its kernels
@@ -352,8 +348,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         zeros = torch.zeros(batch, dtype=torch.int32, device=q.device)
         out = torch.empty_like(q)
         _, lse = _run_prefill(q4, pages_k, pages_v, q_start, q_len, zeros, k_len, max_q,
-                                 softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap,
-                                 block_table=table, out=out[None].expand_as(q4) if packed else out)
+                              softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap,
+                              block_table=table, out=out[None] if packed else out)
         lse = lse[0] if packed else lse
     return (out, lse) if return_softmax_lse else out
 

@@ -11,10 +11,15 @@ import torch
 BLOCK = 256  # query rows and keys per block; the fastest of 128..1024 on the main job (2 CPU cores)
 
 
+def _entry(t, b):
+    """Sequence ``b``'s batch entry of a token tensor: a batch of 1 is shared by every sequence (packed varlen)."""
+    return t[b if t.shape[0] > 1 else 0]
+
+
 def _keys(k, v, b, k_start, k_len, block_table):
     """Sequence ``b``'s keys and values as ``[k_len, H, D]``, gathered from pages if ``block_table`` is given."""
     if block_table is None:
-        return k[b, k_start : k_start + k_len], v[b, k_start : k_start + k_len]
+        return _entry(k, b)[k_start : k_start + k_len], _entry(v, b)[k_start : k_start + k_len]
     page_size = k.shape[1]
     pages = block_table[b, : math.ceil(k_len / page_size)].long()
     kb = k[pages].flatten(0, 1)[:k_len]
@@ -104,17 +109,16 @@ def _attend(q, k, v, *, softmax_scale, causal, window_left, window_right, softca
 def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
             softmax_scale, causal, window_left, window_right, softcap, block_table=None):
     """Torch twin of ``hf_flash.kernels.prefill.prefill``."""
-    starts_q, lens_q = q_start.tolist(), q_len.tolist()
-    starts_k, lens_k = k_start.tolist(), k_len.tolist()
+    starts_q, lens_q, starts_k, lens_k = torch.stack([q_start, q_len, k_start, k_len]).tolist()
     for b in range(len(lens_q)):
         qs, ql = starts_q[b], lens_q[b]
         if ql == 0:
             continue
         kb, vb = _keys(k, v, b, starts_k[b], lens_k[b], block_table)
-        o, s = _attend(q[b, qs : qs + ql], kb, vb, softmax_scale=softmax_scale, causal=causal,
+        o, s = _attend(_entry(q, b)[qs : qs + ql], kb, vb, softmax_scale=softmax_scale, causal=causal,
                        window_left=window_left, window_right=window_right, softcap=softcap)
-        out[b, qs : qs + ql] = o.to(out.dtype)
-        lse[b, :, qs : qs + ql] = s
+        _entry(out, b)[qs : qs + ql] = o.to(out.dtype)
+        _entry(lse, b)[:, qs : qs + ql] = s
 
 
 def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_scale, window_left, softcap,

@@ -5,9 +5,11 @@ scratch, computes the grid and launches. No transformers import here; validation
 
 Shared conventions (the torch path in ``hf_flash.torch_backend`` implements the same launchers):
 
-* Token tensors are 4-D ``[B, S, H, D]`` with a unit last stride and any other strides. A packed (varlen)
-  tensor ``[T, H, D]`` is passed as ``t.unsqueeze(0).expand(B, T, H, D)``: batch stride 0, and the
-  per-sequence ``*_start`` offsets select its rows.
+* Token tensors, outputs included, are 4-D ``[B, S, H, D]`` with a unit last stride and any other strides. A
+  packed (varlen) tensor ``[T, H, D]`` is passed as ``t.unsqueeze(0)``, ``[1, T, H, D]``: a batch of 1 is shared
+  by every sequence (the launchers give it batch stride 0), and the per-sequence ``*_start`` offsets select its
+  rows; the lse ``[B, H, S]`` likewise. The batch size is ``len(q_len)``. No tensor is a stride-0 expanded view:
+  outputs written through one break ``torch.compile`` (and overlap in memory).
 * Sequence ``b`` owns rows ``start[b] .. start[b] + len[b] - 1`` of its batch entry; ``*_start`` / ``*_len``
   are int32 ``[B]`` tensors on the tensors' device.
 * Causal masking is aligned bottom-right: query ``i`` of a sequence sees key ``j`` iff
