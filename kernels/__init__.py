@@ -20,6 +20,7 @@ Shared conventions (the torch path in ``hf_flash.torch_backend`` implements the 
   queries, keys or values a row sees reach its output and lse (NaN), as in SDPA; hidden keys reach nothing,
   except that a NaN or inf value of a masked key reaches the other rows of its tile that see a key, through
   ``0 * NaN`` in ``P @ V`` (as in SDPA).
+* Block tables, lengths and slots are trusted: ``hf_flash.ops`` has checked them (or its caller vouched).
 * Paged K/V: pools ``[num_pages, page_size, H_kv, D]``, ``block_table`` int32 ``[B, max_pages]``;
   logical key ``j`` of sequence ``b`` lives in page ``block_table[b, j // page_size]`` at row
   ``j % page_size``.
