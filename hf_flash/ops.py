@@ -1,8 +1,15 @@
 """hf_flash's functional API, with the argument names flash-attn users know.
 
-Every function validates its inputs (a ``ValueError`` naming the argument, never a CUDA crash), brings them into
-the launchers' common form (see ``hf_flash.kernels``) and dispatches by device: CUDA tensors (and CPU tensors
-under ``TRITON_INTERPRET=1``) run the Triton kernels, anything else runs ``hf_flash.torch_backend``.
+Every function validates its inputs (a ``ValueError`` naming the argument, never a CUDA crash, raised before anything
+is written or launched), brings them into the launchers' common form (see ``hf_flash.kernels``) and dispatches by
+device: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run the Triton kernels, anything else runs
+``hf_flash.torch_backend``.
+
+Values held on the device (offsets, lengths, the page ids a call uses, slots) are checked on the host, all of a call's
+together in one read: at most one host sync per call. Two kinds of call read none of them and the caller vouches for
+them, as flash-attn (which checks none) lets every caller do: calls during CUDA-graph capture, where nothing can be
+read, and ``attention_with_kvcache`` given ``max_seqlen_k`` with unpacked ``q`` (hf_flash's own decode step, whose
+``PagedCache`` keeps lengths and block table on the host and checks them there).
 
 Causal masks are aligned to the bottom-right corner when ``q_len != k_len``; with ``seqlen_q = 2`` and
 ``seqlen_k = 5`` (1 = keep)::
@@ -22,6 +29,10 @@ import torch
 from . import torch_backend
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The kernels take softmax_scale and softcap times log2(e) (their exp2 domain), and softmax_scale / softcap, as float32
+# scalars: past these bounds they are inf there.
+_FP32_MAX = torch.finfo(torch.float32).max
+_SCALE_MAX = _FP32_MAX / math.log2(math.e)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _forced_backend = None
 
@@ -82,10 +93,13 @@ def _check_qkv(q, k, v, *, batch_dims, names=("k", "v")):
     if k.shape != v.shape:
         raise ValueError(f"{kn} and {vn} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     head_dim = q.shape[-1]
-    if head_dim > 256 or head_dim % 8 != 0:
-        raise ValueError(f"q's head dim must be a multiple of 8 and at most 256, got {head_dim}")
+    if not 0 < head_dim <= 256 or head_dim % 8 != 0:
+        raise ValueError(f"q's head dim must be a multiple of 8 from 8 to 256, got {head_dim}")
     if k.shape[-1] != head_dim:
         raise ValueError(f"{kn}'s head dim {k.shape[-1]} differs from q's {head_dim}")
+    for name, t in (("q", q), (kn, k)):
+        if t.shape[-2] == 0:
+            raise ValueError(f"{name} has no heads: shape {tuple(t.shape)}")
     if q.shape[-2] % k.shape[-2] != 0:
         raise ValueError(f"q's {q.shape[-2]} heads are not a multiple of {kn}'s {k.shape[-2]} heads (GQA groups)")
     return q, k, v
@@ -98,72 +112,84 @@ def _is_number(x):
 def _check_options(softmax_scale, window_size, softcap, head_dim):
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    elif not (_is_number(softmax_scale) and math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    elif not (_is_number(softmax_scale) and 0 < softmax_scale <= _SCALE_MAX):  # NaN fails both comparisons
+        raise ValueError(f"softmax_scale must be a positive number of at most {_SCALE_MAX:.4g} (its product with "
+                         f"log2(e) must be finite in float32), got {softmax_scale!r}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
     if softcap is None:
         softcap = 0.0
-    if not (_is_number(softcap) and math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
+    if not (_is_number(softcap) and 0 <= softcap <= _SCALE_MAX
+            and (softcap == 0 or softmax_scale <= softcap * _FP32_MAX)):
+        raise ValueError(f"softcap must be 0 (off) or a positive number of at most {_SCALE_MAX:.4g} with "
+                         f"softmax_scale / softcap finite in float32, got {softcap!r}")
     return float(softmax_scale), (int(window_size[0]), int(window_size[1])), float(softcap)
 
 
 def _capturing(device):
     """Inside CUDA-graph capture no device value can be read on the host (transformers' continuous batching captures
-    its steps, as flash-attn allows)."""
+    its steps, as flash-attn allows): the caller vouches for the offsets, lengths and page ids it passes."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _longest(name, lens, given):
-    """The longest of ``lens`` on the host: ``given`` when the caller passed it (trusted), else read (one sync)."""
-    if given is not None:
-        try:
-            value = operator.index(given)  # ints, numpy ints, 0-d integer tensors on the CPU
-        except TypeError:
-            value = -1
-        if value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {given!r}")
-        return value
-    if _capturing(lens.device):
+def _read_on_host(*tensors):
+    """The values of integer or bool tensors (all on one device) as lists, None for None: one host sync for all."""
+    given = [t.reshape(-1).long() for t in tensors if t is not None]
+    values = iter(torch.cat(given).tolist() if given else ())
+    return [None if t is None else list(itertools.islice(values, t.numel())) for t in tensors]
+
+
+def _check_bound(name, given):
+    """A caller's host-side length bound: an int >= 0 (ints, numpy ints, 0-d integer tensors on the CPU). Required
+    where nothing can be read, under CUDA-graph capture."""
+    if given is None:
         raise ValueError(f"{name} must be given during CUDA-graph capture, where the lengths cannot be read")
-    return int(lens.max())
+    try:
+        value = operator.index(given)
+    except TypeError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {given!r}")
+    return value
 
 
-def _check_cu_seqlens(name, cu, total, device, max_seqlen=None):
-    """``cu`` must be int32 ``[B+1]``, start at 0, never decrease and end at or before ``total`` (as in flash-attn,
-    tokens past the last offset belong to no sequence: static-shape callers such as transformers' continuous
-    batching pad the packed tensors); returns its lengths, the longest and where the last sequence ends. During
-    CUDA-graph capture the offsets cannot be read: the caller's ``max_seqlen`` is used and the end is None."""
-    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2 or cu.dtype != torch.int32:
+def _check_cu_seqlens(name, cu, device):
+    """``cu`` must be int32 ``[B+1]`` offsets on ``device`` (``B`` may be 0); returns the lengths, on the device.
+    Their values are checked by ``_check_cu_seqlens_values`` once read."""
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1 or cu.dtype != torch.int32:
         raise ValueError(f"{name} must be a 1-D int32 tensor of batch_size + 1 offsets, got "
                          f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
-    lens = cu[1:] - cu[:-1]
-    if _capturing(device):
-        return lens, _longest(name.replace("cu_seqlens", "max_seqlen"), lens, max_seqlen), None
-    host = cu.tolist()
+    return cu[1:] - cu[:-1]
+
+
+def _check_cu_seqlens_values(name, host, total):
+    """Offsets read to the host must start at 0, never decrease and end at or before ``total`` (as in flash-attn,
+    tokens past the last offset belong to no sequence: static-shape callers such as transformers' continuous
+    batching pad the packed tensors); returns the longest sequence and where the last one ends."""
     if host[0] != 0 or any(b < a for a, b in itertools.pairwise(host)):
         shown = f"{host[:8]}{'...' if len(host) > 8 else ''}"
         raise ValueError(f"{name} must start at 0 and be non-decreasing, got {shown}")
     if total is not None and host[-1] > total:
         raise ValueError(f"{name} ends at {host[-1]} but the packed tensor has only {total} tokens")
-    return lens, max(b - a for a, b in itertools.pairwise(host)), host[-1]
+    return max((b - a for a, b in itertools.pairwise(host)), default=0), host[-1]
 
 
 def _check_lengths(name, lens, batch, device):
+    """``lens`` as an int32 ``[batch]`` tensor on ``device``, and its values on the host where they are known without
+    a read (an int; else None: a tensor's values are checked once read)."""
     if isinstance(lens, int) and not isinstance(lens, bool):
         if lens < 0:
             raise ValueError(f"{name} must be >= 0, got {lens}")
-        return torch.full((batch,), lens, dtype=torch.int32, device=device)
+        return torch.full((batch,), lens, dtype=torch.int32, device=device), [lens] * batch
     if not isinstance(lens, torch.Tensor) or lens.shape != (batch,) or lens.dtype != torch.int32:
         raise ValueError(f"{name} must be an int or an int32 tensor of shape ({batch},), got "
                          f"{getattr(lens, 'dtype', type(lens).__name__)} {tuple(getattr(lens, 'shape', ()))}")
     if lens.device != device:
         raise ValueError(f"{name} is on {lens.device} but q is on {device}")
-    return lens
+    return lens, None
 
 
 def _check_block_table(block_table, batch, device):
@@ -177,15 +203,33 @@ def _check_block_table(block_table, batch, device):
         raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
 
 
+def _foreign_pages(block_table, k_len, pool):
+    """Bool ``[batch, max_pages]``, on the device: the entries of ``block_table`` that hold keys ``0 .. k_len[b] - 1``
+    of their sequence (the only ones a call reads or writes) but are no page of ``pool``. Entries past a sequence's
+    keys may hold anything (vLLM pads with -1)."""
+    num_pages, page_size = pool.shape[:2]
+    used = torch.arange(block_table.shape[1], device=block_table.device) < (k_len[:, None] + page_size - 1) // page_size
+    return used & ((block_table < 0) | (block_table >= num_pages))
+
+
+def _check_page_ids(block_table, foreign, any_foreign, num_pages):
+    """``any_foreign``: ``foreign.any()`` as read on the host. Only the error path reads where (a second sync)."""
+    if any_foreign[0]:
+        b, j = foreign.nonzero()[0].tolist()
+        raise ValueError(f"block_table[{b}, {j}] = {int(block_table[b, j])} holds keys of sequence {b} but is not a "
+                         f"page of the pool (0 .. {num_pages - 1})")
+
+
 # ------------------------------------------------------------------------------------------------ the API
 
 
 def _run_prefill(q4, k4, v4, q_start, q_len, k_start, k_len, max_seqlen_q, *, softmax_scale, causal, window,
                  softcap, block_table=None, out=None):
-    """Allocate outputs and call the backend's prefill launcher; q4/k4/v4 are in the launchers' 4-D form."""
+    """Allocate outputs (``out`` unless given) and call the backend's prefill launcher; q4/k4/v4/out are in the
+    launchers' 4-D form (batch 1 when packed), and so is the lse, ``[q4's batch, heads, rows]``."""
     batch, rows, heads, _ = q4.shape
     out = torch.empty_like(q4) if out is None else out
-    lse = q4.new_empty((1 if out.stride(0) == 0 else batch, heads, rows), dtype=torch.float32).expand(batch, -1, -1)
+    lse = q4.new_empty((batch, heads, rows), dtype=torch.float32)
     _backend(q4.device).prefill(
         q4, k4, v4, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, softmax_scale=softmax_scale,
         causal=causal, window_left=window[0], window_right=window[1], softcap=softcap, block_table=block_table)
@@ -197,7 +241,8 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
     """Exact attention over a padded-free batch.
 
     Args:
-        q: ``[batch, seqlen_q, nheads, headdim]``, fp16 / bf16 / fp32.
+        q: ``[batch, seqlen_q, nheads, headdim]``, fp16 / bf16 / fp32; any of the sizes may be 0 but the heads and
+            head dim.
         k, v: ``[batch, seqlen_k, nheads_k, headdim]``; ``nheads`` must be a multiple of ``nheads_k`` (GQA/MQA).
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
         causal: bottom-right aligned causal mask.
@@ -206,7 +251,8 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
         return_softmax_lse: also return the natural-log log-sum-exp ``[batch, nheads, seqlen_q]`` (float32).
 
     Returns:
-        ``out [batch, seqlen_q, nheads, headdim]`` (and the lse). Rows that see no key give 0 (lse ``-inf``).
+        ``out [batch, seqlen_q, nheads, headdim]`` (and the lse). Rows that see no key give 0 (lse ``-inf``); NaN or
+        inf in q, k or v give NaN in the rows whose queries see them (and in their lse), as SDPA does.
     """
     q, k, v = _check_qkv(q, k, v, batch_dims=2)
     if k.shape[0] != q.shape[0]:
@@ -231,9 +277,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]`` offsets (``cu_seqlens_k`` gives the key lengths also
             with pages). As in flash-attn they may end before the packed tensors do: the rows after belong to no
             sequence (their keys are not read, their outputs are 0 and their lse is undefined).
-        max_seqlen_q, max_seqlen_k: derived from the offsets, which are checked on the host (one sync); needed
-            only during CUDA-graph capture, where they are used as given.
-        block_table: int32 ``[batch, max_pages]`` page ids of each sequence's keys.
+        max_seqlen_q, max_seqlen_k: derived from the offsets, which are checked on the host (with the page ids, in
+            one sync); needed only during CUDA-graph capture, where they are used as given and nothing is checked.
+        block_table: int32 ``[batch, max_pages]`` page ids of each sequence's keys. The entries holding keys must be
+            pages of the pools; the ones past a sequence's keys are never read and may hold anything (-1, say).
         The other arguments are as in ``attention``.
 
     Returns:
@@ -245,26 +292,33 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     v = _check_tensor("v", v, 4 if paged else 3)
     q, k, v = _check_qkv(q[None], k if paged else k[None], v if paged else v[None], batch_dims=2)
     softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
-    q_len, max_q, q_end = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[1], q.device, max_seqlen_q)
-    k_len, max_k, _ = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[1], q.device,
-                                     max_seqlen_k)
+    q_len = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+    k_len = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
     if k_len.numel() != q_len.numel():
         raise ValueError(f"cu_seqlens_q describes {q_len.numel()} sequences but cu_seqlens_k {k_len.numel()}")
     batch = q_len.numel()
     if paged:
         _check_block_table(block_table, batch, q.device)
+    foreign = any_foreign = None
+    if _capturing(q.device):
+        max_q, q_end = _check_bound("max_seqlen_q", max_seqlen_q), None
+        max_k = _check_bound("max_seqlen_k", max_seqlen_k)
+    else:  # one host read: both offsets and whether a page id in use is out of range
+        foreign = _foreign_pages(block_table, k_len, k) if paged else None
+        host_q, host_k, any_foreign = _read_on_host(cu_seqlens_q, cu_seqlens_k, foreign.any() if paged else None)
+        max_q, q_end = _check_cu_seqlens_values("cu_seqlens_q", host_q, q.shape[1])
+        max_k, _ = _check_cu_seqlens_values("cu_seqlens_k", host_k, None if paged else k.shape[1])
+    if paged:
         if max_k > block_table.shape[1] * k.shape[1]:
             raise ValueError(f"cu_seqlens_k asks for {max_k} keys but block_table holds {block_table.shape[1]} pages "
                              f"of {k.shape[1]} tokens")
-    q4 = q.expand(batch, *q.shape[1:])
-    k4 = k if paged else k.expand(batch, *k.shape[1:])
-    v4 = v if paged else v.expand(batch, *v.shape[1:])
+        if foreign is not None:
+            _check_page_ids(block_table, foreign, any_foreign, k.shape[0])
     # Query rows past the last sequence get no attention: zeros keep them finite for the layers after.
     out = torch.empty_like(q[0]) if q_end == q.shape[1] else torch.zeros_like(q[0])
     _, lse = _run_prefill(
-        q4, k4, v4, cu_seqlens_q[:-1], q_len.int(), cu_seqlens_k[:-1], k_len.int(), max_q,
-        softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap, block_table=block_table,
-        out=out[None].expand_as(q4))
+        q, k, v, cu_seqlens_q[:-1], q_len, cu_seqlens_k[:-1], k_len, max_q, softmax_scale=softmax_scale,
+        causal=causal, window=window, softcap=softcap, block_table=block_table, out=out[None])
     return (out, lse[0]) if return_softmax_lse else out
 
 
@@ -278,12 +332,20 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         k_cache, v_cache: ``[batch, seqlen_cache, nheads_k, headdim]``, or page pools
             ``[num_pages, page_size, nheads_k, headdim]`` with ``block_table``. Updated in place when ``k``/``v``
             are given.
-        cache_seqlens: int or int32 ``[batch]``: tokens already in the cache, before ``k``/``v`` are appended.
-        block_table: int32 ``[batch, max_pages]``; the pages that will hold the appended tokens must be in it.
+        cache_seqlens: int or int32 ``[batch]``, ``>= 0``: tokens already in the cache, before ``k``/``v`` are
+            appended.
+        block_table: int32 ``[batch, max_pages]``. The entries holding a sequence's keys, the appended ones included,
+            must be pages of the pools; the ones past them are never read and may hold anything (-1, say).
         k, v: new keys/values, shaped like ``q`` (``nheads_k`` heads), appended at ``cache_seqlens``.
         cu_seqlens_q: int32 ``[batch + 1]`` offsets of packed ``q`` (and ``k``/``v``).
-        max_seqlen_k: host-side upper bound of the keys per sequence after appending; saves a device sync
-            when ``num_splits == 0`` must be planned.
+        max_seqlen_q: the longest packed sequence; needed only during CUDA-graph capture.
+        max_seqlen_k: host-side bound of the keys per sequence after appending. With unpacked ``q`` it spares the
+            call its host sync, and the caller vouches for ``cache_seqlens`` and ``block_table`` (lengths ``>= 0``
+            and within ``max_seqlen_k``, page ids in use in range), as every flash-attn caller does (flash-attn
+            checks neither); hf_flash's ``PagedCache`` keeps both on the host and checks them there. Without it the
+            call reads the lengths and checks them and the page ids it uses, in one host sync; packed calls read
+            their offsets anyway and check everything in that read. Required during CUDA-graph capture, where
+            nothing is read or checked.
         num_splits: split-KV factor for single-token decode; 0 picks one from the shapes.
         The other arguments are as in ``attention``.
 
@@ -299,15 +361,12 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
     _check_qkv(q4, k_cache, v_cache, batch_dims=2, names=("k_cache", "v_cache"))
     softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
     if packed:
-        q_len, max_q, q_end = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q)
-        if q_end not in (None, q.shape[0]):  # every packed row is a new token to append
-            raise ValueError(f"cu_seqlens_q ends at {q_end} but q has {q.shape[0]} tokens")
+        q_len = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
         batch, q_start = q_len.numel(), cu_seqlens_q[:-1]
-        q4 = q4.expand(batch, *q.shape)
     else:
         batch, max_q = q.shape[0], q.shape[1]
         q_start = q_len = None  # made below for the prefill launcher only: decode launches nothing but its kernels
-    cache_seqlens = _check_lengths("cache_seqlens", cache_seqlens, batch, q.device)
+    cache_seqlens, host_cache = _check_lengths("cache_seqlens", cache_seqlens, batch, q.device)
     if paged:
         _check_block_table(block_table, batch, q.device)
         pages_k, pages_v, table = k_cache, v_cache, block_table
@@ -321,12 +380,6 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together")
-    k_len = cache_seqlens + (q_len if packed else max_q) if k is not None else cache_seqlens
-    longest = _longest("max_seqlen_k", k_len, max_seqlen_k)
-    capacity = table.shape[1] * pages_k.shape[1]
-    if longest > capacity:
-        raise ValueError(f"the cache holds {capacity} tokens per sequence but {longest} are needed "
-                         f"(cache_seqlens + new tokens)")
     if k is not None:
         k = _check_tensor("k", k, 3 if packed else 4)
         v = _check_tensor("v", v, 3 if packed else 4)
@@ -335,6 +388,35 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
                              f"v {tuple(v.shape)} for q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}")
         if any(t.dtype != q.dtype or t.device != q.device for t in (k, v)):
             raise ValueError(f"k/v are {k.dtype}/{v.dtype} on {k.device}/{v.device} but q is {q.dtype} on {q.device}")
+    k_len = cache_seqlens + (q_len if packed else max_q) if k is not None else cache_seqlens
+    foreign = any_foreign = None
+    if _capturing(q.device) or (max_seqlen_k is not None and not packed):  # nothing read: the caller vouches
+        if packed:
+            max_q = _check_bound("max_seqlen_q", max_seqlen_q)
+        longest = _check_bound("max_seqlen_k", max_seqlen_k)
+    else:  # one host read: the offsets, the lengths unless given as an int, whether a page id in use is out of range
+        foreign = _foreign_pages(table, k_len, pages_k) if paged else None
+        host_cu, host_read, any_foreign = _read_on_host(cu_seqlens_q if packed else None,
+                                                        cache_seqlens if host_cache is None else None,
+                                                        foreign.any() if paged else None)
+        host_cache = host_read if host_cache is None else host_cache
+        if packed:
+            max_q, q_end = _check_cu_seqlens_values("cu_seqlens_q", host_cu, q.shape[0])
+            if q_end != q.shape[0]:  # every packed row is a new token to append
+                raise ValueError(f"cu_seqlens_q ends at {q_end} but q has {q.shape[0]} tokens")
+        if min(host_cache, default=0) < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got {host_cache[:8]}{'...' if batch > 8 else ''}")
+        appended = [0] * batch
+        if k is not None:
+            appended = [b - a for a, b in itertools.pairwise(host_cu)] if packed else [max_q] * batch
+        longest = max(map(operator.add, host_cache, appended), default=0)
+    capacity = table.shape[1] * pages_k.shape[1]
+    if longest > capacity:
+        raise ValueError(f"the cache holds {capacity} tokens per sequence but {longest} are needed "
+                         f"(cache_seqlens + new tokens)")
+    if foreign is not None:
+        _check_page_ids(table, foreign, any_foreign, pages_k.shape[0])
+    if k is not None:
         _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed)
     backend = _backend(q.device)
     if max_q == 1 and not packed:
@@ -352,8 +434,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         zeros = torch.zeros(batch, dtype=torch.int32, device=q.device)
         out = torch.empty_like(q)
         _, lse = _run_prefill(q4, pages_k, pages_v, q_start, q_len, zeros, k_len, max_q,
-                                 softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap,
-                                 block_table=table, out=out[None].expand_as(q4) if packed else out)
+                              softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap,
+                              block_table=table, out=out[None] if packed else out)
         lse = lse[0] if packed else lse
     return (out, lse) if return_softmax_lse else out
 
@@ -381,7 +463,9 @@ def write_kv_pages(k, v, k_pool, v_pool, slot_mapping):
     Args:
         k, v: ``[num_tokens, nheads_k, headdim]``.
         k_pool, v_pool: ``[num_pages, page_size, nheads_k, headdim]``, updated in place.
-        slot_mapping: int64 ``[num_tokens]``: ``page * page_size + row`` for each token; negative slots are skipped.
+        slot_mapping: int64 ``[num_tokens]``: ``page * page_size + row`` for each token, checked against the pools'
+            size in one host sync (but during CUDA-graph capture: there the caller vouches); negative slots are
+            skipped.
     """
     k = _check_tensor("k", k, 3)
     v = _check_tensor("v", v, 3)
@@ -398,6 +482,13 @@ def write_kv_pages(k, v, k_pool, v_pool, slot_mapping):
         raise ValueError(f"slot_mapping must be an int64 tensor of shape ({k.shape[0]},) on {k.device}, got "
                          f"{getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)} "
                          f"{tuple(getattr(slot_mapping, 'shape', ()))}")
+    num_pages, page_size = k_pool.shape[:2]
+    if not _capturing(k.device):  # under capture the caller vouches for the slots
+        past_end = slot_mapping >= num_pages * page_size
+        if past_end.any():  # the one host sync; the error path reads where (a second one, only there)
+            i = int(past_end.nonzero()[0])
+            raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is past the pools' "
+                             f"{num_pages * page_size} slots ({num_pages} pages of {page_size})")
     _backend(k.device).write_pages(k, v, k_pool, v_pool, slot_mapping)
 
 

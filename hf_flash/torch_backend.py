@@ -11,10 +11,15 @@ import torch
 BLOCK = 256  # query rows and keys per block; the fastest of 128..1024 on the main job (2 CPU cores)
 
 
+def _entry(t, b):
+    """Sequence ``b``'s batch entry of a token tensor: a batch of 1 is shared by every sequence (packed varlen)."""
+    return t[b if t.shape[0] > 1 else 0]
+
+
 def _keys(k, v, b, k_start, k_len, block_table):
     """Sequence ``b``'s keys and values as ``[k_len, H, D]``, gathered from pages if ``block_table`` is given."""
     if block_table is None:
-        return k[b, k_start : k_start + k_len], v[b, k_start : k_start + k_len]
+        return _entry(k, b)[k_start : k_start + k_len], _entry(v, b)[k_start : k_start + k_len]
     page_size = k.shape[1]
     pages = block_table[b, : math.ceil(k_len / page_size)].long()
     kb = k[pages].flatten(0, 1)[:k_len]
@@ -52,10 +57,12 @@ class _OnlineSoftmax:
         self.m = m_new
 
     def result(self):
-        """(out, lse); a row that saw no key gets out 0 and lse -inf."""
-        seen = self.l > 0
-        out = torch.where(seen[..., None], self.acc / self.l.clamp_min(1e-30)[..., None], 0.0)
-        return out, torch.where(seen, self.m + torch.log(self.l.clamp_min(1e-30)), float("-inf"))
+        """(out, lse); a row that saw no key (sum exactly 0) gets out 0 and lse -inf, whatever its blocks' hidden
+        values held. NaN or inf in a score or value the row sees reaches its out and lse, as in the kernels."""
+        empty = self.l == 0
+        l_safe = self.l.masked_fill(empty, 1.0)
+        out = torch.where(empty[..., None], 0.0, self.acc / l_safe[..., None])
+        return out, torch.where(empty, float("-inf"), self.m + torch.log(l_safe))
 
 
 def _attend(q, k, v, *, softmax_scale, causal, window_left, window_right, softcap):
@@ -102,17 +109,16 @@ def _attend(q, k, v, *, softmax_scale, causal, window_left, window_right, softca
 def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
             softmax_scale, causal, window_left, window_right, softcap, block_table=None):
     """Torch twin of ``hf_flash.kernels.prefill.prefill``."""
-    starts_q, lens_q = q_start.tolist(), q_len.tolist()
-    starts_k, lens_k = k_start.tolist(), k_len.tolist()
+    starts_q, lens_q, starts_k, lens_k = torch.stack([q_start, q_len, k_start, k_len]).tolist()
     for b in range(len(lens_q)):
         qs, ql = starts_q[b], lens_q[b]
         if ql == 0:
             continue
         kb, vb = _keys(k, v, b, starts_k[b], lens_k[b], block_table)
-        o, s = _attend(q[b, qs : qs + ql], kb, vb, softmax_scale=softmax_scale, causal=causal,
+        o, s = _attend(_entry(q, b)[qs : qs + ql], kb, vb, softmax_scale=softmax_scale, causal=causal,
                        window_left=window_left, window_right=window_right, softcap=softcap)
-        out[b, qs : qs + ql] = o.to(out.dtype)
-        lse[b, :, qs : qs + ql] = s
+        _entry(out, b)[qs : qs + ql] = o.to(out.dtype)
+        _entry(lse, b)[:, qs : qs + ql] = s
 
 
 def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_scale, window_left, softcap,
@@ -146,14 +152,18 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
 
 
 def merge_state(out_a, lse_a, out_b, lse_b, out, lse):
-    """Torch twin of ``hf_flash.kernels.merge.merge_state``."""
-    m = torch.maximum(lse_a, lse_b)
-    m_safe = m.masked_fill(m == float("-inf"), 0.0)
-    wa, wb = torch.exp(lse_a - m_safe), torch.exp(lse_b - m_safe)
-    total = wa + wb
-    merged = (wa[..., None] * out_a.float() + wb[..., None] * out_b.float()) / total.clamp_min(1e-30)[..., None]
-    out.copy_(torch.where(total[..., None] > 0, merged, 0.0))
-    lse.copy_(torch.where(total > 0, m_safe + torch.log(total.clamp_min(1e-30)), float("-inf")))
+    """Torch twin of ``hf_flash.kernels.merge.merge_state``: an empty state (lse -inf) is dropped, output and all;
+    a NaN lse makes out and lse NaN."""
+    m = torch.maximum(lse_a, lse_b)  # NaN if either is
+    m_safe = m.masked_fill(m == float("-inf"), 0.0)  # both empty: exp(-inf - 0) = 0 instead of exp(NaN)
+    e_a, e_b = torch.exp(lse_a - m_safe), torch.exp(lse_b - m_safe)
+    total = e_a + e_b  # >= 1 unless both states are empty, NaN with a NaN lse
+    empty = total == 0
+    total = total.masked_fill(empty, 1.0)
+    w_a, w_b = (e_a / total)[..., None], (e_b / total)[..., None]
+    # A zero weight drops its output (an empty state's may be garbage); a NaN weight is kept.
+    out.copy_(torch.where(w_a == 0, 0.0, w_a * out_a.float()) + torch.where(w_b == 0, 0.0, w_b * out_b.float()))
+    lse.copy_(torch.where(empty, float("-inf"), m_safe + torch.log(total)))
 
 
 def write_pages(k_new, v_new, k_pool, v_pool, slot_mapping):

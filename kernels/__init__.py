@@ -5,16 +5,22 @@ scratch, computes the grid and launches. No transformers import here; validation
 
 Shared conventions (the torch path in ``hf_flash.torch_backend`` implements the same launchers):
 
-* Token tensors are 4-D ``[B, S, H, D]`` with a unit last stride and any other strides. A packed (varlen)
-  tensor ``[T, H, D]`` is passed as ``t.unsqueeze(0).expand(B, T, H, D)``: batch stride 0, and the
-  per-sequence ``*_start`` offsets select its rows.
+* Token tensors, outputs included, are 4-D ``[B, S, H, D]`` with a unit last stride and any other strides. A
+  packed (varlen) tensor ``[T, H, D]`` is passed as ``t.unsqueeze(0)``, ``[1, T, H, D]``: a batch of 1 is shared
+  by every sequence (the launchers give it batch stride 0), and the per-sequence ``*_start`` offsets select its
+  rows; the lse ``[B, H, S]`` likewise. The batch size is ``len(q_len)``. No tensor is a stride-0 expanded view:
+  outputs written through one break ``torch.compile`` (and overlap in memory).
 * Sequence ``b`` owns rows ``start[b] .. start[b] + len[b] - 1`` of its batch entry; ``*_start`` / ``*_len``
   are int32 ``[B]`` tensors on the tensors' device.
 * Causal masking is aligned bottom-right: query ``i`` of a sequence sees key ``j`` iff
   ``j <= i + k_len - q_len`` (plus ``window_right``), and ``j >= i + k_len - q_len - window_left`` when
   ``window_left >= 0``. ``-1`` means an unbounded side.
 * Soft-capping (``softcap > 0``): ``s = softcap * tanh(s_raw * softmax_scale / softcap)`` before masking.
-* Log-sum-exp is natural-log, float32; a row that sees no key gets output 0 and lse ``-inf``.
+* Log-sum-exp is natural-log, float32; a row that sees no key gets output 0 and lse ``-inf``. NaN or inf in the
+  queries, keys or values a row sees reach its output and lse (NaN), as in SDPA; hidden keys reach nothing,
+  except that a NaN or inf value of a masked key reaches the other rows of its tile that see a key, through
+  ``0 * NaN`` in ``P @ V`` (as in SDPA).
+* Block tables, lengths and slots are trusted: ``hf_flash.ops`` has checked them (or its caller vouched).
 * Paged K/V: pools ``[num_pages, page_size, H_kv, D]``, ``block_table`` int32 ``[B, max_pages]``;
   logical key ``j`` of sequence ``b`` lives in page ``block_table[b, j // page_size]`` at row
   ``j % page_size``.

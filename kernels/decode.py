@@ -170,11 +170,11 @@ def _decode_kernel(Q, K, V, BlockTable, Seqlens, Out, Lse, OutPart, LsePart,
                                   qk_scale, cap_scale, cap_log2, offs_n, offs_d,
                                   BLOCK_N, True, HAS_SOFTCAP, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
 
-    # An empty range leaves acc = 0 and l = 0: out 0, lse -inf.
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # ln(2)
+    # An empty range leaves l = 0: out 0, lse -inf. NaN or inf in a key or value the query sees reaches out and lse.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
     if SPLIT:
         part = (b64 * num_heads + heads) * num_splits + split
         tl.store(OutPart + (part * HEAD_DIM)[:, None] + offs_d[None, :], out, mask=gd_ok)

@@ -1,5 +1,6 @@
 """Attention-state merging: (o_a, lse_a) and (o_b, lse_b), attention over two disjoint key sets, combine into the
-state over their union. lse is natural-log; -inf marks an empty state, whose output is ignored (never 0 * NaN)."""
+state over their union. lse is natural-log; -inf marks an empty state, whose output is ignored (never 0 * NaN). A NaN
+lse makes the merged output and lse NaN: weights and sums are tested with == 0, never > 0, which NaN would fail."""
 import contextlib
 
 import torch
@@ -12,37 +13,38 @@ MAX_TILE = 2048  # elements of one program's [BLOCK_H, BLOCK_D] tile: 16 per thr
 @triton.jit
 def merge_weights(lse_a, lse_b):
     """Weights of two states in their merge and the merged lse: ``(w_a, w_b, lse)`` with ``w_x = exp(lse_x - lse)``.
-    Both empty gives weights 0 and lse -inf (no NaN); works elementwise on any shape."""
-    m = tl.maximum(lse_a, lse_b)
+    Both empty gives weights 0 and lse -inf (no NaN); a NaN lse gives NaN weights and lse. Works elementwise on any
+    shape."""
+    m = tl.maximum(lse_a, lse_b)  # may drop a NaN (maxnum on GPUs): exp(NaN - m) below brings it back
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # both empty: exp(-inf - 0) = 0 instead of exp(NaN)
     e_a = tl.exp(lse_a - m_safe)
     e_b = tl.exp(lse_b - m_safe)
-    total = e_a + e_b  # >= 1 unless both states are empty (then e_a = e_b = 0)
-    seen = total > 0.0
-    total = tl.where(seen, total, 1.0)
-    lse = tl.where(seen, m_safe + tl.log(total), float("-inf"))
+    total = e_a + e_b  # >= 1 unless both states are empty (then e_a = e_b = 0); NaN with a NaN lse
+    empty = total == 0.0
+    total = tl.where(empty, 1.0, total)
+    lse = tl.where(empty, float("-inf"), m_safe + tl.log(total))
     return e_a / total, e_b / total, lse
 
 
 @triton.jit
 def merge_outputs(o_a, w_a, o_b, w_b):
-    """``w_a * o_a + w_b * o_b`` where a zero weight drops its output entirely (an empty state's may be garbage).
-    Weights must already be broadcastable against the outputs."""
-    return tl.where(w_a > 0.0, w_a * o_a, 0.0) + tl.where(w_b > 0.0, w_b * o_b, 0.0)
+    """``w_a * o_a + w_b * o_b`` where a zero weight drops its output entirely (an empty state's may be garbage) and a
+    NaN weight makes it NaN. Weights must already be broadcastable against the outputs."""
+    return tl.where(w_a == 0.0, 0.0, w_a * o_a) + tl.where(w_b == 0.0, 0.0, w_b * o_b)
 
 
 @triton.jit
 def merge_many(o, lse):
     """Merges the states along axis 0 of ``o`` ``[S, D]`` / ``lse`` ``[S]`` (fp32) in one step: ``(o [D], lse)``.
-    All empty gives 0 and -inf."""
-    m = tl.max(lse, 0)
+    All empty gives 0 and -inf; a NaN lse gives NaN."""
+    m = tl.max(lse, 0)  # may drop a NaN (maxnum on GPUs): exp(NaN - m) below brings it back
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m_safe)
-    total = tl.sum(w, 0)  # >= 1 unless every state is empty (then every w = 0)
-    seen = total > 0.0
-    total = tl.where(seen, total, 1.0)
-    out = tl.sum(tl.where(w[:, None] > 0.0, w[:, None] * o, 0.0), 0) / total
-    return out, tl.where(seen, m_safe + tl.log(total), float("-inf"))
+    total = tl.sum(w, 0)  # >= 1 unless every state is empty (then every w = 0); NaN with a NaN lse
+    empty = total == 0.0
+    total = tl.where(empty, 1.0, total)
+    out = tl.sum(tl.where(w[:, None] == 0.0, 0.0, w[:, None] * o), 0) / total
+    return out, tl.where(empty, float("-inf"), m_safe + tl.log(total))
 
 
 @triton.jit

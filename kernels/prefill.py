@@ -215,11 +215,12 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
         stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
         True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
 
-    # Rows that saw no key: acc is exactly 0; give out 0 and lse -inf.
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # ln(2): back to log_e
+    # Rows that saw no key (sum exactly 0) give out 0 and lse -inf, whatever their tiles' hidden values held. NaN or
+    # inf in what a row sees makes its sum NaN or inf, and reaches its out and lse.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2): back to log_e
     o_base = b64 * stride_ob + (q_row0 + start_m).to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
     o_ptrs = Out + o_base + (offs_m * stride_os)[:, None] + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -227,12 +228,17 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
     tl.store(Lse + l_base + offs_m * stride_ls, lse, mask=row_ok)
 
 
+def _batch_stride(t):
+    """A batch of 1 is shared by every sequence (packed varlen): stride 0 makes each sequence's entry the same."""
+    return 0 if t.shape[0] == 1 else t.stride(0)
+
+
 def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
             softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
             block_table=None) -> None:
     """Attention of every sequence's queries over its keys, written into ``out`` ``[B, Sq, Hq, D]`` and ``lse``
     ``[B, Hq, Sq]`` (see ``hf_flash.kernels`` for layouts and semantics)."""
-    batch, _, num_heads, head_dim = q.shape
+    batch, (num_heads, head_dim) = q_len.shape[0], q.shape[2:]
     group = num_heads // k.shape[2]
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
     bucket = max(64, block_d)
@@ -246,9 +252,10 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _prefill_kernel[grid](
             q, k, v, out, lse, block_table if paged else q_len, q_start, q_len, k_start, k_len,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1), lse.stride(2), block_table.stride(0) if paged else 0,
+            _batch_stride(q), q.stride(1), q.stride(2), k.stride(0) if paged else _batch_stride(k), k.stride(1),
+            k.stride(2), v.stride(0) if paged else _batch_stride(v), v.stride(1), v.stride(2),
+            _batch_stride(out), out.stride(1), out.stride(2), _batch_stride(lse), lse.stride(1), lse.stride(2),
+            block_table.stride(0) if paged else 0,
             num_heads, group, num_m_tiles, k.shape[1] if paged else 1, max(window_left, 0), max(right, 0),
             softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
             softcap * LOG2E if has_softcap else 1.0,

@@ -25,11 +25,11 @@ def _i32(values, device):
 
 
 def _run(q, k, v, q_start, q_len, k_start, k_len, *, causal=False, window=(-1, -1), softcap=0.0, block_table=None):
-    """Launch on NaN-poisoned outputs, packed (batch stride 0) like q if q is; returns (out, lse)."""
-    batch, seq_q, heads, head_dim = q.shape
-    rows = 1 if q.stride(0) == 0 else batch
-    out = torch.full((rows, seq_q, heads, head_dim), NAN, dtype=q.dtype, device=q.device).expand_as(q)
-    lse = torch.full((rows, heads, seq_q), NAN, dtype=torch.float32, device=q.device).expand(batch, -1, -1)
+    """Launch on NaN-poisoned outputs, packed (a batch of 1 shared by every sequence) like q if q is; returns
+    (out, lse)."""
+    rows, seq_q, heads, head_dim = q.shape
+    out = torch.full_like(q, NAN)
+    lse = torch.full((rows, heads, seq_q), NAN, dtype=torch.float32, device=q.device)
     max_q = max(int(q_len.max()), 1)
     prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_q, softmax_scale=1.0 / math.sqrt(head_dim),
             causal=causal, window_left=window[0], window_right=window[1], softcap=softcap, block_table=block_table)
@@ -38,22 +38,23 @@ def _run(q, k, v, q_start, q_len, k_start, k_len, *, causal=False, window=(-1, -
 
 def _check(out, lse, q, keys, q_start, q_len, *, causal=False, window=(-1, -1), softcap=0.0):
     """``keys[b]`` = sequence b's (k, v) ``[k_len, Hkv, D]``. Rows of a sequence match the reference; rows owned by
-    no sequence stay NaN (untouched); rows that see no key are exactly 0 / -inf."""
+    no sequence stay NaN (untouched); rows that see no key are exactly 0 / -inf. Packed tensors have one batch entry,
+    every sequence's."""
     atol, rtol = OUT_TOL[q.dtype]
     owned = torch.zeros(out.shape[:2], dtype=torch.bool, device=out.device)
     for b, (kb, vb) in enumerate(keys):
+        entry = b if q.shape[0] > 1 else 0
         qs, ql = int(q_start[b]), int(q_len[b])
-        owned[b, qs : qs + ql] = True
+        owned[entry, qs : qs + ql] = True
         if ql == 0:
             continue
-        ref_out, ref_lse = attention_ref(q[b, qs : qs + ql], kb, vb, causal=causal, window=window, softcap=softcap)
-        got_out, got_lse = out[b, qs : qs + ql], lse[b, :, qs : qs + ql]
+        ref_out, ref_lse = attention_ref(q[entry, qs : qs + ql], kb, vb, causal=causal, window=window,
+                                         softcap=softcap)
+        got_out, got_lse = out[entry, qs : qs + ql], lse[entry, :, qs : qs + ql]
         torch.testing.assert_close(got_out.double(), ref_out, atol=atol, rtol=rtol)
         torch.testing.assert_close(got_lse.double(), ref_lse, atol=LSE_TOL[q.dtype], rtol=0)  # inf must match inf
         blind = torch.isinf(ref_lse).T  # [ql, Hq]
         assert (got_out[blind] == 0).all()
-    # Packed tensors alias every batch entry: a row owned by any sequence counts as owned.
-    owned = owned.any(0, keepdim=True).expand_as(owned) if out.stride(0) == 0 else owned
     assert out[~owned].isnan().all() and lse.transpose(1, 2)[~owned].isnan().all()
 
 
@@ -104,7 +105,7 @@ def test_softcap(dtype, causal, window, device):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_packed(causal, device):
-    # cu_seqlens-style packing: [T, H, D] expanded to batch stride 0, sequences at running offsets, one empty.
+    # cu_seqlens-style packing: [T, H, D] as [1, T, H, D], sequences at running offsets, one empty.
     q_lens, k_lens = [13, 0, 41, 1, 7], [13, 5, 50, 9, 0]
     hq, hkv, head_dim, dtype = 4, 2, 64, torch.bfloat16
     q_starts = [sum(q_lens[:b]) for b in range(len(q_lens))]
@@ -112,8 +113,7 @@ def test_varlen_packed(causal, device):
     q = torch.randn(sum(q_lens), hq, head_dim, device=device).to(dtype)
     k = torch.randn(sum(k_lens), hkv, head_dim, device=device).to(dtype)
     v = torch.randn(sum(k_lens), hkv, head_dim, device=device).to(dtype)
-    batch = len(q_lens)
-    q4, k4, v4 = (t.unsqueeze(0).expand(batch, *t.shape) for t in (q, k, v))
+    q4, k4, v4 = (t[None] for t in (q, k, v))
     args = [_i32(x, device) for x in (q_starts, q_lens, k_starts, k_lens)]
     out, lse = _run(q4, k4, v4, *args, causal=causal)
     keys = [(k[s : s + n], v[s : s + n]) for s, n in zip(k_starts, k_lens)]

@@ -2,13 +2,14 @@
 kernel runs) and semantics against the float64 reference (tests/reference.py) on the torch path and on the Triton
 kernels (Triton's interpreter on CPU, tiny shapes). Caches and pools hold NaN wherever no key is stored, so a read
 past a sequence's keys or a stray write shows up."""
+import contextlib
 import math
 from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 import torch
-from reference import attention_ref
+from reference import attention_ref, visible
 
 from hf_flash import ops, torch_backend
 
@@ -159,6 +160,7 @@ INVALID = {
     "float64": _case("attention", lambda g: _qkv(g, torch.Tensor.double), "q has dtype torch.float64"),
     "head-dim-264": _case("attention", lambda g: _qkv(g, lambda t: _resized(t, -1, 264)), "q's head dim .*got 264"),
     "head-dim-20": _case("attention", lambda g: _qkv(g, lambda t: _resized(t, -1, 20)), "q's head dim .*got 20"),
+    "head-dim-0": _case("attention", lambda g: _qkv(g, lambda t: _resized(t, -1, 0)), "q's head dim .*got 0"),
     "k-head-dim": _case("attention", lambda g: {"k": _resized(g.k, -1, 24), "v": _resized(g.v, -1, 24)},
                         "k's head dim 24"),
     "q-rank": _case("attention", lambda g: {"q": g.q[0]}, "q must have 4 dimensions"),
@@ -166,6 +168,10 @@ INVALID = {
     "v-rank": _case("attention", lambda g: {"v": g.v[0]}, "v must have 4 dimensions"),
     "q-not-tensor": _case("attention", lambda g: {"q": g.q.tolist()}, "q must be a torch.Tensor"),
     "gqa-groups": _case("attention", lambda g: {"q": _resized(g.q, 2, 3)}, "q's 3 heads .* k's 2 heads"),
+    "q-no-heads": _case("attention", lambda g: {"q": _resized(g.q, 2, 0)}, "q has no heads"),
+    "kv-no-heads": _case("attention", lambda g: {"k": _resized(g.k, 2, 0), "v": _resized(g.v, 2, 0)}, "k has no heads"),
+    "cache-no-heads": _case("kvcache", lambda g: {"k_cache": _resized(g.cache, 2, 0), "k": None, "v": None,
+                                                  "v_cache": _resized(g.cache, 2, 0)}, "k_cache has no heads"),
     "kv-shapes": _case("attention", lambda g: {"v": _resized(g.v, 1, S + 1)}, "k and v must have the same shape"),
     "kv-batch": _case("attention", lambda g: {"k": g.k[:1], "v": g.v[:1]}, "k has batch size 1 but q has 2"),
     # options
@@ -181,12 +187,18 @@ INVALID = {
     "scale-zero": _case("attention", lambda g: {"softmax_scale": 0.0}, "softmax_scale"),
     "scale-negative": _case("attention", lambda g: {"softmax_scale": -0.5}, "softmax_scale"),
     "scale-inf": _case("attention", lambda g: {"softmax_scale": INF}, "softmax_scale"),
+    "scale-nan": _case("attention", lambda g: {"softmax_scale": NAN}, "softmax_scale"),
+    # finite in Python, inf in float32 (torch path off by 2.6, kernels NaN); finite in float32 but not times log2(e)
+    "scale-fp32-inf": _case("attention", lambda g: {"softmax_scale": 1e39}, "softmax_scale must be .* at most 2.359e"),
+    "scale-exp2-inf": _case("attention", lambda g: {"softmax_scale": 3e38}, "softmax_scale must be .* at most 2.359e"),
+    "softcap-fp32-inf": _case("attention", lambda g: {"softcap": 1e39}, "softcap must be"),
+    "softcap-tiny": _case("attention", lambda g: {"softcap": 1e-45}, "softcap must be .*softmax_scale / softcap"),
     # varlen offsets
     "cu-decreasing": _case("varlen", lambda g: {"cu_seqlens_q": g.i32([0, 11, 10])}, "cu_seqlens_q .*non-decreasing"),
     "cu-start": _case("varlen", lambda g: {"cu_seqlens_k": g.i32([1, 3, 10])}, "cu_seqlens_k must start at 0"),
     "cu-int64": _case("varlen", lambda g: {"cu_seqlens_q": g.cu.long()}, "cu_seqlens_q must be a 1-D int32"),
     "cu-2d": _case("varlen", lambda g: {"cu_seqlens_k": g.cu[None]}, "cu_seqlens_k must be a 1-D int32"),
-    "cu-one-entry": _case("varlen", lambda g: {"cu_seqlens_q": g.cu[:1]}, "cu_seqlens_q must be a 1-D int32"),
+    "cu-empty": _case("varlen", lambda g: {"cu_seqlens_q": g.cu[:0]}, "cu_seqlens_q must be a 1-D int32"),
     "cu-list": _case("varlen", lambda g: {"cu_seqlens_q": [0, 3, 10]}, "cu_seqlens_q must be a 1-D int32"),
     "cu-end": _case("varlen", lambda g: {"cu_seqlens_k": g.i32([0, 3, 11])}, "cu_seqlens_k ends at 11 .* only 10"),
     "cu-batch": _case("varlen", lambda g: {"cu_seqlens_k": g.i32([0, 3, 6, 10])}, "cu_seqlens_q describes 2 .* 3"),
@@ -203,12 +215,35 @@ INVALID = {
     "table-capacity": _case("paged_varlen", lambda g: {"cu_seqlens_k": g.i32([0, 9, 12])}, "block_table|cu_seqlens_k"),
     "kvcache-table-rows": _case("paged_kvcache", lambda g: {"block_table": g.table[:1]}, "block_table has 1 rows"),
     "kvcache-table-dtype": _case("paged_kvcache", lambda g: {"block_table": g.table.long()}, "block_table must be"),
+    # page ids among the pages of 4 that hold each sequence's keys (paged_varlen: 5 and 3 keys; paged_kvcache: 2 and 3
+    # cached): -1, the pool's size and far past it. Entries past the keys may hold anything: see
+    # test_page_ids_past_the_keys_are_never_read.
+    "table-id-negative": _case("paged_varlen", lambda g: {"block_table": g.i32([[0, -1], [2, 3]])},
+                               r"block_table\[0, 1\] = -1 holds keys of sequence 0 but is not a page .*0 \.\. 5"),
+    "table-id-num-pages": _case("paged_varlen", lambda g: {"block_table": g.i32([[0, 1], [6, -1]])},
+                                r"block_table\[1, 0\] = 6 holds"),
+    "table-id-1000": _case("paged_varlen", lambda g: {"block_table": g.i32([[1000, 1], [2, 3]])},
+                           r"block_table\[0, 0\] = 1000 holds"),
+    "kvcache-table-id-negative": _case("paged_kvcache", lambda g: {"block_table": g.i32([[-1, 1], [2, 3]])},
+                                       r"block_table\[0, 0\] = -1 holds"),
+    "kvcache-table-id-append": _case("paged_kvcache", lambda g: {  # 6: the page the appended token goes to
+        "cache_seqlens": g.i32([4, 3]), "k": g.k1, "v": g.k1.clone(), "block_table": g.i32([[0, 6], [2, -1]])},
+        r"block_table\[0, 1\] = 6 holds"),
+    "packed-kvcache-table-id": _case("packed_kvcache", lambda g: {
+        "k_cache": g.pool, "v_cache": g.pool.clone(), "cache_seqlens": g.i32([0, 0]), "k": g.kp, "v": g.vp,
+        "block_table": g.i32([[0, -1], [2, 1000]])}, r"block_table\[1, 1\] = 1000 holds"),  # 7 appended keys
     # KV cache
     "seqlens-int64": _case("kvcache", lambda g: {"cache_seqlens": g.seqlens.long()}, "cache_seqlens must be"),
     "seqlens-shape": _case("kvcache", lambda g: {"cache_seqlens": g.i32([1, 2, 3])}, "cache_seqlens must be"),
     "seqlens-2d": _case("kvcache", lambda g: {"cache_seqlens": g.seqlens[None]}, "cache_seqlens must be"),
     "seqlens-float": _case("kvcache", lambda g: {"cache_seqlens": 2.0}, "cache_seqlens must be"),
     "seqlens-negative": _case("kvcache", lambda g: {"cache_seqlens": -1}, "cache_seqlens"),
+    "seqlens-tensor-negative": _case("kvcache", lambda g: {"cache_seqlens": g.i32([-3, 4])},
+                                     r"cache_seqlens must be >= 0, got \[-3, 4\]"),
+    "paged-seqlens-negative": _case("paged_kvcache", lambda g: {"cache_seqlens": g.i32([2, -1])},
+                                    "cache_seqlens must be >= 0"),
+    "packed-seqlens-negative": _case("packed_kvcache", lambda g: {"cache_seqlens": g.i32([-1, 0])},
+                                     "cache_seqlens must be >= 0"),
     "seqlens-device": _case("kvcache", lambda g: {"cache_seqlens": g.seqlens.to("meta")}, "cache_seqlens is on meta"),
     "num-splits-negative": _case("kvcache", lambda g: {"num_splits": -1}, "num_splits"),
     "num-splits-float": _case("kvcache", lambda g: {"num_splits": 1.5}, "num_splits"),
@@ -246,6 +281,8 @@ INVALID = {
     "slots-int32": _case("write_pages", lambda g: {"slot_mapping": g.slots.int()}, "slot_mapping must be"),
     "slots-length": _case("write_pages", lambda g: {"slot_mapping": g.slots[:2]}, "slot_mapping must be"),
     "pool-dtype": _case("write_pages", lambda g: {"v_pool": g.pool.float()}, "v_pool is torch.float32"),
+    "slots-past-end": _case("write_pages", lambda g: {"slot_mapping": torch.tensor([5, -1, 24], device=g.q.device)},
+                            r"slot_mapping\[2\] = 24 is past the pools' 24 slots \(6 pages of 4\)"),
 }
 
 
@@ -270,6 +307,54 @@ def test_valid_arguments_reach_the_backend(entry, good, monkeypatch):
     monkeypatch.setattr(ops, "_backend", mock.Mock(return_value=backend))
     fn, kwargs = _valid(good)[entry]
     fn(**kwargs)
+    assert backend.method_calls
+
+
+@contextlib.contextmanager
+def _counted_host_reads():
+    """Counts the reads of tensor values on the host in the block (each one a device sync on a GPU)."""
+    reads = []
+
+    def counted(name, read):
+        def counted_read(self, *args, **kwargs):
+            reads.append(name)
+            return read(self, *args, **kwargs)
+        return counted_read
+
+    with contextlib.ExitStack() as stack:
+        for name in ("tolist", "item", "__bool__", "__int__", "__index__", "__float__"):
+            stack.enter_context(mock.patch.object(torch.Tensor, name, counted(name, getattr(torch.Tensor, name))))
+        yield reads
+
+
+# case -> (entry, overrides of its good arguments, host reads allowed)
+HOST_READS = {
+    "attention": ("attention", {}, 0),
+    "varlen": ("varlen", {}, 1),  # both offsets together
+    "paged-varlen": ("paged_varlen", {}, 1),  # offsets and whether a page id in use is out of range
+    "kvcache": ("kvcache", {}, 1),  # the lengths
+    "kvcache-int-lengths": ("kvcache", {"cache_seqlens": 2}, 0),  # nothing to read
+    "paged-kvcache": ("paged_kvcache", {}, 1),  # lengths and page ids
+    "paged-kvcache-int-lengths": ("paged_kvcache", {"cache_seqlens": 2}, 1),  # page ids
+    "paged-kvcache-max-seqlen-k": ("paged_kvcache", {"max_seqlen_k": 3}, 0),  # hf_flash's decode: the caller vouches
+    "packed-kvcache": ("packed_kvcache", {}, 1),  # offsets and lengths
+    "packed-kvcache-max-seqlen-k": ("packed_kvcache", {"max_seqlen_k": 10}, 1),  # offsets are read anyway
+    "merge": ("merge", {}, 0),
+    "write-pages": ("write_pages", {}, 1),  # whether a slot is past the pools
+}
+
+
+@pytest.mark.parametrize("case", HOST_READS)
+def test_host_reads_per_call(case, good, monkeypatch):
+    # Checking device values costs one host sync per call at most: everything a call checks is read together.
+    backend = mock.Mock()
+    backend.choose_num_splits.return_value = 1
+    monkeypatch.setattr(ops, "_backend", mock.Mock(return_value=backend))
+    entry, change, allowed = HOST_READS[case]
+    fn, kwargs = _valid(good)[entry]
+    with _counted_host_reads() as reads:
+        fn(**{**kwargs, **change})
+    assert len(reads) == allowed, reads
     assert backend.method_calls
 
 
@@ -376,29 +461,34 @@ def test_attention_varlen_ignores_rows_past_the_offsets(backend, device, monkeyp
     assert (out[sum(q_lens):] == 0).all()
 
 
-def test_graph_capture_reads_no_length_on_the_host(monkeypatch):
-    """transformers' continuous batching captures its steps as CUDA graphs, where reading the offsets on the host
-    fails: during capture the given max_seqlen_q/k reach the launcher and nothing is read back; without them a
-    ValueError says what to pass. (Capture itself is simulated here; the GPU test below captures for real.)"""
+def test_graph_capture_reads_nothing_on_the_host(monkeypatch):
+    """transformers' continuous batching and hf_flash's decode steps are captured as CUDA graphs, where reading a device
+    value on the host fails: during capture the given max_seqlen_q/k reach the launchers, and offsets, lengths, page
+    ids and slots go unchecked (the caller vouches for them: page ids -1 and 7 of a 4-page pool pass); without the
+    bounds a ValueError says what to pass. (Capture itself is simulated here; the GPU test below captures for real.)"""
     q, _ = _packed([3, 5], 4, 32, torch.float16, "cpu")
     k, _ = _packed([4, 6], 2, 32, torch.float16, "cpu")
     cu_q, cu_k = _cu([3, 5], "cpu"), _cu([4, 6], "cpu")
+    pool = torch.zeros(4, 4, 2, 32, dtype=torch.float16)
+    table = _i32([[-1, 0, 0], [1, 7, 0]])  # the first page of sequence 0 and the second of sequence 1 are in use
     launched = []
     monkeypatch.setattr(ops, "_capturing", lambda device: True)
     monkeypatch.setattr(ops, "_run_prefill", lambda *args, **kwargs: launched.append(args) or (None, torch.zeros(1)))
-
-    def host_read(*args, **kwargs):
-        raise AssertionError("a device value was read on the host during capture")
-
-    with mock.patch.object(torch.Tensor, "tolist", host_read), mock.patch.object(torch.Tensor, "item", host_read), \
-            mock.patch.object(torch.Tensor, "__int__", host_read):
+    backend = mock.Mock()
+    monkeypatch.setattr(ops, "_backend", mock.Mock(return_value=backend))
+    with _counted_host_reads() as reads:
         ops.attention_varlen(q, k, k, cu_q, cu_k, 7, 9, causal=True)
+        ops.attention_varlen(q, pool, pool, cu_q, cu_k, 7, 9, causal=True, block_table=table)
         with pytest.raises(ValueError, match="max_seqlen_q must be given during CUDA-graph capture"):
             ops.attention_varlen(q, k, k, cu_q, cu_k, causal=True)
-        cache = torch.zeros(2, 8, 2, 32, dtype=torch.float16)
+        decode_q = q.view(2, 4, 4, 32)[:, :1]
         with pytest.raises(ValueError, match="max_seqlen_k must be given during CUDA-graph capture"):
-            ops.attention_with_kvcache(q.view(2, 4, 4, 32)[:, :1], cache, cache, _i32([3, 5]))
-    assert len(launched) == 1 and launched[0][7] == 7  # max_seqlen_q, as given
+            ops.attention_with_kvcache(decode_q, pool, pool, _i32([3, 5]), table)
+        ops.attention_with_kvcache(decode_q, pool, pool, _i32([3, 6]), table, max_seqlen_k=6, num_splits=1)
+        ops.write_kv_pages(k[:2], k[:2], pool, pool, torch.tensor([3, 99]))
+    assert not reads
+    assert len(launched) == 2 and all(args[7] == 7 for args in launched)  # max_seqlen_q, as given
+    assert [name for name, _, _ in backend.method_calls] == ["paged_decode", "write_pages"]
 
 
 @pytest.mark.cuda
@@ -423,14 +513,14 @@ def test_attention_varlen_replays_in_a_cuda_graph(device):
         torch.testing.assert_close(out.double(), ref_out, atol=OUT_TOL[out.dtype], rtol=OUT_TOL[out.dtype])
 
 
-def _page_table(lens, page_size, device):
+def _page_table(lens, page_size, device, pad=0):
     """A block table over shuffled pages (torch.randperm) for sequences of ``lens`` keys, one spare column; unused
-    entries point at page 0, which no sequence owns (NaN: slot 0 is where a gather of a hidden key lands).
-    Returns (table, number of pages)."""
+    entries hold ``pad``: by default page 0, which no sequence owns (NaN: slot 0 is where a gather of a hidden key
+    lands), or an id of no page (vLLM pads with -1). Returns (table, number of pages)."""
     need = [math.ceil(n / page_size) for n in lens]
     num_pages = sum(need) + 1
     order = (torch.randperm(num_pages - 1) + 1).tolist()
-    table = torch.zeros((len(lens), max(need) + 1), dtype=torch.int32)
+    table = torch.full((len(lens), max(need) + 1), pad, dtype=torch.int32)
     for b, n in enumerate(need):
         table[b, :n] = torch.tensor(order[:n], dtype=torch.int32)
         order = order[n:]
@@ -448,14 +538,15 @@ def _pool(seqs, table, num_pages, page_size):
     return pool.view(num_pages, page_size, heads, head_dim)
 
 
-@pytest.mark.parametrize("page_size", [4, 16])
-def test_attention_varlen_paged(page_size, backend, device):
+@pytest.mark.parametrize("page_size, pad", [(4, 0), (16, 0), (4, -1)])
+def test_attention_varlen_paged(page_size, pad, backend, device):
+    # pad -1: block-table entries past a sequence's keys hold no page id, as vLLM pads them; they are never read.
     q_lens, k_lens = [3, 2, 13, 4], [7, 0, 21, 4]
     options = {"causal": True, "window": (9, -1)}
     q, qs = _packed(q_lens, 4, 32, torch.float16, device)
     _, ks = _packed(k_lens, 2, 32, torch.float16, device)
     _, vs = _packed(k_lens, 2, 32, torch.float16, device)
-    table, num_pages = _page_table(k_lens, page_size, device)
+    table, num_pages = _page_table(k_lens, page_size, device, pad)
     k_pool, v_pool = _pool(ks, table, num_pages, page_size), _pool(vs, table, num_pages, page_size)
     out, lse = ops.attention_varlen(q, k_pool, v_pool, _cu(q_lens, device), _cu(k_lens, device), block_table=table,
                                     return_softmax_lse=True, **_ops_options(**options))
@@ -465,10 +556,10 @@ def test_attention_varlen_paged(page_size, backend, device):
 # ------------------------------------------------------------------------------------------------ KV cache
 
 
-def _run_kvcache(q_lens, cache_lens, *, packed, paged, append, device, num_splits=0, **options):
-    """attention_with_kvcache over a NaN-backed cache (contiguous, or shuffled pages of 4) holding ``cache_lens``
-    random keys, optionally appending ``q_lens`` new ones; checks out / lse against the reference and that the cache
-    changed exactly at positions cache_seqlens.. of each sequence."""
+def _run_kvcache(q_lens, cache_lens, *, packed, paged, append, device, num_splits=0, pad=0, **options):
+    """attention_with_kvcache over a NaN-backed cache (contiguous, or shuffled pages of 4, unused block-table entries
+    ``pad``) holding ``cache_lens`` random keys, optionally appending ``q_lens`` new ones; checks out / lse against
+    the reference and that the cache changed exactly at positions cache_seqlens.. of each sequence."""
     hq, hkv, head_dim, dtype = 4, 2, 32, torch.float16
     q, qs = _packed(q_lens, hq, head_dim, dtype, device)
     old_k, old_v = (_packed(cache_lens, hkv, head_dim, dtype, device)[1] for _ in range(2))
@@ -478,7 +569,7 @@ def _run_kvcache(q_lens, cache_lens, *, packed, paged, append, device, num_split
     values = [torch.cat(kv) for kv in zip(old_v, new_vs)] if append else old_v
     if paged:
         page_size = 4
-        table, num_pages = _page_table([len(t) for t in keys], page_size, device)
+        table, num_pages = _page_table([len(t) for t in keys], page_size, device, pad)
     else:  # a contiguous cache is one page per sequence, with spare room
         page_size, num_pages = max(len(t) for t in keys) + 3, len(q_lens)
         table = torch.arange(num_pages, dtype=torch.int32, device=device)[:, None]
@@ -529,6 +620,48 @@ def test_kvcache_packed(paged, append, backend, device):
                  device=device)
 
 
+@pytest.mark.parametrize("pad", [-1, 1000])
+def test_page_ids_past_the_keys_are_never_read(pad, backend, device):
+    # Block-table entries past a sequence's keys (after appending) may hold anything, as vLLM's -1 padding: decode
+    # (split, an empty sequence with no page at all) and a chunk over such tables match the reference.
+    _run_kvcache([1, 1, 1], [5, 0, 16], packed=False, paged=True, append=False, num_splits=3, device=device, pad=pad)
+    _run_kvcache([4, 4, 4], [3, 0, 9], packed=False, paged=True, append=True, causal=True, device=device, pad=pad)
+
+
+def _bits(t):
+    """``t``'s bits, so that NaN compares equal to the same NaN and nothing else."""
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("bad", [-1, 6, 1000], ids=["minus-1", "num-pages", "1000"])
+@pytest.mark.parametrize("q_len", [1, 3], ids=["decode", "chunk"])
+def test_page_ids_out_of_range_write_nothing(q_len, bad, backend, device):
+    """A page id out of range among the pages that hold a sequence's keys, appended ones included, is a ValueError
+    raised before anything is written: the NaN-poisoned pools stay bit-identical, with no trace of the other
+    sequence's valid append either. (The Triton interpreter crashed writing there; the torch path wrapped -1 to the
+    last page, or wrote part of the batch before an IndexError.) write_kv_pages refuses a slot past the pools too."""
+    num_pages, page_size = 6, 4
+    k_pool, v_pool = (_randn(num_pages, page_size, 2, 32, device=device) for _ in range(2))
+    k_pool[3:], v_pool[3:] = NAN, NAN  # the pages no sequence owns
+    before = _bits(k_pool).clone(), _bits(v_pool).clone()
+    q = _randn(2, q_len, 4, 32, device=device)
+    k, v = (_randn(2, q_len, 2, 32, device=device) for _ in range(2))
+    # Sequence 1 holds 4 keys, its appended ones go to its second page: the bad id.
+    table = _i32([[0, 1, -1], [2, bad, -1]], device)
+    match = rf"block_table\[1, 1\] = {bad} holds keys of sequence 1 but is not a page of the pool \(0 \.\. 5\)"
+    with pytest.raises(ValueError, match=match):
+        ops.attention_with_kvcache(q, k_pool, v_pool, _i32([2, 4], device), table, k=k, v=v)
+    with pytest.raises(ValueError, match=match):
+        ops.attention_with_kvcache(q.flatten(0, 1), k_pool, v_pool, _i32([2, 4], device), table, k=k.flatten(0, 1),
+                                   v=v.flatten(0, 1), cu_seqlens_q=_cu([q_len, q_len], device))
+    with pytest.raises(ValueError, match=match):  # reads only
+        ops.attention_varlen(q.flatten(0, 1), k_pool, v_pool, _cu([q_len, q_len], device),
+                             _cu([2 + q_len, 4 + q_len], device), block_table=table)
+    with pytest.raises(ValueError, match=r"slot_mapping\[1\] = 24 is past"):
+        ops.write_kv_pages(k[:, 0], v[:, 0], k_pool, v_pool, torch.tensor([0, num_pages * page_size], device=device))
+    assert torch.equal(_bits(k_pool), before[0]) and torch.equal(_bits(v_pool), before[1])
+
+
 @pytest.mark.parametrize("entry", ["attention", "varlen", "kvcache"])
 def test_without_lse(entry, backend, device):
     q = _randn(2, 1, 4, 32, device=device)
@@ -558,6 +691,79 @@ def test_rows_that_see_no_key(backend, device):
     assert (out[0] == 0).all() and (lse[0] == -INF).all() and lse[1].isfinite().all()
 
 
+def _assert_nan_exactly_at(out, lse, ref_out, ref_lse, rows):
+    """``rows`` (bool ``[tokens, heads]``): those rows of ``out`` and ``lse`` are NaN throughout, every other one is
+    finite and matches the reference."""
+    assert torch.equal(out.isnan().all(-1), rows) and torch.equal(out.isnan().any(-1), rows)
+    assert torch.equal(lse.isnan(), rows)
+    tol = OUT_TOL[out.dtype]
+    torch.testing.assert_close(out[~rows].double(), ref_out[~rows], atol=tol, rtol=tol)
+    torch.testing.assert_close(lse[~rows].double(), ref_lse[~rows], atol=LSE_TOL, rtol=0)
+
+
+def test_nan_reaches_the_rows_that_see_it(backend, device):
+    """A NaN in one key makes NaN the rows (out and lse) of the queries that see it, in the query heads of its KV
+    head, as in SDPA; rows the causal mask or the window hide it from, and other sequences, stay finite. A NaN query
+    makes its own row NaN. (The torch path once gave such rows 0 and lse -inf, hiding the fault on CPU.)"""
+    q_lens, k_lens, window = [6, 9, 4], [6, 14, 4], (5, -1)
+    q, qs = _packed(q_lens, 4, 32, torch.float16, device)
+    k, ks = _packed(k_lens, 2, 32, torch.float16, device)
+    v, vs = _packed(k_lens, 2, 32, torch.float16, device)
+    ks[1][7, 1, 3] = NAN  # sequence 1, key 7, KV head 1 (query heads 2 and 3); a view of k
+    qs[2][1, 0, 0] = NAN  # sequence 2, query 1, head 0
+    out, lse = ops.attention_varlen(q, k, v, _cu(q_lens, device), _cu(k_lens, device), causal=True,
+                                    window_size=window, return_softmax_lse=True)
+    rows = torch.zeros(sum(q_lens), 4, dtype=torch.bool, device=device)
+    rows[6:15, 2:] = visible(9, 14, causal=True, window=window, device=device)[:, 7, None]
+    rows[15 + 1, 0] = True
+    assert rows[6:15, 2].any() and not rows[6:15, 2].all()  # the mask hides the key from some rows of its sequence
+    _assert_nan_exactly_at(out, lse.T, *_ref(qs, ks, vs, causal=True, window=window), rows)
+
+
+def test_nan_in_a_cached_key_reaches_only_its_query(backend, device):
+    # Split decode over pages (the pool is NaN wherever no key is stored): the NaN key within the window makes its
+    # sequence's query NaN through the split merge; outside the window it is not read.
+    lens, window = [20, 20, 7], (8, -1)
+    k_cache, v_cache = ([torch.randn(n, 2, 32, device=device).half() for n in lens] for _ in range(2))
+    k_cache[0][15, 0, 0] = NAN  # in the window of sequence 0's query (keys 11..19), KV head 0: query heads 0 and 1
+    k_cache[1][3, 0, 0] = NAN  # outside sequence 1's window
+    table, num_pages = _page_table(lens, 4, device)
+    k_pool, v_pool = _pool(k_cache, table, num_pages, 4), _pool(v_cache, table, num_pages, 4)
+    q = _randn(3, 1, 4, 32, device=device)
+    out, lse = ops.attention_with_kvcache(q, k_pool, v_pool, _i32(lens, device), table, window_size=window,
+                                          num_splits=3, return_softmax_lse=True)
+    rows = torch.zeros(3, 4, dtype=torch.bool, device=device)
+    rows[0, :2] = True
+    ref_out, ref_lse = _ref(list(q), k_cache, v_cache, causal=True, window=window)
+    _assert_nan_exactly_at(out[:, 0], lse[:, :, 0], ref_out, ref_lse, rows)
+
+
+def test_empty_batch(backend, device):
+    # A batch of no sequences is no error (as in SDPA): empty outputs, and nothing written.
+    q, k = _randn(0, 3, 4, 32, device=device), _randn(0, 5, 2, 32, device=device)
+    out, lse = ops.attention(q, k, k, return_softmax_lse=True)
+    assert out.shape == (0, 3, 4, 32) and lse.shape == (0, 4, 3)
+    rows = _randn(2, 4, 32, device=device)  # packed rows past the last offset: no sequence's
+    out, lse = ops.attention_varlen(rows, rows[:, :2], rows[:, :2], _i32([0], device), _i32([0], device),
+                                    return_softmax_lse=True)
+    assert (out == 0).all() and lse.shape == (4, 2)
+    pool = _randn(3, 4, 2, 32, device=device)
+    before = pool.clone()
+    for table in (None, torch.zeros(0, 2, dtype=torch.int32, device=device)):
+        cache = pool[:0] if table is None else pool
+        out = ops.attention_with_kvcache(q[:, :1], cache, cache, _i32([], device), table, k=k[:, :1], v=k[:, :1])
+        assert out.shape == (0, 1, 4, 32)
+        packed_q, packed_k = q.flatten(0, 1), k.flatten(0, 1)  # no tokens
+        out = ops.attention_with_kvcache(packed_q, cache, cache, 0, table, k=packed_k, v=packed_k,
+                                         cu_seqlens_q=_i32([0], device))
+        assert out.shape == (0, 4, 32)
+    ops.write_kv_pages(packed_k, packed_k, pool, pool, torch.zeros(0, dtype=torch.int64, device=device))
+    assert torch.equal(pool, before)
+    no_lse = torch.empty(0, 4, device=device)
+    out, lse = ops.merge_state(packed_q, no_lse, packed_q, no_lse)
+    assert out.shape == (0, 4, 32) and lse.shape == (0, 4)
+
+
 # ------------------------------------------------------------------------------------------------ merge_state and pages
 
 
@@ -580,6 +786,27 @@ def test_merge_state(dtype, backend, device):
     out, lse = ops.merge_state(out_a, lse_a, out_b, lse_b)
     assert out.dtype == dtype and lse.dtype == torch.float32
     _check(out, lse, *_merge_ref(out_a, lse_a, out_b, lse_b))
+
+
+def test_merge_state_nan(backend, device):
+    # A NaN lse makes the merged row NaN (out and lse; it once gave 0); a NaN output of a state with weight makes its
+    # elements NaN; the output of an empty state (lse -inf) is dropped, NaN or not.
+    out_a, out_b = (_randn(4, 2, 32, dtype=torch.float32, device=device) for _ in range(2))
+    lse_a, lse_b = (3 * torch.randn(4, 2, device=device) for _ in range(2))
+    lse_b[2, 1] = -INF
+    ref_out, ref_lse = _merge_ref(out_a, lse_a, out_b, lse_b)
+    out_b[2, 1] = NAN  # the empty state's output
+    lse_a[0, 0] = NAN
+    lse_a[1, 1], lse_b[1, 1] = NAN, -INF
+    out_a[3, 1, 5] = NAN
+    out, lse = ops.merge_state(out_a, lse_a, out_b, lse_b)
+    rows = torch.zeros(4, 2, dtype=torch.bool, device=device)
+    rows[0, 0] = rows[1, 1] = True
+    nan_out = rows[..., None].expand_as(out).clone()
+    nan_out[3, 1, 5] = True
+    assert torch.equal(out.isnan(), nan_out) and torch.equal(lse.isnan(), rows)
+    torch.testing.assert_close(out[~nan_out].double(), ref_out[~nan_out], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[~rows].double(), ref_lse[~rows], atol=LSE_TOL, rtol=0)
 
 
 @pytest.mark.parametrize("split", [0, 7])
