@@ -45,6 +45,7 @@ class StepPlan:
     q_len: int
     new_tokens: list  # valid (non-pad) new tokens per sequence
     slots: torch.Tensor  # int64 [B * q_len]: pool slot of each new token, -1 for left padding (never stored)
+    max_slot: int  # the largest of ``slots``: the pools' bound is checked on the host, not by reading the device
     seqlens: torch.Tensor  # int32 [B]: tokens per sequence after this step
     block_table: torch.Tensor  # int32 [B, max_pages]
     max_seqlen_k: int
@@ -356,7 +357,7 @@ class PagedCache(Cache):
             rows = torch.nonzero(slots.flatten() >= 0).flatten()
             cu = torch.zeros(batch_size + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(torch.tensor(new_tokens, dtype=torch.int32), 0)
-        return StepPlan(q_len=q_len, new_tokens=new_tokens, slots=slots.flatten(),
+        return StepPlan(q_len=q_len, new_tokens=new_tokens, slots=slots.flatten(), max_slot=int(slots.max().clamp_min(0)) if slots.numel() else 0,
                         seqlens=torch.tensor(table.lengths, dtype=torch.int32), block_table=self._block_table(),
                         max_seqlen_k=max(table.lengths), padded=padded, first=not any(before), rows=rows,
                         cu_seqlens_q=cu)

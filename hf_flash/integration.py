@@ -104,7 +104,7 @@ def _store_and_attend(module, query, kv, plan, *, scaling, sliding_window, softc
     q = query.transpose(1, 2).to(dtype)
     k, v = kv.key.transpose(1, 2).to(dtype), kv.value.transpose(1, 2).to(dtype)  # [B, S, H_kv, D]
     k_rows, v_rows = k.reshape(batch * q_len, -1, head_dim), v.reshape(batch * q_len, -1, head_dim)
-    ops.write_kv_pages(k_rows, v_rows, layer.keys, layer.values, tensors["slots"])
+    ops.write_kv_pages(k_rows, v_rows, layer.keys, layer.values, tensors["slots"], max_slot=plan.max_slot)
     options = {"softmax_scale": scaling, "causal": module.is_causal if is_causal is None else is_causal,
                "window_size": (sliding_window - 1, -1) if sliding_window else (-1, -1), "softcap": softcap or 0.0}
     if plan.first:  # nothing cached before: the new states are all the keys, contiguous (the faster kernel path)

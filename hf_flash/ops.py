@@ -457,7 +457,7 @@ def _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed
     _backend(k.device).write_pages(k_rows, v_rows, pages_k, pages_v, slots)
 
 
-def write_kv_pages(k, v, k_pool, v_pool, slot_mapping):
+def write_kv_pages(k, v, k_pool, v_pool, slot_mapping, *, max_slot=None):
     """Store new tokens in page pools (vLLM's ``reshape_and_cache``).
 
     Args:
@@ -466,6 +466,8 @@ def write_kv_pages(k, v, k_pool, v_pool, slot_mapping):
         slot_mapping: int64 ``[num_tokens]``: ``page * page_size + row`` for each token, checked against the pools'
             size in one host sync (but during CUDA-graph capture: there the caller vouches); negative slots are
             skipped.
+        max_slot: the largest slot of ``slot_mapping``, known on the host (hf_flash's ``PagedCache`` takes it from
+            its page table): then it is checked against the pools without reading the device.
     """
     k = _check_tensor("k", k, 3)
     v = _check_tensor("v", v, 3)
@@ -483,7 +485,11 @@ def write_kv_pages(k, v, k_pool, v_pool, slot_mapping):
                          f"{getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)} "
                          f"{tuple(getattr(slot_mapping, 'shape', ()))}")
     num_pages, page_size = k_pool.shape[:2]
-    if not _capturing(k.device):  # under capture the caller vouches for the slots
+    if max_slot is not None:
+        if _check_bound("max_slot", max_slot) >= num_pages * page_size:
+            raise ValueError(f"max_slot = {max_slot} is past the pools' {num_pages * page_size} slots "
+                             f"({num_pages} pages of {page_size})")
+    elif not _capturing(k.device):  # under capture the caller vouches for the slots
         past_end = slot_mapping >= num_pages * page_size
         if past_end.any():  # the one host sync; the error path reads where (a second one, only there)
             i = int(past_end.nonzero()[0])

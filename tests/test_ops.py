@@ -283,6 +283,8 @@ INVALID = {
     "pool-dtype": _case("write_pages", lambda g: {"v_pool": g.pool.float()}, "v_pool is torch.float32"),
     "slots-past-end": _case("write_pages", lambda g: {"slot_mapping": torch.tensor([5, -1, 24], device=g.q.device)},
                             r"slot_mapping\[2\] = 24 is past the pools' 24 slots \(6 pages of 4\)"),
+    "max-slot-past-end": _case("write_pages", lambda g: {"max_slot": 24}, r"max_slot = 24 is past the pools' 24 slots"),
+    "max-slot-negative": _case("write_pages", lambda g: {"max_slot": -2}, r"max_slot must be an int >= 0"),
 }
 
 
@@ -341,6 +343,7 @@ HOST_READS = {
     "packed-kvcache-max-seqlen-k": ("packed_kvcache", {"max_seqlen_k": 10}, 1),  # offsets are read anyway
     "merge": ("merge", {}, 0),
     "write-pages": ("write_pages", {}, 1),  # whether a slot is past the pools
+    "write-pages-max-slot": ("write_pages", {"max_slot": 23}, 0),  # hf_flash's cache: the bound is known on the host
 }
 
 
