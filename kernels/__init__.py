@@ -25,6 +25,24 @@ Shared conventions (the torch path in ``hf_flash.torch_backend`` implements the 
   logical key ``j`` of sequence ``b`` lives in page ``block_table[b, j // page_size]`` at row
   ``j % page_size``.
 """
+if __name__ != "hf_flash.kernels":
+    # Loaded as a top-level `kernels`: from the repository root (python -m pytest, python -c there) this folder sits
+    # on sys.path under the name of Hugging Face's kernel hub. transformers (5.17 to 5.24) probes for the hub, when
+    # no distribution named `kernels` is installed, by importing `kernels` without catching ImportError, so refusing
+    # to load would break transformers' model code. This copy is a stand-in instead: without file and version it
+    # reads as "not installed" to transformers, and it leaves sys.modules at the first name looked up that it lacks
+    # (the probe's `__version__`), so no top-level `kernels` stays behind.
+    import sys as _sys
+
+    del __file__
+
+    def __getattr__(name):
+        if getattr(_sys.modules.get(__name__), "__dict__", None) is globals():
+            del _sys.modules[__name__]
+        raise AttributeError(f"no {name!r}: this {__name__!r} is hf_flash's kernels/ folder seen from the repository "
+                             "root, not Hugging Face's kernel hub; import hf_flash.kernels")
+
+
 import os
 
 # The Triton interpreter computes bf16 ``tl.dot`` wrongly (triton 3.9); kernels upcast their dot operands to
