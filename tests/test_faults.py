@@ -61,8 +61,9 @@ def decode_path(request, monkeypatch):
     return {"disable_compile": True}
 
 
-# (layer, phase, site, fault): every layer end, phase, site and fault, each site with each phase.
+# (layer, phase, site, fault): every layer, phase, site and fault, each site with each phase.
 CASES = [(0, "prefill", "attention", "error"), (LAYERS - 1, "prefill", "mlp", "interrupt"),
+         (1, "prefill", "mlp", "oom"), (1, "decode", "attention", "error"),
          (LAYERS - 1, "decode", "attention", "oom"), (0, "decode", "mlp", "error"),
          (LAYERS - 1, "prefill", "attention", "interrupt"), (0, "decode", "attention", "interrupt"),
          (0, "prefill", "mlp", "oom"), (LAYERS - 1, "decode", "mlp", "oom")]
