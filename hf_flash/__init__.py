@@ -4,13 +4,21 @@
 ``AutoModelForCausalLM.from_pretrained(name, attn_implementation="hf_flash")`` runs every forward, generate and
 perplexity pass through hf_flash's kernels.
 """
+from . import integration, patches
 from .cache import PagedCache
-from .integration import register
 from .ops import attention, attention_varlen, attention_with_kvcache, merge_state, write_kv_pages
 from .pages import PoolExhaustedError
 
 __version__ = "0.1.0"
 __all__ = ["PagedCache", "PoolExhaustedError", "__version__", "attention", "attention_varlen", "attention_with_kvcache",
            "merge_state", "register", "write_kv_pages"]
+
+
+def register():
+    """Make ``attn_implementation="hf_flash"`` loadable: the attention and mask functions under our name, and the
+    patches of transformers' internals (idempotent; ``hf_flash.patches.revert()`` takes the patches back)."""
+    integration.register()
+    patches.apply()
+
 
 register()

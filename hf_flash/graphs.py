@@ -15,7 +15,7 @@ import torch
 
 from . import ops
 from .cache import PagedCache, copy_from_host
-from .patches.internals import CACHE_NAME, warn_once
+from .internals import CACHE_NAME, warn_once
 
 # The arguments of a decode step that a graph reproduces; a step with any other argument set runs eagerly.
 _STEP_ARGS = {"input_ids", "position_ids", "attention_mask", CACHE_NAME, "use_cache", "return_dict", "logits_to_keep"}

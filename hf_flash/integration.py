@@ -1,15 +1,12 @@
-"""Glue between transformers and ``hf_flash.ops``.
+"""Glue between transformers and ``hf_flash.ops``, through transformers' public registries only.
 
-transformers treats every ``attn_implementation`` whose name contains "flash" as a flash-attn request: it loads
-that implementation's ``flash_attn_func`` / ``flash_attn_varlen_func`` through the private hook
-``modeling_flash_attention_utils._lazy_imports`` and fails for any name it does not know. We answer that hook
-for ``"hf_flash"`` with flash-attn-compatible functions built on ``hf_flash.ops``, so transformers' own flash
-path (unpadding to varlen, packed sequences, sliding window, soft-cap) runs our kernels, and register an attention
-function and the 2-D mask function under the same name (without a mask function every layer would silently get
-``attention_mask=None``). Checked against transformers 5.17 and 5.23.
+``register()`` puts hf_flash's attention function under the name ``"hf_flash"`` in ``AttentionInterface`` (and
+``"paged|hf_flash"``, what continuous batching calls before transformers 5.23) and the 2-D mask function in
+``AttentionMaskInterface`` (without a mask function every layer would silently get ``attention_mask=None``). The
+attention function takes a ``PagedKV`` view from a ``PagedCache`` (the paged path) or contiguous states (no cache, a
+``DynamicCache``: transformers' flash path, which unpads to the varlen kernel through the flash-attn-compatible
+``flash_attn_func`` / ``flash_attn_varlen_func`` here, served by the ``hf_flash.patches.flash_loader`` patch).
 """
-import logging
-
 import torch
 import transformers.modeling_flash_attention_utils as flash_utils
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -18,9 +15,14 @@ from transformers.masking_utils import flash_attention_mask
 
 from . import ops
 from .cache import PagedKV
-from .patches import NAME, asks_for_hf_flash
-from .patches import attn_implementation as attn_implementation_patch
-from .patches import generate as generate_patch
+
+NAME = "hf_flash"  # the attn_implementation users ask for
+
+
+def asks_for_hf_flash(implementation):
+    """Whether an ``attn_implementation`` is ours; transformers before 5.23 prefixes "paged|" for continuous
+    batching."""
+    return isinstance(implementation, str) and implementation.removeprefix("paged|") == NAME
 
 
 def _check_inference(dropout_p):
@@ -50,14 +52,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     return ops.attention_varlen(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), max_seqlen_q, max_seqlen_k,
                                 softmax_scale=softmax_scale, causal=causal, window_size=tuple(window_size),
                                 softcap=softcap or 0.0, return_softmax_lse=return_attn_probs)
-
-
-def _lazy_imports(implementation, attention_wrapper=None, allow_all_kernels=False):
-    """Serve hf_flash's functions for our name; defer to transformers for every other implementation."""
-    if asks_for_hf_flash(implementation):
-        # No flash_attn_with_kvcache: transformers only uses it for names matching "flash.*[23]".
-        return flash_attn_func, flash_attn_varlen_func, None, flash_utils._pad_input, flash_utils._unpad_input
-    return _transformers_lazy_imports(implementation, attention_wrapper, allow_all_kernels=allow_all_kernels)
 
 
 def hf_flash_attention_forward(module, query, key, value, attention_mask, **kwargs):
@@ -148,27 +142,8 @@ def continuous_batching_attention_forward(module, query, key, value, attention_m
     return out[None].to(query.dtype), None
 
 
-_transformers_lazy_imports = flash_utils._lazy_imports
-
-
-class _NoOpCastMessage(logging.Filter):
-    """transformers' flash path says "Casting fp32 inputs back to torch.float32 for flash-attn compatibility" for every
-    fp32 model: a cast to the dtype the inputs already have, and hf_flash computes fp32 natively. Drop that line only."""
-
-    def filter(self, record):
-        return not record.getMessage().startswith("Casting fp32 inputs back to torch.float32")
-
-
-_no_op_cast_message = _NoOpCastMessage()
-
-
 def register():
-    """Make ``attn_implementation="hf_flash"`` loadable (idempotent)."""
-    if flash_utils._lazy_imports is not _lazy_imports:
-        flash_utils._lazy_imports = _lazy_imports
+    """Register the attention functions and the mask function under hf_flash's names (idempotent)."""
     AttentionInterface.register(NAME, hf_flash_attention_forward)
     AttentionInterface.register(f"paged|{NAME}", continuous_batching_attention_forward)
     AttentionMaskInterface.register(NAME, flash_attention_mask)
-    logging.getLogger(flash_utils.__name__).addFilter(_no_op_cast_message)  # a set: idempotent
-    generate_patch.apply()
-    attn_implementation_patch.apply()

@@ -9,7 +9,7 @@ import functools
 
 from transformers import PreTrainedModel
 
-from . import NAME, asks_for_hf_flash
+from ..integration import NAME, asks_for_hf_flash
 
 _original_check = PreTrainedModel._check_and_adjust_attn_implementation
 

@@ -10,7 +10,7 @@ the model's "compiled call" when ``_valid_auto_compile_criteria`` allows it; for
 ``hf_flash.graphs.DecodeGraphs`` (``disable_compile=True`` or ``PagedCache(cuda_graphs=False)`` keep it eager).
 ``generate`` itself is wrapped only to make a call on a caller's ``PagedCache`` a transaction.
 
-Each wrapped internal is checked when the patches are applied (``.internals``): one that this transformers release
+Each wrapped internal is checked when the patches are applied (``hf_flash.internals``): one that this transformers release
 lacks is left alone, and the logger says once what is off.
 """
 import functools
@@ -23,8 +23,8 @@ from transformers.generation.utils import GenerationMixin
 
 from ..cache import PagedCache
 from ..graphs import DecodeGraphs
-from . import NAME
-from .internals import CACHE_NAME, has, warn_once
+from ..integration import NAME
+from ..internals import CACHE_NAME, has, warn_once
 
 PAGE_SIZE = 16
 # Prompts are prefilled in chunks of about this many tokens over the whole batch (vLLM's default token budget is of

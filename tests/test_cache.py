@@ -16,8 +16,9 @@ from reference import attention_ref
 from test_models import left_padded_batch, tiny_model
 
 from hf_flash import PagedCache, PoolExhaustedError, ops
-from hf_flash.integration import generate_patch, paged_attention_forward  # generate_patch: hf_flash.patches.generate
-from hf_flash.patches.internals import CACHE_NAME
+from hf_flash.integration import paged_attention_forward
+from hf_flash.patches import generate as generate_patch
+from hf_flash.internals import CACHE_NAME
 
 NEW = 64  # new tokens per greedy generate
 

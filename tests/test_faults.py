@@ -10,7 +10,7 @@ from test_cache import CACHE_NAME, _generate
 from test_models import left_padded_batch, tiny_model
 
 from hf_flash import PagedCache, ops
-from hf_flash.integration import generate_patch
+from hf_flash.patches import generate as generate_patch
 
 pytestmark = pytest.mark.usefixtures("torch_path_on_cpu")
 

@@ -13,8 +13,8 @@ from test_cache import cache_of
 from test_models import left_padded_batch, tiny_model
 
 from hf_flash import PagedCache, ops
-from hf_flash.integration import generate_patch  # hf_flash.patches.generate
-from hf_flash.patches.internals import CACHE_NAME
+from hf_flash.patches import generate as generate_patch
+from hf_flash.internals import CACHE_NAME
 
 NEW = 40
 
@@ -72,7 +72,7 @@ _UNCAPTURABLE = """
 import torch
 from test_models import left_padded_batch, tiny_model
 import hf_flash
-from hf_flash.patches.internals import CACHE_NAME
+from hf_flash.internals import CACHE_NAME
 
 model, _ = tiny_model("llama")
 model.to("cuda").set_attn_implementation("hf_flash")

@@ -1,4 +1,4 @@
-"""The transformers internals hf_flash relies on (``hf_flash.patches.internals``): a patch whose internal is missing or
+"""The transformers internals hf_flash relies on (``hf_flash.internals``): a patch whose internal is missing or
 changed is not applied and the log says once what is off; and the log carries no line about flash-attn that is
 wrong for hf_flash."""
 import logging
@@ -12,8 +12,8 @@ from test_models import left_padded_batch, tiny_model
 from transformers.generation.utils import GenerationMixin
 from transformers.utils import logging as transformers_logging
 
-from hf_flash.integration import generate_patch
-from hf_flash.patches import internals
+from hf_flash.patches import generate as generate_patch
+from hf_flash import internals
 
 pytestmark = pytest.mark.usefixtures("torch_path_on_cpu")
 

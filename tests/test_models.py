@@ -5,9 +5,9 @@ import torch
 import transformers
 
 import hf_flash  # noqa: F401  (registers "hf_flash")
-from hf_flash import ops
-from hf_flash.integration import attn_implementation_patch  # hf_flash.patches.attn_implementation
-from hf_flash.patches.internals import CACHE_NAME
+from hf_flash import ops, patches
+from hf_flash.patches import attn_implementation as attn_implementation_patch
+from hf_flash.internals import CACHE_NAME
 
 _COMMON = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "max_position_embeddings": 256, "pad_token_id": 0}
@@ -198,6 +198,13 @@ def test_other_flash_names_still_reach_transformers():
 
     if importlib.util.find_spec("flash_attn") is not None:
         pytest.skip("flash-attn is installed here: transformers would load it")
+    assert flash_utils._lazy_imports("hf_flash")[0].__module__ == "hf_flash.integration"
+    patches.flash_loader.revert()
+    try:
+        with pytest.raises(Exception, match="flash"):  # reverted: transformers' own loader, which knows no hf_flash
+            flash_utils._lazy_imports("hf_flash")
+    finally:
+        patches.flash_loader.apply()
     assert flash_utils._lazy_imports("hf_flash")[0].__module__ == "hf_flash.integration"
     with pytest.raises(Exception) as caught:
         flash_utils._lazy_imports("flash_attention_2")
