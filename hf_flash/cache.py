@@ -181,7 +181,6 @@ class PagedCache(Cache):
         self._max_memory = max_memory
         self.grow = (num_pages is None and max_memory is None) if grow is None else bool(grow)
         self.cuda_graphs = bool(cuda_graphs)
-        self.graphs = {}  # hf_flash.graphs: captured decode steps over these pools, by (model, batch, splits, ...)
         # Sized from max_memory once the first key states give the element size.
         self.page_table = PageTable(page_size, 0 if num_pages is None and max_memory is not None else num_pages or 256)
         self._step = None  # the open step: _OpenStep
@@ -207,7 +206,6 @@ class PagedCache(Cache):
             if layer.is_initialized:
                 layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((extra, *layer.keys.shape[1:]))])
                 layer.values = torch.cat([layer.values, layer.values.new_zeros((extra, *layer.values.shape[1:]))])
-        self.graphs.clear()  # they point into the old pools
         self.page_table.add_pages(extra)
 
     def _copy_pages(self, src, dst):
@@ -357,7 +355,8 @@ class PagedCache(Cache):
             rows = torch.nonzero(slots.flatten() >= 0).flatten()
             cu = torch.zeros(batch_size + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(torch.tensor(new_tokens, dtype=torch.int32), 0)
-        return StepPlan(q_len=q_len, new_tokens=new_tokens, slots=slots.flatten(), max_slot=int(slots.max().clamp_min(0)) if slots.numel() else 0,
+        max_slot = int(slots.max().clamp_min(0)) if slots.numel() else 0
+        return StepPlan(q_len=q_len, new_tokens=new_tokens, slots=slots.flatten(), max_slot=max_slot,
                         seqlens=torch.tensor(table.lengths, dtype=torch.int32), block_table=self._block_table(),
                         max_seqlen_k=max(table.lengths), padded=padded, first=not any(before), rows=rows,
                         cu_seqlens_q=cu)
@@ -369,7 +368,8 @@ class PagedCache(Cache):
             return None
         if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
                 and attention_mask.shape[0] == batch_size):
-            raise ValueError(f"PagedCache needs a 2-D [batch, length] padding mask (got {type(attention_mask).__name__} "
+            raise ValueError(f"PagedCache needs a 2-D [batch, length] padding mask (got "
+                             f"{type(attention_mask).__name__} "
                              f"{tuple(getattr(attention_mask, 'shape', ()))}); use attn_implementation='hf_flash'")
         valid = attention_mask[:, -q_len:].bool().cpu()
         return None if bool(valid.all()) else valid

@@ -11,6 +11,8 @@ buffers before each replay. The kernels read every length from those buffers, so
 the longest sequence moves the split count into another bucket (powers of two). The first step of a bucket runs
 eagerly on the static buffers, which compiles the kernels for exactly those arguments; the second one captures.
 """
+import weakref
+
 import torch
 
 from . import ops
@@ -19,6 +21,17 @@ from .internals import CACHE_NAME, warn_once
 
 # The arguments of a decode step that a graph reproduces; a step with any other argument set runs eagerly.
 _STEP_ARGS = {"input_ids", "position_ids", "attention_mask", CACHE_NAME, "use_cache", "return_dict", "logits_to_keep"}
+
+
+# The step graphs captured over each cache's pools, by (model, batch, splits, logits_to_keep, pool size): the runner
+# owns them, the cache knows nothing of them, and they go with the cache. A pool that grew is a new pool: the graphs
+# captured over the old one are dropped.
+_captured = weakref.WeakKeyDictionary()
+
+
+def captured_graphs(cache):
+    """The decode-step graphs held for ``cache`` (empty if its steps never went through the runner)."""
+    return _captured.get(cache, {})
 
 
 class _StepGraph:
@@ -92,10 +105,13 @@ class DecodeGraphs:
         splits = ops.choose_num_splits(batch, cache.num_kv_heads, plan.max_seqlen_k, device)
         plan.num_splits = 1 << (splits.bit_length() - 1)
         logits_to_keep = kwargs.get("logits_to_keep")
-        key = (id(self.model), batch, plan.num_splits, logits_to_keep)
-        if key not in cache.graphs:
-            cache.graphs[key] = _StepGraph(cache, batch, device)
-        step_graph = cache.graphs[key]
+        key = (id(self.model), batch, plan.num_splits, logits_to_keep, cache.num_pages)
+        graphs = _captured.setdefault(cache, {})
+        if key not in graphs:
+            for stale in [k for k in graphs if k[-1] != cache.num_pages]:  # captured over pools since grown
+                del graphs[stale]
+            graphs[key] = _StepGraph(cache, batch, device)
+        step_graph = graphs[key]
         step_graph.load(plan, input_ids, kwargs["position_ids"], device)
         step = {"input_ids": step_graph.input_ids, "position_ids": step_graph.position_ids, CACHE_NAME: cache,
                 "use_cache": True, "return_dict": True}
@@ -158,7 +174,7 @@ class DecodeGraphs:
         """Capture the step (which it does not run). A model that cannot be captured (one that syncs with the host
         inside its forward, say) raises (and the caller aborts the step): after a failed capture torch's CUDA random
         generator refuses further work in this process, so running on eagerly is no way out."""
-        pools = [g.graph.pool() for g in cache.graphs.values() if g.graph is not None]
+        pools = [g.graph.pool() for g in captured_graphs(cache).values() if g.graph is not None]
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=pools[0] if pools else None):

@@ -1,5 +1,5 @@
-"""The transformers internals hf_flash relies on (``hf_flash.patches``, and the cache's name in ``hf_flash.graphs``), each
-checked when its patch is applied.
+"""The transformers internals hf_flash relies on (``hf_flash.patches``, and the cache's name in ``hf_flash.graphs``),
+each checked when its patch is applied.
 
 Private methods move between releases (5.24 renamed the cache argument of ``forward()``/``generate()``, its key in
 ``generate()``'s model kwargs and the field of model outputs from ``past_key_values`` to ``cache``). A patch whose

@@ -10,8 +10,8 @@ the model's "compiled call" when ``_valid_auto_compile_criteria`` allows it; for
 ``hf_flash.graphs.DecodeGraphs`` (``disable_compile=True`` or ``PagedCache(cuda_graphs=False)`` keep it eager).
 ``generate`` itself is wrapped only to make a call on a caller's ``PagedCache`` a transaction.
 
-Each wrapped internal is checked when the patches are applied (``hf_flash.internals``): one that this transformers release
-lacks is left alone, and the logger says once what is off.
+Each wrapped internal is checked when the patches are applied (``hf_flash.internals``): one that this transformers
+release lacks is left alone, and the logger says once what is off.
 """
 import functools
 import inspect

@@ -298,7 +298,8 @@ def test_paged_steps_through_triton_kernels(device):
         steps.feed(torch.randint(1, 128, (4, 2)))  # 12 and 7
     assert cache.page_table.lengths == [12, 12, 7, 7]
     # Full pages stay shared; each copy has its own last page (a copy of the shared one, or a new one).
-    assert cache.page_table.pages[0][:2] == cache.page_table.pages[1][:2] and cache.page_table.pages[2][:1] == cache.page_table.pages[3][:1]
+    pages = cache.page_table.pages
+    assert pages[0][:2] == pages[1][:2] and pages[2][:1] == pages[3][:1]
     assert len({p[-1] for p in cache.page_table.pages}) == 4 and cache.memory_stats()["pages_free"] == 0
 
 
@@ -398,8 +399,9 @@ def test_copy_on_write_of_a_shared_partly_filled_page():
     shadow.select([1, 1])
     shared = list(cache.page_table.pages[0])
     shadow.step(1)  # both write into the shared half-filled page: one copies it, the other keeps it
-    assert cache.page_table.pages[0][0] == cache.page_table.pages[1][0] == shared[0] and cache.page_table.refs[shared[0]] == 2
-    assert cache.page_table.pages[0][1] != cache.page_table.pages[1][1] and shared[1] in (cache.page_table.pages[0][1], cache.page_table.pages[1][1])
+    pages = cache.page_table.pages
+    assert pages[0][0] == pages[1][0] == shared[0] and cache.page_table.refs[shared[0]] == 2
+    assert pages[0][1] != pages[1][1] and shared[1] in (pages[0][1], pages[1][1])
     assert cache.memory_stats()["pages_used"] == 3
     # Three sharers of a page holding 3 tokens write 3 tokens each (crossing into a new page): two copies, the last
     # writer keeps the original.

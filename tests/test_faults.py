@@ -10,6 +10,7 @@ from test_cache import CACHE_NAME, _generate
 from test_models import left_padded_batch, tiny_model
 
 from hf_flash import PagedCache, ops
+from hf_flash.graphs import captured_graphs
 from hf_flash.patches import generate as generate_patch
 
 pytestmark = pytest.mark.usefixtures("torch_path_on_cpu")
@@ -76,7 +77,7 @@ def test_a_failed_turn_leaves_the_cache_as_it_was(layer, phase, site, fault, dec
     cache = PagedCache(model.config, page_size=4)
     first = _generate(model, "hf_flash", ids, mask, new=6, do_sample=False, cache=cache, **decode_path)
     turn, turn_mask = _second_turn(first, mask, more)
-    cache.graphs.clear()  # on a GPU the first turn's graphs would replay the decode steps, where no hook runs
+    captured_graphs(cache).clear()  # on a GPU the first turn's graphs would replay the decode steps, where no hook runs
     before = cache.snapshot()
 
     # Layer `layer`'s call in the turn's prefill (its 1st forward) or its first decode step (2nd forward: on a GPU the

@@ -13,6 +13,7 @@ from test_cache import cache_of
 from test_models import left_padded_batch, tiny_model
 
 from hf_flash import PagedCache, ops
+from hf_flash.graphs import captured_graphs
 from hf_flash.patches import generate as generate_patch
 from hf_flash.internals import CACHE_NAME
 
@@ -48,9 +49,9 @@ def test_decode_graphs_match_sdpa(device, graphs_on_any_device, splits_growing_w
     want = _generate(model, reference, ids, mask)
     assert torch.equal(graphed.sequences, want.sequences)
     assert torch.equal(eager.sequences, want.sequences)
-    step_graphs = cache_of(graphed).graphs
+    step_graphs = captured_graphs(cache_of(graphed))
     assert sorted(key[2] for key in step_graphs) == [1, 2, 4]  # the split buckets the steps went through
-    assert not cache_of(eager).graphs
+    assert not captured_graphs(cache_of(eager))
     if device == "cuda":
         assert all(g.graph is not None for g in step_graphs.values())
 
@@ -61,10 +62,11 @@ def test_steps_that_graphs_do_not_cover_run_eagerly(graphs_on_any_device):
     ids, mask = left_padded_batch([8, 5])
     want = _generate(model, reference, ids, mask, new=6, output_hidden_states=True)
     got = _generate(model, "hf_flash", ids, mask, new=6, output_hidden_states=True)
-    assert torch.equal(got.sequences, want.sequences) and not cache_of(got).graphs
+    assert torch.equal(got.sequences, want.sequences) and not captured_graphs(cache_of(got))
     cache = PagedCache(model.config, cuda_graphs=False)
     got = _generate(model, "hf_flash", ids, mask, new=6, cache=cache)
-    assert torch.equal(got.sequences, _generate(model, reference, ids, mask, new=6).sequences) and not cache.graphs
+    assert torch.equal(got.sequences, _generate(model, reference, ids, mask, new=6).sequences)
+    assert not captured_graphs(cache)
 
 
 # Run in a child process: a failed capture leaves torch's CUDA random generator unusable in its process.

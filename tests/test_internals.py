@@ -56,8 +56,9 @@ def test_the_default_generate_runs_on_a_paged_cache():
 
 
 def test_no_flash_attn_casting_line_for_an_fp32_model(fresh_warnings):
-    """fp32 through transformers' flash path (a forward without a cache): transformers would log that fp32 inputs are cast "back
-    to torch.float32 for flash-attn compatibility", a cast that does nothing; hf_flash computes fp32 natively."""
+    """fp32 through transformers' flash path (a forward without a cache): transformers would log that fp32 inputs are
+    cast "back to torch.float32 for flash-attn compatibility", a cast that does nothing; hf_flash computes fp32
+    natively."""
     records = []
     handler = logging.Handler()
     handler.emit = records.append
