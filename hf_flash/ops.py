@@ -23,6 +23,7 @@ import itertools
 import math
 import operator
 import os
+from typing import Optional
 
 import torch
 
@@ -58,6 +59,53 @@ def _backend(device):
     from . import kernels  # imported lazily: triton.jit reads TRITON_INTERPRET when it decorates
 
     return kernels.backend()
+
+
+# ----------------------------------------------------------------------------------- the launchers as custom ops
+# Each launcher is one operator of the ``hf_flash`` library, so torch.compile traces the validation above it but keeps
+# the launch opaque: the torch path's host reads and the Triton launches stay out of dynamo's way (no graph break).
+# Each op writes tensors it is given (mutates_args) and returns nothing; its body picks the backend when it runs, as
+# ``_backend`` does eagerly, so ``use_backend`` reaches compiled graphs too. Kwarg-only tensors are not allowed in a
+# custom op's schema: ``block_table`` is positional here.
+
+
+@torch.library.custom_op("hf_flash::prefill", mutates_args=("out", "lse"))
+def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
+                block_table: Optional[torch.Tensor], max_seqlen_q: int, *, softmax_scale: float, causal: bool,
+                window_left: int, window_right: int, softcap: float) -> None:
+    _backend(q.device).prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q,
+                               softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+                               window_right=window_right, softcap=softcap, block_table=block_table)
+
+
+@torch.library.custom_op("hf_flash::paged_decode", mutates_args=("out", "lse"))
+def _paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                     seqlens: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *, softmax_scale: float,
+                     window_left: int, softcap: float, num_splits: int) -> None:
+    _backend(q.device).paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, softmax_scale=softmax_scale,
+                                    window_left=window_left, softcap=softcap, num_splits=num_splits)
+
+
+@torch.library.custom_op("hf_flash::merge_state", mutates_args=("out", "lse"))
+def _merge_state_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor) -> None:
+    _backend(out.device).merge_state(out_a, lse_a, out_b, lse_b, out, lse)
+
+
+@torch.library.custom_op("hf_flash::write_pages", mutates_args=("k_pool", "v_pool"))
+def _write_pages_op(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    _backend(k_pool.device).write_pages(k_new, v_new, k_pool, v_pool, slot_mapping)
+
+
+def _writes_in_place(*args, **kwargs):
+    """The launchers' fake implementation: they return nothing and change no tensor's shape, so under fake tensors
+    (torch.compile's tracing) there is nothing to do."""
+
+
+for _op in (_prefill_op, _paged_decode_op, _merge_state_op, _write_pages_op):
+    _op.register_fake(_writes_in_place)
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -230,9 +278,9 @@ def _run_prefill(q4, k4, v4, q_start, q_len, k_start, k_len, max_seqlen_q, *, so
     batch, rows, heads, _ = q4.shape
     out = torch.empty_like(q4) if out is None else out
     lse = q4.new_empty((batch, heads, rows), dtype=torch.float32)
-    _backend(q4.device).prefill(
-        q4, k4, v4, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, softmax_scale=softmax_scale,
-        causal=causal, window_left=window[0], window_right=window[1], softcap=softcap, block_table=block_table)
+    torch.ops.hf_flash.prefill(q4, k4, v4, out, lse, q_start, q_len, k_start, k_len, block_table, max_seqlen_q,
+                               softmax_scale=softmax_scale, causal=causal, window_left=window[0],
+                               window_right=window[1], softcap=softcap)
     return out, lse
 
 
@@ -418,15 +466,14 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         _check_page_ids(table, foreign, any_foreign, pages_k.shape[0])
     if k is not None:
         _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed)
-    backend = _backend(q.device)
     if max_q == 1 and not packed:
         if num_splits == 0:
             num_splits = choose_num_splits(batch, k_cache.shape[-2], longest, q.device)
         out = torch.empty_like(q)
         lse = torch.empty((batch, q.shape[2], 1), dtype=torch.float32, device=q.device)
-        backend.paged_decode(q[:, 0], pages_k, pages_v, table, k_len, out[:, 0], lse[:, :, 0],
-                             softmax_scale=softmax_scale, window_left=window[0], softcap=softcap,
-                             num_splits=num_splits)
+        torch.ops.hf_flash.paged_decode(q[:, 0], pages_k, pages_v, table, k_len, out[:, 0], lse[:, :, 0],
+                                        softmax_scale=softmax_scale, window_left=window[0], softcap=softcap,
+                                        num_splits=num_splits)
     else:
         if not packed:
             q_start = torch.zeros(batch, dtype=torch.int32, device=q.device)
@@ -454,7 +501,7 @@ def _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed
         pos = (cache_seqlens.long()[:, None] + torch.arange(seqlen, device=k.device)).flatten()
         k_rows, v_rows = k.flatten(0, 1), v.flatten(0, 1)
     slots = table.long()[seq, pos // page_size] * page_size + pos % page_size
-    _backend(k.device).write_pages(k_rows, v_rows, pages_k, pages_v, slots)
+    torch.ops.hf_flash.write_pages(k_rows, v_rows, pages_k, pages_v, slots)
 
 
 def write_kv_pages(k, v, k_pool, v_pool, slot_mapping, *, max_slot=None):
@@ -495,7 +542,7 @@ def write_kv_pages(k, v, k_pool, v_pool, slot_mapping, *, max_slot=None):
             i = int(past_end.nonzero()[0])
             raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is past the pools' "
                              f"{num_pages * page_size} slots ({num_pages} pages of {page_size})")
-    _backend(k.device).write_pages(k, v, k_pool, v_pool, slot_mapping)
+    torch.ops.hf_flash.write_pages(k, v, k_pool, v_pool, slot_mapping)
 
 
 def merge_state(out_a, lse_a, out_b, lse_b):
@@ -523,7 +570,7 @@ def merge_state(out_a, lse_a, out_b, lse_b):
             raise ValueError(f"{name} is on {t.device} but out_a is on {out_a.device}")
     out = torch.empty_like(out_a)
     lse = torch.empty_like(lse_a)
-    _backend(out_a.device).merge_state(out_a, lse_a, out_b, lse_b, out, lse)
+    torch.ops.hf_flash.merge_state(out_a, lse_a, out_b, lse_b, out, lse)
     return out, lse
 
 
