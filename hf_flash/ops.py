@@ -6,10 +6,16 @@ device: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run the Trit
 ``hf_flash.torch_backend``.
 
 Values held on the device (offsets, lengths, the page ids a call uses, slots) are checked on the host, all of a call's
-together in one read: at most one host sync per call. Two kinds of call read none of them and the caller vouches for
-them, as flash-attn (which checks none) lets every caller do: calls during CUDA-graph capture, where nothing can be
-read, and ``attention_with_kvcache`` given ``max_seqlen_k`` with unpacked ``q`` (hf_flash's own decode step, whose
-``PagedCache`` keeps lengths and block table on the host and checks them there).
+together in one read: at most one host sync per call. Some calls read none of them and the caller vouches for them, as
+flash-attn (which checks none) lets every caller do: calls during CUDA-graph capture, where nothing can be read; calls
+traced by ``torch.compile`` (``torch.compiler.is_compiling()``), where a read would break the graph; and
+``attention_with_kvcache`` given ``max_seqlen_k`` with unpacked ``q`` (hf_flash's own decode step, whose ``PagedCache``
+keeps lengths and block table on the host and checks them there). Where nothing is read, a missing ``max_seqlen_q``
+(and ``attention_varlen``'s ``max_seqlen_k``) is the packed tensor's length, which bounds it; ``attention_with_kvcache``
+needs ``max_seqlen_k``.
+
+The kernels run as custom ops (``torch.ops.hf_flash.prefill``, ``paged_decode``, ``merge_state``, ``write_pages``),
+which torch.compile keeps whole in its graphs.
 
 Causal masks are aligned to the bottom-right corner when ``q_len != k_len``; with ``seqlen_q = 2`` and
 ``seqlen_k = 5`` (1 = keep)::
@@ -18,7 +24,6 @@ Causal masks are aligned to the bottom-right corner when ``q_len != k_len``; wit
     1 1 1 1 1
 """
 import contextlib
-import functools
 import itertools
 import math
 import operator
@@ -175,10 +180,11 @@ def _check_options(softmax_scale, window_size, softcap, head_dim):
     return float(softmax_scale), (int(window_size[0]), int(window_size[1])), float(softcap)
 
 
-def _capturing(device):
-    """Inside CUDA-graph capture no device value can be read on the host (transformers' continuous batching captures
-    its steps, as flash-attn allows): the caller vouches for the offsets, lengths and page ids it passes."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _host_reads_forbidden(device):
+    """Whether device values must not be read on the host: inside CUDA-graph capture none can be (transformers'
+    continuous batching captures its steps, as flash-attn allows), and while torch.compile traces a call a read would
+    break its graph. The caller vouches for the offsets, lengths and page ids it passes."""
+    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _read_on_host(*tensors):
@@ -188,11 +194,15 @@ def _read_on_host(*tensors):
     return [None if t is None else list(itertools.islice(values, t.numel())) for t in tensors]
 
 
-def _check_bound(name, given):
-    """A caller's host-side length bound: an int >= 0 (ints, numpy ints, 0-d integer tensors on the CPU). Required
-    where nothing can be read, under CUDA-graph capture."""
+def _check_bound(name, given, derived=None):
+    """A caller's host-side length bound: an int >= 0 (ints, numpy ints, 0-d integer tensors on the CPU). Where
+    nothing is read (see ``_host_reads_forbidden``) a missing one is ``derived``, the shape that bounds it, or else
+    required."""
     if given is None:
-        raise ValueError(f"{name} must be given during CUDA-graph capture, where the lengths cannot be read")
+        if derived is not None:
+            return derived
+        raise ValueError(f"{name} must be given during CUDA-graph capture and torch.compile, where the lengths cannot "
+                         f"be read")
     try:
         value = operator.index(given)
     except TypeError:
@@ -326,7 +336,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
             with pages). As in flash-attn they may end before the packed tensors do: the rows after belong to no
             sequence (their keys are not read, their outputs are 0 and their lse is undefined).
         max_seqlen_q, max_seqlen_k: derived from the offsets, which are checked on the host (with the page ids, in
-            one sync); needed only during CUDA-graph capture, where they are used as given and nothing is checked.
+            one sync). During CUDA-graph capture and torch.compile nothing is read or checked: they are used as given,
+            and a missing one is the packed length (``total_q``; ``total_k`` or the block table's capacity), which
+            bounds it (a loose ``max_seqlen_q`` only launches programs that find no rows).
         block_table: int32 ``[batch, max_pages]`` page ids of each sequence's keys. The entries holding keys must be
             pages of the pools; the ones past a sequence's keys are never read and may hold anything (-1, say).
         The other arguments are as in ``attention``.
@@ -348,9 +360,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     if paged:
         _check_block_table(block_table, batch, q.device)
     foreign = any_foreign = None
-    if _capturing(q.device):
-        max_q, q_end = _check_bound("max_seqlen_q", max_seqlen_q), None
-        max_k = _check_bound("max_seqlen_k", max_seqlen_k)
+    if _host_reads_forbidden(q.device):  # nothing read: the caller vouches; the packed lengths bound missing bounds
+        max_q, q_end = _check_bound("max_seqlen_q", max_seqlen_q, derived=q.shape[1]), None
+        max_k = _check_bound("max_seqlen_k", max_seqlen_k, derived=block_table.shape[1] * k.shape[1] if paged
+                             else k.shape[1])
     else:  # one host read: both offsets and whether a page id in use is out of range
         foreign = _foreign_pages(block_table, k_len, k) if paged else None
         host_q, host_k, any_foreign = _read_on_host(cu_seqlens_q, cu_seqlens_k, foreign.any() if paged else None)
@@ -386,14 +399,15 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
             must be pages of the pools; the ones past them are never read and may hold anything (-1, say).
         k, v: new keys/values, shaped like ``q`` (``nheads_k`` heads), appended at ``cache_seqlens``.
         cu_seqlens_q: int32 ``[batch + 1]`` offsets of packed ``q`` (and ``k``/``v``).
-        max_seqlen_q: the longest packed sequence; needed only during CUDA-graph capture.
+        max_seqlen_q: the longest packed sequence; used only during CUDA-graph capture and torch.compile, where
+            nothing is read (a missing one is ``total_q``).
         max_seqlen_k: host-side bound of the keys per sequence after appending. With unpacked ``q`` it spares the
             call its host sync, and the caller vouches for ``cache_seqlens`` and ``block_table`` (lengths ``>= 0``
             and within ``max_seqlen_k``, page ids in use in range), as every flash-attn caller does (flash-attn
             checks neither); hf_flash's ``PagedCache`` keeps both on the host and checks them there. Without it the
             call reads the lengths and checks them and the page ids it uses, in one host sync; packed calls read
-            their offsets anyway and check everything in that read. Required during CUDA-graph capture, where
-            nothing is read or checked.
+            their offsets anyway and check everything in that read. Required during CUDA-graph capture and
+            torch.compile, where nothing is read or checked.
         num_splits: split-KV factor for single-token decode; 0 picks one from the shapes.
         The other arguments are as in ``attention``.
 
@@ -438,9 +452,9 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
             raise ValueError(f"k/v are {k.dtype}/{v.dtype} on {k.device}/{v.device} but q is {q.dtype} on {q.device}")
     k_len = cache_seqlens + (q_len if packed else max_q) if k is not None else cache_seqlens
     foreign = any_foreign = None
-    if _capturing(q.device) or (max_seqlen_k is not None and not packed):  # nothing read: the caller vouches
+    if _host_reads_forbidden(q.device) or (max_seqlen_k is not None and not packed):  # nothing read: caller vouches
         if packed:
-            max_q = _check_bound("max_seqlen_q", max_seqlen_q)
+            max_q = _check_bound("max_seqlen_q", max_seqlen_q, derived=q.shape[0])
         longest = _check_bound("max_seqlen_k", max_seqlen_k)
     else:  # one host read: the offsets, the lengths unless given as an int, whether a page id in use is out of range
         foreign = _foreign_pages(table, k_len, pages_k) if paged else None
@@ -536,7 +550,7 @@ def write_kv_pages(k, v, k_pool, v_pool, slot_mapping, *, max_slot=None):
         if _check_bound("max_slot", max_slot) >= num_pages * page_size:
             raise ValueError(f"max_slot = {max_slot} is past the pools' {num_pages * page_size} slots "
                              f"({num_pages} pages of {page_size})")
-    elif not _capturing(k.device):  # under capture the caller vouches for the slots
+    elif not _host_reads_forbidden(k.device):  # under capture and torch.compile the caller vouches for the slots
         past_end = slot_mapping >= num_pages * page_size
         if past_end.any():  # the one host sync; the error path reads where (a second one, only there)
             i = int(past_end.nonzero()[0])
@@ -579,7 +593,7 @@ def choose_num_splits(batch, num_kv_heads, max_seqlen_k, device):
     return _backend(device).choose_num_splits(batch, num_kv_heads, max_seqlen_k, _num_sms(device))
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile asks it (a constant per device) rather than tracing it
 def _num_sms(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
