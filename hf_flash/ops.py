@@ -203,10 +203,13 @@ def _check_bound(name, given, derived=None):
             return derived
         raise ValueError(f"{name} must be given during CUDA-graph capture and torch.compile, where the lengths cannot "
                          f"be read")
-    try:
-        value = operator.index(given)
-    except TypeError:
-        value = -1
+    if isinstance(given, int):  # as is: index() of a dynamic int would specialize torch.compile's graph to its value
+        value = given
+    else:
+        try:
+            value = operator.index(given)
+        except TypeError:
+            value = -1
     if value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {given!r}")
     return value
