@@ -67,14 +67,34 @@ def _backend(device):
 
 
 # ----------------------------------------------------------------------------------- the launchers as custom ops
-# Each launcher is one operator of the ``hf_flash`` library, so torch.compile traces the validation above it but keeps
-# the launch opaque: the torch path's host reads and the Triton launches stay out of dynamo's way (no graph break).
-# Each op writes tensors it is given (mutates_args) and returns nothing; its body picks the backend when it runs, as
-# ``_backend`` does eagerly, so ``use_backend`` reaches compiled graphs too. Kwarg-only tensors are not allowed in a
-# custom op's schema: ``block_table`` is positional here.
+# Each launcher is one operator of the ``hf_flash`` library (``torch.ops.hf_flash.<name>``), so torch.compile traces
+# the validation above it but keeps the launch opaque: the torch path's host reads and the Triton launches stay out of
+# dynamo's way (no graph break). Each op writes tensors it is given (its schema marks them mutable) and returns
+# nothing; its body picks the backend when it runs, as ``_backend`` does eagerly, so ``use_backend`` reaches compiled
+# graphs too. Not torch.library.custom_op: its Python autograd and in-place kernels cost ~20 us per call in eager (a
+# decode step makes two calls per layer); one CompositeExplicitAutograd kernel gets torch's C++ fallbacks (~3 us).
+_LIBRARY = torch.library.Library("hf_flash", "DEF")
 
 
-@torch.library.custom_op("hf_flash::prefill", mutates_args=("out", "lse"))
+def _writes_in_place(*args, **kwargs):
+    """The launchers' fake implementation: they return nothing and change no tensor's shape, so under fake tensors
+    (torch.compile's tracing) there is nothing to do."""
+
+
+def _launcher_op(name, mutates_args):
+    """Define the annotated function it decorates as the op ``hf_flash::<name>``, for every device."""
+
+    def define(fn):
+        _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
+        _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"hf_flash::{name}", _writes_in_place, lib=_LIBRARY)
+        return fn
+
+    return define
+
+
+# Schemas take no kwarg-only tensors: ``block_table`` is positional here.
+@_launcher_op("prefill", mutates_args=("out", "lse"))
 def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                 q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
                 block_table: Optional[torch.Tensor], max_seqlen_q: int, *, softmax_scale: float, causal: bool,
@@ -84,7 +104,7 @@ def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Te
                                window_right=window_right, softcap=softcap, block_table=block_table)
 
 
-@torch.library.custom_op("hf_flash::paged_decode", mutates_args=("out", "lse"))
+@_launcher_op("paged_decode", mutates_args=("out", "lse"))
 def _paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
                      seqlens: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *, softmax_scale: float,
                      window_left: int, softcap: float, num_splits: int) -> None:
@@ -92,25 +112,16 @@ def _paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
                                     window_left=window_left, softcap=softcap, num_splits=num_splits)
 
 
-@torch.library.custom_op("hf_flash::merge_state", mutates_args=("out", "lse"))
+@_launcher_op("merge_state", mutates_args=("out", "lse"))
 def _merge_state_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor) -> None:
     _backend(out.device).merge_state(out_a, lse_a, out_b, lse_b, out, lse)
 
 
-@torch.library.custom_op("hf_flash::write_pages", mutates_args=("k_pool", "v_pool"))
+@_launcher_op("write_pages", mutates_args=("k_pool", "v_pool"))
 def _write_pages_op(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
     _backend(k_pool.device).write_pages(k_new, v_new, k_pool, v_pool, slot_mapping)
-
-
-def _writes_in_place(*args, **kwargs):
-    """The launchers' fake implementation: they return nothing and change no tensor's shape, so under fake tensors
-    (torch.compile's tracing) there is nothing to do."""
-
-
-for _op in (_prefill_op, _paged_decode_op, _merge_state_op, _write_pages_op):
-    _op.register_fake(_writes_in_place)
 
 
 # ----------------------------------------------------------------------------------------------- validation
