@@ -6,10 +6,16 @@ device: CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``) run the Trit
 ``hf_flash.torch_backend``.
 
 Values held on the device (offsets, lengths, the page ids a call uses, slots) are checked on the host, all of a call's
-together in one read: at most one host sync per call. Two kinds of call read none of them and the caller vouches for
-them, as flash-attn (which checks none) lets every caller do: calls during CUDA-graph capture, where nothing can be
-read, and ``attention_with_kvcache`` given ``max_seqlen_k`` with unpacked ``q`` (hf_flash's own decode step, whose
-``PagedCache`` keeps lengths and block table on the host and checks them there).
+together in one read: at most one host sync per call. Some calls read none of them and the caller vouches for them, as
+flash-attn (which checks none) lets every caller do: calls during CUDA-graph capture, where nothing can be read; calls
+traced by ``torch.compile`` (``torch.compiler.is_compiling()``), where a read would break the graph; and
+``attention_with_kvcache`` given ``max_seqlen_k`` with unpacked ``q`` (hf_flash's own decode step, whose ``PagedCache``
+keeps lengths and block table on the host and checks them there). Where nothing is read, a missing ``max_seqlen_q``
+(and ``attention_varlen``'s ``max_seqlen_k``) is the packed tensor's length, which bounds it; ``attention_with_kvcache``
+needs ``max_seqlen_k``.
+
+The kernels run as custom ops (``torch.ops.hf_flash.prefill``, ``paged_decode``, ``merge_state``, ``write_pages``),
+which torch.compile keeps whole in its graphs.
 
 Causal masks are aligned to the bottom-right corner when ``q_len != k_len``; with ``seqlen_q = 2`` and
 ``seqlen_k = 5`` (1 = keep)::
@@ -18,11 +24,11 @@ Causal masks are aligned to the bottom-right corner when ``q_len != k_len``; wit
     1 1 1 1 1
 """
 import contextlib
-import functools
 import itertools
 import math
 import operator
 import os
+from typing import Optional
 
 import torch
 
@@ -58,6 +64,64 @@ def _backend(device):
     from . import kernels  # imported lazily: triton.jit reads TRITON_INTERPRET when it decorates
 
     return kernels.backend()
+
+
+# ----------------------------------------------------------------------------------- the launchers as custom ops
+# Each launcher is one operator of the ``hf_flash`` library (``torch.ops.hf_flash.<name>``), so torch.compile traces
+# the validation above it but keeps the launch opaque: the torch path's host reads and the Triton launches stay out of
+# dynamo's way (no graph break). Each op writes tensors it is given (its schema marks them mutable) and returns
+# nothing; its body picks the backend when it runs, as ``_backend`` does eagerly, so ``use_backend`` reaches compiled
+# graphs too. Not torch.library.custom_op: its Python autograd and in-place kernels cost ~20 us per call in eager (a
+# decode step makes two calls per layer); one CompositeExplicitAutograd kernel gets torch's C++ fallbacks (~3 us).
+_LIBRARY = torch.library.Library("hf_flash", "DEF")
+
+
+def _writes_in_place(*args, **kwargs):
+    """The launchers' fake implementation: they return nothing and change no tensor's shape, so under fake tensors
+    (torch.compile's tracing) there is nothing to do."""
+
+
+def _launcher_op(name, mutates_args):
+    """Define the annotated function it decorates as the op ``hf_flash::<name>``, for every device."""
+
+    def define(fn):
+        _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
+        _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"hf_flash::{name}", _writes_in_place, lib=_LIBRARY)
+        return fn
+
+    return define
+
+
+# Schemas take no kwarg-only tensors: ``block_table`` is positional here.
+@_launcher_op("prefill", mutates_args=("out", "lse"))
+def _prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                q_start: torch.Tensor, q_len: torch.Tensor, k_start: torch.Tensor, k_len: torch.Tensor,
+                block_table: Optional[torch.Tensor], max_seqlen_q: int, *, softmax_scale: float, causal: bool,
+                window_left: int, window_right: int, softcap: float) -> None:
+    _backend(q.device).prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q,
+                               softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+                               window_right=window_right, softcap=softcap, block_table=block_table)
+
+
+@_launcher_op("paged_decode", mutates_args=("out", "lse"))
+def _paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor,
+                     seqlens: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *, softmax_scale: float,
+                     window_left: int, softcap: float, num_splits: int) -> None:
+    _backend(q.device).paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, softmax_scale=softmax_scale,
+                                    window_left=window_left, softcap=softcap, num_splits=num_splits)
+
+
+@_launcher_op("merge_state", mutates_args=("out", "lse"))
+def _merge_state_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor) -> None:
+    _backend(out.device).merge_state(out_a, lse_a, out_b, lse_b, out, lse)
+
+
+@_launcher_op("write_pages", mutates_args=("k_pool", "v_pool"))
+def _write_pages_op(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    _backend(k_pool.device).write_pages(k_new, v_new, k_pool, v_pool, slot_mapping)
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -127,10 +191,11 @@ def _check_options(softmax_scale, window_size, softcap, head_dim):
     return float(softmax_scale), (int(window_size[0]), int(window_size[1])), float(softcap)
 
 
-def _capturing(device):
-    """Inside CUDA-graph capture no device value can be read on the host (transformers' continuous batching captures
-    its steps, as flash-attn allows): the caller vouches for the offsets, lengths and page ids it passes."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _host_reads_forbidden(device):
+    """Whether device values must not be read on the host: inside CUDA-graph capture none can be (transformers'
+    continuous batching captures its steps, as flash-attn allows), and while torch.compile traces a call a read would
+    break its graph. The caller vouches for the offsets, lengths and page ids it passes."""
+    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _read_on_host(*tensors):
@@ -140,15 +205,22 @@ def _read_on_host(*tensors):
     return [None if t is None else list(itertools.islice(values, t.numel())) for t in tensors]
 
 
-def _check_bound(name, given):
-    """A caller's host-side length bound: an int >= 0 (ints, numpy ints, 0-d integer tensors on the CPU). Required
-    where nothing can be read, under CUDA-graph capture."""
+def _check_bound(name, given, derived=None):
+    """A caller's host-side length bound: an int >= 0 (ints, numpy ints, 0-d integer tensors on the CPU). Where
+    nothing is read (see ``_host_reads_forbidden``) a missing one is ``derived``, the shape that bounds it, or else
+    required."""
     if given is None:
-        raise ValueError(f"{name} must be given during CUDA-graph capture, where the lengths cannot be read")
-    try:
-        value = operator.index(given)
-    except TypeError:
-        value = -1
+        if derived is not None:
+            return derived
+        raise ValueError(f"{name} must be given during CUDA-graph capture and torch.compile, where the lengths cannot "
+                         f"be read")
+    if isinstance(given, int):  # as is: index() of a dynamic int would specialize torch.compile's graph to its value
+        value = given
+    else:
+        try:
+            value = operator.index(given)
+        except TypeError:
+            value = -1
     if value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {given!r}")
     return value
@@ -230,9 +302,9 @@ def _run_prefill(q4, k4, v4, q_start, q_len, k_start, k_len, max_seqlen_q, *, so
     batch, rows, heads, _ = q4.shape
     out = torch.empty_like(q4) if out is None else out
     lse = q4.new_empty((batch, heads, rows), dtype=torch.float32)
-    _backend(q4.device).prefill(
-        q4, k4, v4, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, softmax_scale=softmax_scale,
-        causal=causal, window_left=window[0], window_right=window[1], softcap=softcap, block_table=block_table)
+    torch.ops.hf_flash.prefill(q4, k4, v4, out, lse, q_start, q_len, k_start, k_len, block_table, max_seqlen_q,
+                               softmax_scale=softmax_scale, causal=causal, window_left=window[0],
+                               window_right=window[1], softcap=softcap)
     return out, lse
 
 
@@ -278,7 +350,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
             with pages). As in flash-attn they may end before the packed tensors do: the rows after belong to no
             sequence (their keys are not read, their outputs are 0 and their lse is undefined).
         max_seqlen_q, max_seqlen_k: derived from the offsets, which are checked on the host (with the page ids, in
-            one sync); needed only during CUDA-graph capture, where they are used as given and nothing is checked.
+            one sync). During CUDA-graph capture and torch.compile nothing is read or checked: they are used as given,
+            and a missing one is the packed length (``total_q``; ``total_k`` or the block table's capacity), which
+            bounds it (a loose ``max_seqlen_q`` only launches programs that find no rows).
         block_table: int32 ``[batch, max_pages]`` page ids of each sequence's keys. The entries holding keys must be
             pages of the pools; the ones past a sequence's keys are never read and may hold anything (-1, say).
         The other arguments are as in ``attention``.
@@ -300,9 +374,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     if paged:
         _check_block_table(block_table, batch, q.device)
     foreign = any_foreign = None
-    if _capturing(q.device):
-        max_q, q_end = _check_bound("max_seqlen_q", max_seqlen_q), None
-        max_k = _check_bound("max_seqlen_k", max_seqlen_k)
+    if _host_reads_forbidden(q.device):  # nothing read: the caller vouches; the packed lengths bound missing bounds
+        max_q, q_end = _check_bound("max_seqlen_q", max_seqlen_q, derived=q.shape[1]), None
+        max_k = _check_bound("max_seqlen_k", max_seqlen_k, derived=block_table.shape[1] * k.shape[1] if paged
+                             else k.shape[1])
     else:  # one host read: both offsets and whether a page id in use is out of range
         foreign = _foreign_pages(block_table, k_len, k) if paged else None
         host_q, host_k, any_foreign = _read_on_host(cu_seqlens_q, cu_seqlens_k, foreign.any() if paged else None)
@@ -338,14 +413,15 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
             must be pages of the pools; the ones past them are never read and may hold anything (-1, say).
         k, v: new keys/values, shaped like ``q`` (``nheads_k`` heads), appended at ``cache_seqlens``.
         cu_seqlens_q: int32 ``[batch + 1]`` offsets of packed ``q`` (and ``k``/``v``).
-        max_seqlen_q: the longest packed sequence; needed only during CUDA-graph capture.
+        max_seqlen_q: the longest packed sequence; used only during CUDA-graph capture and torch.compile, where
+            nothing is read (a missing one is ``total_q``).
         max_seqlen_k: host-side bound of the keys per sequence after appending. With unpacked ``q`` it spares the
             call its host sync, and the caller vouches for ``cache_seqlens`` and ``block_table`` (lengths ``>= 0``
             and within ``max_seqlen_k``, page ids in use in range), as every flash-attn caller does (flash-attn
             checks neither); hf_flash's ``PagedCache`` keeps both on the host and checks them there. Without it the
             call reads the lengths and checks them and the page ids it uses, in one host sync; packed calls read
-            their offsets anyway and check everything in that read. Required during CUDA-graph capture, where
-            nothing is read or checked.
+            their offsets anyway and check everything in that read. Required during CUDA-graph capture and
+            torch.compile, where nothing is read or checked.
         num_splits: split-KV factor for single-token decode; 0 picks one from the shapes.
         The other arguments are as in ``attention``.
 
@@ -390,9 +466,9 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
             raise ValueError(f"k/v are {k.dtype}/{v.dtype} on {k.device}/{v.device} but q is {q.dtype} on {q.device}")
     k_len = cache_seqlens + (q_len if packed else max_q) if k is not None else cache_seqlens
     foreign = any_foreign = None
-    if _capturing(q.device) or (max_seqlen_k is not None and not packed):  # nothing read: the caller vouches
+    if _host_reads_forbidden(q.device) or (max_seqlen_k is not None and not packed):  # nothing read: caller vouches
         if packed:
-            max_q = _check_bound("max_seqlen_q", max_seqlen_q)
+            max_q = _check_bound("max_seqlen_q", max_seqlen_q, derived=q.shape[0])
         longest = _check_bound("max_seqlen_k", max_seqlen_k)
     else:  # one host read: the offsets, the lengths unless given as an int, whether a page id in use is out of range
         foreign = _foreign_pages(table, k_len, pages_k) if paged else None
@@ -418,15 +494,14 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         _check_page_ids(table, foreign, any_foreign, pages_k.shape[0])
     if k is not None:
         _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed)
-    backend = _backend(q.device)
     if max_q == 1 and not packed:
         if num_splits == 0:
             num_splits = choose_num_splits(batch, k_cache.shape[-2], longest, q.device)
         out = torch.empty_like(q)
         lse = torch.empty((batch, q.shape[2], 1), dtype=torch.float32, device=q.device)
-        backend.paged_decode(q[:, 0], pages_k, pages_v, table, k_len, out[:, 0], lse[:, :, 0],
-                             softmax_scale=softmax_scale, window_left=window[0], softcap=softcap,
-                             num_splits=num_splits)
+        torch.ops.hf_flash.paged_decode(q[:, 0], pages_k, pages_v, table, k_len, out[:, 0], lse[:, :, 0],
+                                        softmax_scale=softmax_scale, window_left=window[0], softcap=softcap,
+                                        num_splits=num_splits)
     else:
         if not packed:
             q_start = torch.zeros(batch, dtype=torch.int32, device=q.device)
@@ -454,7 +529,7 @@ def _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed
         pos = (cache_seqlens.long()[:, None] + torch.arange(seqlen, device=k.device)).flatten()
         k_rows, v_rows = k.flatten(0, 1), v.flatten(0, 1)
     slots = table.long()[seq, pos // page_size] * page_size + pos % page_size
-    _backend(k.device).write_pages(k_rows, v_rows, pages_k, pages_v, slots)
+    torch.ops.hf_flash.write_pages(k_rows, v_rows, pages_k, pages_v, slots)
 
 
 def write_kv_pages(k, v, k_pool, v_pool, slot_mapping, *, max_slot=None):
@@ -489,13 +564,13 @@ def write_kv_pages(k, v, k_pool, v_pool, slot_mapping, *, max_slot=None):
         if _check_bound("max_slot", max_slot) >= num_pages * page_size:
             raise ValueError(f"max_slot = {max_slot} is past the pools' {num_pages * page_size} slots "
                              f"({num_pages} pages of {page_size})")
-    elif not _capturing(k.device):  # under capture the caller vouches for the slots
+    elif not _host_reads_forbidden(k.device):  # under capture and torch.compile the caller vouches for the slots
         past_end = slot_mapping >= num_pages * page_size
         if past_end.any():  # the one host sync; the error path reads where (a second one, only there)
             i = int(past_end.nonzero()[0])
             raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is past the pools' "
                              f"{num_pages * page_size} slots ({num_pages} pages of {page_size})")
-    _backend(k.device).write_pages(k, v, k_pool, v_pool, slot_mapping)
+    torch.ops.hf_flash.write_pages(k, v, k_pool, v_pool, slot_mapping)
 
 
 def merge_state(out_a, lse_a, out_b, lse_b):
@@ -523,7 +598,7 @@ def merge_state(out_a, lse_a, out_b, lse_b):
             raise ValueError(f"{name} is on {t.device} but out_a is on {out_a.device}")
     out = torch.empty_like(out_a)
     lse = torch.empty_like(lse_a)
-    _backend(out_a.device).merge_state(out_a, lse_a, out_b, lse_b, out, lse)
+    torch.ops.hf_flash.merge_state(out_a, lse_a, out_b, lse_b, out, lse)
     return out, lse
 
 
@@ -532,7 +607,7 @@ def choose_num_splits(batch, num_kv_heads, max_seqlen_k, device):
     return _backend(device).choose_num_splits(batch, num_kv_heads, max_seqlen_k, _num_sms(device))
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile asks it (a constant per device) rather than tracing it
 def _num_sms(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -63,11 +63,7 @@ def tile_config(configs, interpret_config, head_dim_bucket, dtype, device):
 
 
 def backend():
-    """The launchers as one namespace with the same names as ``hf_flash.torch_backend``."""
-    import types
+    """The launchers as one module with the same names as ``hf_flash.torch_backend``."""
+    from . import launchers
 
-    from . import decode, merge, paged_kv, prefill
-
-    return types.SimpleNamespace(prefill=prefill.prefill, paged_decode=decode.paged_decode,
-                                 choose_num_splits=decode.choose_num_splits, merge_state=merge.merge_state,
-                                 write_pages=paged_kv.write_pages)
+    return launchers

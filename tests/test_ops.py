@@ -466,31 +466,32 @@ def test_attention_varlen_ignores_rows_past_the_offsets(backend, device, monkeyp
 
 def test_graph_capture_reads_nothing_on_the_host(monkeypatch):
     """transformers' continuous batching and hf_flash's decode steps are captured as CUDA graphs, where reading a device
-    value on the host fails: during capture the given max_seqlen_q/k reach the launchers, and offsets, lengths, page
-    ids and slots go unchecked (the caller vouches for them: page ids -1 and 7 of a 4-page pool pass); without the
-    bounds a ValueError says what to pass. (Capture itself is simulated here; the GPU test below captures for real.)"""
+    value on the host fails (and torch.compile, where a read breaks the graph): there the given max_seqlen_q/k reach
+    the launchers, a missing max_seqlen_q is the packed length, and offsets, lengths, page ids and slots go unchecked
+    (the caller vouches for them: page ids -1 and 7 of a 4-page pool pass); without the max_seqlen_k of a cache a
+    ValueError says what to pass. (Capture itself is simulated here; the GPU test below captures for real.)"""
     q, _ = _packed([3, 5], 4, 32, torch.float16, "cpu")
     k, _ = _packed([4, 6], 2, 32, torch.float16, "cpu")
     cu_q, cu_k = _cu([3, 5], "cpu"), _cu([4, 6], "cpu")
     pool = torch.zeros(4, 4, 2, 32, dtype=torch.float16)
     table = _i32([[-1, 0, 0], [1, 7, 0]])  # the first page of sequence 0 and the second of sequence 1 are in use
     launched = []
-    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    monkeypatch.setattr(ops, "_host_reads_forbidden", lambda device: True)
     monkeypatch.setattr(ops, "_run_prefill", lambda *args, **kwargs: launched.append(args) or (None, torch.zeros(1)))
     backend = mock.Mock()
     monkeypatch.setattr(ops, "_backend", mock.Mock(return_value=backend))
     with _counted_host_reads() as reads:
         ops.attention_varlen(q, k, k, cu_q, cu_k, 7, 9, causal=True)
         ops.attention_varlen(q, pool, pool, cu_q, cu_k, 7, 9, causal=True, block_table=table)
-        with pytest.raises(ValueError, match="max_seqlen_q must be given during CUDA-graph capture"):
-            ops.attention_varlen(q, k, k, cu_q, cu_k, causal=True)
+        ops.attention_varlen(q, k, k, cu_q, cu_k, causal=True)
         decode_q = q.view(2, 4, 4, 32)[:, :1]
-        with pytest.raises(ValueError, match="max_seqlen_k must be given during CUDA-graph capture"):
+        with pytest.raises(ValueError, match="max_seqlen_k must be given during CUDA-graph capture and torch.compile"):
             ops.attention_with_kvcache(decode_q, pool, pool, _i32([3, 5]), table)
         ops.attention_with_kvcache(decode_q, pool, pool, _i32([3, 6]), table, max_seqlen_k=6, num_splits=1)
         ops.write_kv_pages(k[:2], k[:2], pool, pool, torch.tensor([3, 99]))
     assert not reads
-    assert len(launched) == 2 and all(args[7] == 7 for args in launched)  # max_seqlen_q, as given
+    # max_seqlen_q as given, then the packed length
+    assert [args[7] for args in launched] == [7, 7, q.shape[0]]
     assert [name for name, _, _ in backend.method_calls] == ["paged_decode", "write_pages"]
 
 
