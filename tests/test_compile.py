@@ -87,11 +87,11 @@ def test_padded_prefill_breaks_only_in_transformers(bf16_llama, device):
 
 
 def test_planned_decode_step_compiles_whole(bf16_llama, device):
-    """A decode step over a PagedCache planned before the compiled region (begin_step, as DecodeGraphs does; the plan
-    holds the mask, which the step then leaves out) compiles whole: the layers take the open step's plan and its
-    device tensors, and the ops read nothing on the host. Each step matches an eager step over a twin cache, also in
-    the pages it writes (the next steps read them); after the first steps made the slots and block table width
-    dynamic, the graph serves every step."""
+    """A decode step over a PagedCache planned before the compiled region (begin_step and the plan's device tensors,
+    as DecodeGraphs does; the plan holds the mask, which the step then leaves out) compiles whole: the layers take the
+    open step's plan and its device tensors, and the ops read nothing on the host. Each step matches an eager step
+    over a twin cache, also in the pages it writes (the next steps read them); after the first steps made the slots
+    and block table width dynamic, the graph serves every step."""
     model = bf16_llama.to(device)
     ids, mask = (t.to(device) for t in left_padded_batch([13, 6, 2]))
     counter = CompileCounterWithBackend(BACKEND)
@@ -105,7 +105,9 @@ def test_planned_decode_step_compiles_whole(bf16_llama, device):
             mask = torch.cat([mask, torch.ones_like(tokens)], 1)
             step = {"input_ids": tokens, "position_ids": mask.sum(-1, keepdim=True) - 1}
             want = model(**step, attention_mask=mask, **{CACHE_NAME: eager_cache}).logits
-            compiled_cache.begin_step(mask, 1, len(tokens))
+            # Host planning and its copies to the device (pinned on a GPU, which fake tensors cannot be) come before
+            # the compiled region, as in DecodeGraphs.
+            compiled_cache.begin_step(mask, 1, len(tokens)).on(ids.device)
             got = compiled(**step, **{CACHE_NAME: compiled_cache}).logits
             compiled_cache.commit_step()
             torch.testing.assert_close(got, want, atol=0, rtol=0)
