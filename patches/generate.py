@@ -39,6 +39,7 @@ _original_prepare_cache = GenerationMixin._prepare_cache_for_generation
 _original_prefill = GenerationMixin._prefill
 _original_compile_criteria = GenerationMixin._valid_auto_compile_criteria
 _original_compiled_call = PreTrainedModel.get_compiled_call
+_prepare_cache_signature = inspect.signature(_original_prepare_cache)
 
 
 def _callers_paged_cache(kwargs):
@@ -130,7 +131,6 @@ _PATCHES = [
     (PreTrainedModel, "get_compiled_call", _original_compiled_call, get_compiled_call, ("compile_config",),
      "decode steps over a PagedCache are not replayed as CUDA graphs"),
 ]
-_prepare_cache_signature = inspect.signature(_original_prepare_cache)
 
 
 def apply():
