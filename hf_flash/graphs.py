@@ -1,19 +1,26 @@
-"""CUDA-graph replay of ``generate()``'s single-token decode steps over a ``PagedCache``.
+"""Single-token decode steps over a ``PagedCache``, compiled by torch.compile and replayed as CUDA graphs.
 
-A decode step of a few sequences is bound by the host: transformers' Python and one kernel launch after another,
-layer after layer, while the GPU waits. ``generate()`` asks the model for a "compiled call" to run its decode steps
-(``get_compiled_call``); for a ``PagedCache`` hf_flash answers with ``DecodeGraphs`` (``hf_flash.patches.generate``),
-which captures the step once per (batch size, split count) as a CUDA graph and replays it.
+A decode step of a few sequences is bound by the host and by memory: transformers' Python and one small kernel after
+another, layer after layer. gpt-fast's answer is to compile the whole step (the compiler fuses the norms, rotary and
+MLP glue around the attention kernels, which it sees as custom ops) and to replay it as one CUDA graph. Two step
+functions go through this module's ``run_step``:
 
-Host work stays outside the graph, as in FlashInfer's plan/run split: the cache plans the step (pages, the slot of
-each new token, lengths) and the runner copies that plan, the token ids and the positions into the graph's static
-buffers before each replay. The kernels read every length from those buffers, so one graph serves each step until
-the longest sequence moves the split count into another bucket (powers of two). The first step of a bucket runs
-eagerly on the static buffers, which compiles the kernels for exactly those arguments; the second one captures.
+* ``decode_step``, hf_flash's own decode loop (``hf_flash.decoding``): the forward and the choice of the next token.
+* ``forward_step``, the "compiled call" transformers' loops ask for (``get_compiled_call``: beam search, assisted
+  decoding, processors that read the ids), answered by ``DecodeGraphs``: the forward alone, returning logits.
+
+Host work stays outside the graph, as in FlashInfer's plan/run split: the caller begins the step (the cache plans
+pages, slots and lengths), ``run_step`` copies the plan, the token ids and the positions into the graph's static
+buffers, replays, and the caller commits the step. The kernels read every length from those buffers, and the plan's
+host-side bounds are widened to the pools' capacity, so one graph serves each step until the longest sequence moves
+the split count into another bucket (powers of two). The first step of a (batch, splits, pool) key runs the compiled
+function on the static buffers (compiling it, and the Triton kernels, for exactly those arguments); the second one
+captures it.
 """
 import weakref
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import ops
 from .cache import PagedCache, copy_from_host
@@ -22,10 +29,45 @@ from .internals import CACHE_NAME, warn_once
 # The arguments of a decode step that a graph reproduces; a step with any other argument set runs eagerly.
 _STEP_ARGS = {"input_ids", "position_ids", "attention_mask", CACHE_NAME, "use_cache", "return_dict", "logits_to_keep"}
 
+# torch.compile's backend for the steps, by device type; a device not listed runs the step functions uncompiled.
+# fallback_random: sampling draws from torch's own generator, so a seed gives the tokens an eager loop gives.
+# Compiled with dynamic shapes and ints from the start: one graph for every length, split count and pool size (a
+# static first compile would be followed by a recompile at the second step, whose lengths differ); a new batch size
+# compiles once more.
+COMPILE_BACKENDS = {"cuda": "inductor"}
+_INDUCTOR_OPTIONS = {"fallback_random": True}
+_compiled = {}  # (step function, backend) -> its torch.compile wrapper (dynamo's code cache is per function)
 
-# The step graphs captured over each cache's pools, by (model, batch, splits, logits_to_keep, pool size): the runner
-# owns them, the cache knows nothing of them, and they go with the cache. A pool that grew is a new pool: the graphs
-# captured over the old one are dropped.
+
+def forward_step(model, cache, input_ids, position_ids, logits_to_keep):
+    """The model's forward over the cache: its logits."""
+    kwargs = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=True, return_dict=True,
+                 **{CACHE_NAME: cache}, **kwargs).logits
+
+
+def decode_step(model, cache, input_ids, position_ids, select):
+    """The forward of the last token and the choice of the next: ``[B]`` token ids."""
+    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=True, return_dict=True,
+                   logits_to_keep=1, **{CACHE_NAME: cache}).logits
+    return select(logits[:, -1])
+
+
+def compiled(step_function, device):
+    """``step_function`` compiled for ``device`` (as is where no backend is set for it)."""
+    backend = COMPILE_BACKENDS.get(device.type)
+    if backend is None:
+        return step_function
+    if (step_function, backend) not in _compiled:
+        options = _INDUCTOR_OPTIONS if backend == "inductor" else None
+        _compiled[step_function, backend] = torch.compile(step_function, backend=backend, options=options,
+                                                          dynamic=True)
+    return _compiled[step_function, backend]
+
+
+# The step graphs captured over each cache's pools, by (model, batch, splits, step, pool size): the runner owns them,
+# the cache knows nothing of them, and they go with the cache. A pool that grew is a new pool: the graphs captured
+# over the old one are dropped.
 _captured = weakref.WeakKeyDictionary()
 
 
@@ -35,7 +77,8 @@ def captured_graphs(cache):
 
 
 class _StepGraph:
-    """The static inputs of one (model, batch, splits) step, its graph once captured, and the logits replays write."""
+    """The static inputs of one (model, batch, splits, step) key, its graph once captured, and the output that
+    replays write."""
 
     def __init__(self, cache, batch, device):
         self.input_ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
@@ -48,9 +91,8 @@ class _StepGraph:
         }
         self.table_source = None  # the host block table last copied in (the cache makes a new one on any change)
         self.graph = None
-        self.logits = None
-        self.output_type = None
-        self.warm = False  # the step ran eagerly on these buffers once
+        self.output = None
+        self.warm = False  # the step ran on these buffers once
 
     def load(self, plan, input_ids, position_ids, device):
         """Copy this step's inputs and plan into the static buffers; the layers read the plan from them."""
@@ -64,10 +106,88 @@ class _StepGraph:
         plan.use(device, self.plan_tensors)
 
 
+def why_not_graphed(model, cache, device):
+    """Why ``model``'s decode steps over ``cache`` cannot be captured as graphs on ``device`` (None if they can)."""
+    device_map = getattr(model, "hf_device_map", {})
+    # Modules accelerate keeps off the device they run on: on disk, or on the CPU while the steps run elsewhere.
+    offloaded = sorted(name for name, where in device_map.items()
+                       if str(where) == "disk" or (str(where) == "cpu" and device.type != "cpu"))
+    if offloaded:
+        # accelerate's hooks copy these modules' weights in from the host at every forward: a replay would not.
+        return (f"accelerate offloads {', '.join(offloaded)} to the CPU or disk (device_map), and loads their "
+                f"weights anew at every step")
+    # Where the layers' pages are, or before there are any, where accelerate put the modules.
+    placements = {layer.keys.device for layer in cache.layers if layer.is_initialized} or {
+        torch.device(where) if isinstance(where, str) else torch.device("cuda", where) for where in device_map.values()}
+    if placements - {device}:
+        # A graph captures the work queued on one device's stream; layers elsewhere would run outside it.
+        return (f"this model's layers are on {', '.join(sorted(map(str, placements)))} and its inputs on "
+                f"{device} (a model split over devices with device_map); CUDA graphs need every layer on the "
+                f"inputs' device")
+    return None
+
+
+def run_step(step, key, cache, plan, input_ids, position_ids):
+    """Run the planned single-token step ``step(input_ids, position_ids)`` (which closes over the model and the
+    cache) through the static buffers of ``key``: the first time on them (on CUDA compiling the step), captured the
+    second, replayed after. Returns the step's output, which the next replay of this key overwrites."""
+    batch, device = input_ids.shape[0], input_ids.device
+    # The pools' KV heads: under tensor parallelism this rank's share, which is what the decode kernel launches on.
+    splits = ops.choose_num_splits(batch, cache.num_kv_heads, plan.max_seqlen_k, device)
+    plan.num_splits = 1 << (splits.bit_length() - 1)
+    # Bounds the host checks against and nothing else reads: at the pools' capacity they are the same at every step,
+    # so the compiled step is not specialized to one step's lengths.
+    plan.max_seqlen_k = cache.num_pages * cache.page_size
+    plan.max_slot = plan.max_seqlen_k - 1
+    key = (*key[:1], batch, plan.num_splits, *key[1:], cache.num_pages)
+    graphs = _captured.setdefault(cache, {})
+    if key not in graphs:
+        for stale in [k for k in graphs if k[-1] != cache.num_pages]:  # captured over pools since grown
+            del graphs[stale]
+        graphs[key] = _StepGraph(cache, batch, device)
+    step_graph = graphs[key]
+    step_graph.load(plan, input_ids, position_ids, device)
+    if step_graph.graph is None:
+        if device.type != "cuda" or not step_graph.warm:
+            step_graph.warm = True
+            return _first_run(step, step_graph, device)
+        _capture(step, step_graph, cache)
+    step_graph.graph.replay()
+    return step_graph.output
+
+
+def _first_run(step, step_graph, device):
+    if device.type != "cuda":
+        return step(step_graph.input_ids, step_graph.position_ids)
+    # On a side stream, as torch.cuda.graph's documentation asks of the runs before a capture.
+    main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        output = step(step_graph.input_ids, step_graph.position_ids)
+    main.wait_stream(side)
+    return output
+
+
+def _capture(step, step_graph, cache):
+    """Capture the step (which it does not run). A model that cannot be captured (one that syncs with the host inside
+    its forward, say) raises (and the caller aborts the step): after a failed capture torch's CUDA random generator
+    refuses further work in this process, so running on eagerly is no way out."""
+    pools = [g.graph.pool() for g in captured_graphs(cache).values() if g.graph is not None]
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pools[0] if pools else None):
+            output = step(step_graph.input_ids, step_graph.position_ids)
+    except Exception as e:
+        raise RuntimeError(f"hf_flash could not capture this model's decode step as a CUDA graph "
+                           f"({type(e).__name__}: {e}); call generate(..., disable_compile=True) or give it "
+                           f"PagedCache(config, cuda_graphs=False) to decode eagerly") from e
+    step_graph.graph, step_graph.output = graph, output
+
+
 class DecodeGraphs:
-    """What ``model.get_compiled_call()`` gives for an hf_flash model: decode steps over a ``PagedCache`` replay CUDA
-    graphs (on CPU they run eagerly through the same static buffers); calls with any other cache go to ``fallback()``,
-    transformers' own compiled call."""
+    """What ``model.get_compiled_call()`` gives for an hf_flash model: decode steps over a ``PagedCache`` run
+    ``forward_step`` through ``run_step`` (on CPU eagerly, through the same static buffers); calls with any other
+    cache go to ``fallback()``, transformers' own compiled call."""
 
     def __init__(self, model, fallback):
         self.model = model
@@ -80,51 +200,26 @@ class DecodeGraphs:
         if not self._is_plain_decode_step(cache, kwargs):
             return self.model(**kwargs)
         input_ids = kwargs["input_ids"]
-        batch, device = input_ids.shape[0], input_ids.device
-        reason = self._why_eager(cache, device)
+        reason = why_not_graphed(self.model, cache, input_ids.device)
         if reason is not None:
             warn_once(f"decode steps run eagerly, not as CUDA graphs: {reason}")
             return self.model(**kwargs)
-        plan = cache.begin_step(kwargs.get("attention_mask"), 1, batch)  # every layer then uses this plan
+        plan = cache.begin_step(kwargs.get("attention_mask"), 1, input_ids.shape[0])  # every layer uses this plan
         if plan.padded:
             cache.abort_step()
             return self.model(**kwargs)
+        logits_to_keep = kwargs.get("logits_to_keep")
+        forward = compiled(forward_step, input_ids.device)
         try:
-            output = self._run(cache, plan, kwargs, device)
+            logits = run_step(lambda ids, positions: forward(self.model, cache, ids, positions, logits_to_keep),
+                              (id(self.model), ("forward", logits_to_keep)), cache, plan, input_ids,
+                              kwargs["position_ids"])
         except BaseException:
             cache.abort_step()
             raise
         cache.commit_step()
-        return output
-
-    def _run(self, cache, plan, kwargs, device):
-        """The planned step: eagerly on the static buffers the first time, captured the second, replayed after."""
-        input_ids = kwargs["input_ids"]
-        batch = input_ids.shape[0]
-        # The pools' KV heads: under tensor parallelism this rank's share, which is what the decode kernel launches on.
-        splits = ops.choose_num_splits(batch, cache.num_kv_heads, plan.max_seqlen_k, device)
-        plan.num_splits = 1 << (splits.bit_length() - 1)
-        logits_to_keep = kwargs.get("logits_to_keep")
-        key = (id(self.model), batch, plan.num_splits, logits_to_keep, cache.num_pages)
-        graphs = _captured.setdefault(cache, {})
-        if key not in graphs:
-            for stale in [k for k in graphs if k[-1] != cache.num_pages]:  # captured over pools since grown
-                del graphs[stale]
-            graphs[key] = _StepGraph(cache, batch, device)
-        step_graph = graphs[key]
-        step_graph.load(plan, input_ids, kwargs["position_ids"], device)
-        step = {"input_ids": step_graph.input_ids, "position_ids": step_graph.position_ids, CACHE_NAME: cache,
-                "use_cache": True, "return_dict": True}
-        if logits_to_keep is not None:
-            step["logits_to_keep"] = logits_to_keep
-        if step_graph.graph is None:
-            if device.type != "cuda" or not step_graph.warm:
-                step_graph.warm = True
-                return self._eager(step, device)
-            self._capture(step_graph, step, cache)
-        step_graph.graph.replay()
         # A copy: the next replay overwrites the static logits, and a caller may keep these.
-        return step_graph.output_type(logits=step_graph.logits.clone(), **{CACHE_NAME: cache})
+        return CausalLMOutputWithPast(logits=logits.clone(), **{CACHE_NAME: cache})
 
     @staticmethod
     def _is_plain_decode_step(cache, kwargs):
@@ -141,47 +236,3 @@ class DecodeGraphs:
         if not isinstance(kwargs.get("logits_to_keep", 0), int) or ids.shape[0] != cache.batch_size:
             return False
         return all(layer.is_initialized for layer in cache.layers)
-
-    def _why_eager(self, cache, device):
-        """Why this model's decode steps cannot be captured as graphs on ``device`` (None if they can)."""
-        pool_devices = {layer.keys.device for layer in cache.layers}
-        if pool_devices != {device}:
-            # A graph captures the work queued on one device's stream; layers elsewhere would run outside it.
-            return (f"this model's layers are on {', '.join(sorted(map(str, pool_devices)))} and its inputs on "
-                    f"{device} (a model split over devices with device_map); CUDA graphs need every layer on the "
-                    f"inputs' device")
-        # Modules accelerate keeps off the device they run on: on disk, or on the CPU while the steps run elsewhere.
-        offloaded = sorted(name for name, where in getattr(self.model, "hf_device_map", {}).items()
-                           if str(where) == "disk" or (str(where) == "cpu" and device.type != "cpu"))
-        if offloaded:
-            # accelerate's hooks copy these modules' weights in from the host at every forward: a replay would not.
-            return (f"accelerate offloads {', '.join(offloaded)} to the CPU or disk (device_map), and loads their "
-                    f"weights anew at every step")
-        return None
-
-    def _eager(self, step, device):
-        if device.type != "cuda":
-            return self.model(**step)
-        # On a side stream, as torch.cuda.graph's documentation asks of the runs before a capture.
-        main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            output = self.model(**step)
-        main.wait_stream(side)
-        return output
-
-    def _capture(self, step_graph, step, cache):
-        """Capture the step (which it does not run). A model that cannot be captured (one that syncs with the host
-        inside its forward, say) raises (and the caller aborts the step): after a failed capture torch's CUDA random
-        generator refuses further work in this process, so running on eagerly is no way out."""
-        pools = [g.graph.pool() for g in captured_graphs(cache).values() if g.graph is not None]
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=pools[0] if pools else None):
-                output = self.model(**step)
-        except Exception as e:
-            raise RuntimeError(f"hf_flash could not capture this model's decode step as a CUDA graph "
-                               f"({type(e).__name__}: {e}); call generate(..., disable_compile=True) or give it "
-                               f"PagedCache(config, cuda_graphs=False) to decode eagerly") from e
-        # Only the logits are kept: the output also holds the cache, which holds this object (a reference cycle).
-        step_graph.graph, step_graph.logits, step_graph.output_type = graph, output.logits, type(output)

@@ -5,10 +5,13 @@ transformers has no registry of cache implementations, so we wrap ``GenerationMi
 after it has made its default ``DynamicCache`` (the caller passed no cache and no ``cache_implementation``), we swap
 in a ``PagedCache`` sized for this call (batch x beams x max length), so it never runs out and holds about the tokens
 actually generated. ``_prefill`` gets a default ``prefill_chunk_size`` for a ``PagedCache``: each chunk attends to the
-pages of the earlier ones in place, and the activations of the forward shrink with the chunk. The decode loop runs
-the model's "compiled call" when ``_valid_auto_compile_criteria`` allows it; for a ``PagedCache`` on CUDA that is
-``hf_flash.graphs.DecodeGraphs`` (``disable_compile=True`` or ``PagedCache(cuda_graphs=False)`` keep it eager).
-``generate`` itself is wrapped only to make a call on a caller's ``PagedCache`` a transaction.
+pages of the earlier ones in place, and the activations of the forward shrink with the chunk. Greedy search and
+sampling over a ``PagedCache`` on CUDA run hf_flash's own loop (``_sample`` -> ``hf_flash.decoding``: every step, forward
+and token choice, compiled and replayed as a CUDA graph); what that loop does not cover runs transformers' loop, whose
+decode steps call the model's "compiled call" when ``_valid_auto_compile_criteria`` allows it: for a ``PagedCache`` on
+CUDA that is ``hf_flash.graphs.DecodeGraphs`` (compiled, graphed forwards). ``disable_compile=True`` or
+``PagedCache(cuda_graphs=False)`` keep every step eager. ``generate`` itself is wrapped only to make a call on a
+caller's ``PagedCache`` a transaction.
 
 Each wrapped internal is checked when the patches are applied (``hf_flash.internals``): one that this transformers
 release lacks is left alone, and the logger says once what is off.
@@ -21,8 +24,9 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMixin
 
+from .. import decoding
 from ..cache import PagedCache
-from ..graphs import DecodeGraphs
+from ..graphs import DecodeGraphs, why_not_graphed
 from ..integration import NAME
 from ..internals import CACHE_NAME, has, warn_once
 
@@ -38,6 +42,7 @@ _original_generate = GenerationMixin.generate
 _original_prepare_cache = GenerationMixin._prepare_cache_for_generation
 _original_prefill = GenerationMixin._prefill
 _original_compile_criteria = GenerationMixin._valid_auto_compile_criteria
+_original_sample = GenerationMixin._sample
 _original_compiled_call = PreTrainedModel.get_compiled_call
 _prepare_cache_signature = inspect.signature(_original_prepare_cache)
 
@@ -117,6 +122,23 @@ def get_compiled_call(self, compile_config):
     return DecodeGraphs(self, fallback=functools.partial(_original_compiled_call, self, compile_config))
 
 
+@functools.wraps(_original_sample)
+def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+            streamer=None, **model_kwargs):
+    cache = model_kwargs.get(CACHE_NAME)
+    if not (isinstance(cache, PagedCache) and self._valid_auto_compile_criteria(model_kwargs, generation_config)):
+        return _original_sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
+                                streamer, **model_kwargs)
+    reason = (decoding.why_not_compiled(self, logits_processor, generation_config, synced_gpus, model_kwargs)
+              or why_not_graphed(self, cache, input_ids.device))
+    if reason is not None:
+        warn_once(f"generate() decodes in transformers' loop, not in hf_flash's compiled steps: {reason}")
+        return _original_sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
+                                streamer, **model_kwargs)
+    return decoding.sample(self, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+                           model_kwargs)
+
+
 # (owner, name, original, wrapper, the parameters the wrapper relies on, what is lost without it)
 _PATCHES = [
     (GenerationMixin, "generate", _original_generate, generate, (),
@@ -128,15 +150,24 @@ _PATCHES = [
      "long prompts are prefilled whole, not in chunks"),
     (GenerationMixin, "_valid_auto_compile_criteria", _original_compile_criteria, _valid_auto_compile_criteria,
      ("model_kwargs", "generation_config"), "decode steps over a PagedCache are not replayed as CUDA graphs"),
+    (GenerationMixin, "_sample", _original_sample, _sample,
+     ("input_ids", "logits_processor", "stopping_criteria", "generation_config", "synced_gpus", "streamer"),
+     "greedy search and sampling over a PagedCache run transformers' loop (graphed forwards, token choice eager)"),
     (PreTrainedModel, "get_compiled_call", _original_compiled_call, get_compiled_call, ("compile_config",),
      "decode steps over a PagedCache are not replayed as CUDA graphs"),
 ]
 
 
+# What hf_flash's decode loop calls besides the method it replaces.
+_LOOP_INTERNALS = [(GenerationMixin, "_prefill", ("input_ids", "generation_config", "model_kwargs", "is_first_iteration")),
+                   (GenerationMixin, "_optimize_model_for_decode", ())]
+
+
 def apply():
     """Install the wrappers whose internals this transformers release has (idempotent); say what is off otherwise."""
     for owner, name, original, wrapper, parameters, consequence in _PATCHES:
-        if has(owner, name, parameters, consequence=consequence):
+        needed = [(owner, name, parameters)] + (_LOOP_INTERNALS if wrapper is _sample else [])
+        if all(has(o, n, p, consequence=consequence) for o, n, p in needed):
             setattr(owner, name, wrapper)
 
 

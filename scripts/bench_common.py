@@ -59,6 +59,16 @@ def bench_ms(fn, device):
     return 1e3 * statistics.median(times)
 
 
+def copy_bandwidth(device, nbytes):
+    """Device-to-device copy bandwidth of ``nbytes``, TB/s, counting bytes read and written: the memory roofline."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    tbps = 2 * src.numel() / (bench_ms(lambda: dst.copy_(src), device) * 1e-3) / 1e12
+    del src, dst
+    free_memory(device)
+    return tbps
+
+
 def bench_graph_ms(fn, device):
     """Median milliseconds of replaying ``fn`` captured in a CUDA graph: the GPU time of its kernels without the
     host's launch overhead, which would otherwise dominate microsecond-scale decode kernels (both ours and the

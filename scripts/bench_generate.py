@@ -3,6 +3,8 @@ with a DynamicCache and with ``cache_implementation="static"``, on Llama-3-shape
 built from configs (nothing is downloaded).
 
 Greedy decoding of exactly the asked number of new tokens (no EOS) for a batch of random prompts without padding.
+The default rows are those of issue "one explicit decode step, compiled whole" (8b: 1x4096, 16x2048; 1b: 8x8192,
+64x1024, 128x512, 1x512; 128 new tokens each).
 For each model, shape and implementation: one warm-up call of the same shape (for "static" it includes
 torch.compile, which transformers starts by itself on CUDA), then the medians of 3 full calls and of 3 calls with
 max_new_tokens=1 (the prefill: time to first token). Reported:
@@ -12,11 +14,15 @@ max_new_tokens=1 (the prefill: time to first token). Reported:
     peak GiB            torch.cuda.max_memory_allocated during a full call (weights included)
     KV GiB              the cache's tensors after the call (PagedCache: its pools; StaticCache: its full-length
                         buffers); used: the pages holding tokens (PagedCache.memory_stats())
-    1st call +s         how much longer the warm-up took than a timed call: compile time for "static"
-The default set is meant to take under 8 minutes on an H100; static's compiles are the least certain part of that
-("--skip static" leaves them out; "--models 1b" leaves out the large model).
+    roofline tok/s      B / (bytes a decode step must read / the copy bandwidth measured in this run): the weights
+                        (all but the input embedding, of which a step reads B rows) and the KV cache at the middle
+                        of the decode (B x (prompt + new / 2) tokens)
+    % roof              decode tok/s over the roofline
+    x static            decode tok/s over that of the compiled static cache at the same row
+    1st call +s         how much longer the warm-up took than a timed call: compile and capture time
+"--skip sdpa" leaves out the slowest implementation (stock sdpa decode is host-bound), "--models 1b" the large model.
     python scripts/bench_generate.py --out bench_generate.json
-    python scripts/bench_generate.py --models 1b --shapes 4x1024x64
+    python scripts/bench_generate.py --models 1b --rows 1b:4x1024x64
     python scripts/bench_generate.py --device cpu --quick          # checks the script on a tiny model
 """
 import argparse
@@ -27,7 +33,7 @@ import traceback
 
 import torch
 import transformers
-from bench_common import Table, begin, cell, free_memory, progress, say, synchronize
+from bench_common import Table, begin, cell, copy_bandwidth, free_memory, progress, say, synchronize
 
 import hf_flash
 
@@ -40,28 +46,30 @@ MODELS = {  # LlamaConfig arguments
     "tiny": {"vocab_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
              "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128},
 }
-IMPLS = ("sdpa", "hf_flash", "static")  # static last: its compiles take longest
+IMPLS = ("sdpa", "static", "hf_flash")
+ROWS = "8b:1x4096x128,8b:16x2048x128,1b:8x8192x128,1b:64x1024x128,1b:128x512x128,1b:1x512x128"
+COPY_BYTES = 1 << 30
 
 
-def parse_shape(text):
-    """'16x2048x256' -> (batch, prompt length, new tokens)."""
+def parse_row(text):
+    """'1b:16x2048x256' -> (model, batch, prompt length, new tokens)."""
+    model, _, shape = text.partition(":")
     try:
-        batch, prompt, new = (int(x) for x in text.lower().split("x"))
+        batch, prompt, new = (int(x) for x in shape.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a shape is BATCHxPROMPTxNEW, e.g. 16x2048x256, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"a row is MODEL:BATCHxPROMPTxNEW, e.g. 1b:16x2048x256, got {text!r}") from None
     if min(batch, prompt, new) < 1:
         raise argparse.ArgumentTypeError(f"batch, prompt and new tokens must be positive, got {text!r}")
-    return batch, prompt, new
+    return model, batch, prompt, new
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="1b,8b",
-                        help="comma-separated among 1b (Llama-3.2-1B-shaped), 8b (Llama-3-8B-shaped); "
-                             "default: 1b,8b (the small one first)")
-    parser.add_argument("--shapes", default="16x2048x256,8x8192x128",
-                        help="comma-separated BATCHxPROMPTxNEW (default: 16x2048x256,8x8192x128)")
-    parser.add_argument("--new-tokens", type=int, help="new tokens for every shape, replacing each shape's own")
+    parser.add_argument("--rows", default=ROWS,
+                        help=f"comma-separated MODEL:BATCHxPROMPTxNEW, MODEL among 1b (Llama-3.2-1B-shaped), 8b "
+                             f"(Llama-3-8B-shaped) (default: {ROWS})")
+    parser.add_argument("--models", default="8b,1b", help="comma-separated: only the rows of these models")
+    parser.add_argument("--new-tokens", type=int, help="new tokens for every row, replacing each row's own")
     parser.add_argument("--skip", default="",
                         help="comma-separated implementations to leave out, among sdpa, hf_flash, static")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement; the median is reported")
@@ -71,14 +79,14 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="a tiny random Llama and shape 2x32x8, to check the script (e.g. on a CPU)")
     args = parser.parse_args(argv)
-    args.shapes = [parse_shape(s) for s in args.shapes.split(",")]
     args.models = args.models.split(",")
+    args.rows = [row for row in map(parse_row, args.rows.split(",")) if row[0] in args.models]
     if args.quick:
-        args.models, args.shapes = ["tiny"], [(2, 32, 8)]
+        args.models, args.rows = ["tiny"], [("tiny", 2, 32, 8)]
     if args.new_tokens is not None:
-        args.shapes = [(b, p, args.new_tokens) for b, p, _ in args.shapes]
+        args.rows = [(m, b, p, args.new_tokens) for m, b, p, _ in args.rows]
     skip = set(args.skip.split(",")) - {""}
-    unknown = (set(args.models) - set(MODELS)) | (skip - set(IMPLS))
+    unknown = (set(args.models) | {m for m, *_ in args.rows}) - set(MODELS) | (skip - set(IMPLS))
     if unknown:
         parser.error(f"unknown models or implementations: {', '.join(sorted(unknown))}")
     args.impls = [i for i in IMPLS if i not in skip]
@@ -95,6 +103,19 @@ def build_model(name, device):
     with device:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     return model.eval()
+
+
+def bytes_per_step(model, batch, context):
+    """What one decode step must read: the weights but the input embedding (a step reads ``batch`` of its rows; when
+    tied it is the output head too, read whole) and the K/V of ``batch x context`` tokens."""
+    embedding = model.get_input_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
+    if model.config.tie_word_embeddings:
+        weights += embedding.numel() * embedding.element_size()
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * embedding.element_size()
+    return weights + batch * context * kv_per_token
 
 
 def kv_bytes(cache):
@@ -120,7 +141,7 @@ def generate(model, inputs, impl, new_tokens, device):
         raise RuntimeError(f"generate made {out.sequences.shape[1] - inputs['input_ids'].shape[1]} tokens, "
                            f"not {new_tokens}")
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return seconds, peak, kv_bytes(out.past_key_values)
+    return seconds, peak, kv_bytes(getattr(out, hf_flash.internals.CACHE_NAME))
 
 
 def measure(model, inputs, impl, new_tokens, repeats, device):
@@ -146,8 +167,9 @@ def measure(model, inputs, impl, new_tokens, repeats, device):
 
 
 def forget_compiled(model, device):
-    """Drop the static runs' compiled forward and CUDA graphs, so the next shape starts clean and their memory
-    pools do not count in the next implementation's peak."""
+    """Drop what an implementation compiled (static's forward and graphs; hf_flash's step, whose graphs go with their
+    cache), so each row and implementation starts clean: its first call pays its own compiles, and no other's memory
+    pools count in its peak."""
     model.__dict__.pop("_compiled_call", None)
     torch._dynamo.reset()
     free_memory(device)
@@ -156,24 +178,28 @@ def forget_compiled(model, device):
 def main(argv=None):
     args = parse_args(argv)
     start, results = begin(args)
+    copy_tbps = copy_bandwidth(args.device, COPY_BYTES)
+    results.set("copy_tbps", copy_tbps)
+    say(f"device-to-device copy {copy_tbps:.2f} TB/s (read + write): the roofline's bandwidth")
     table = Table([("model", 5), ("B", 3), ("prompt", 6), ("new", 4), ("impl", 8), ("prefill s", 9),
-                   ("decode tok/s", 12), ("e2e tok/s", 9), ("x sdpa", 6), ("peak GiB", 8), ("KV GiB", 6),
-                   ("used", 6), ("1st call +s", 11)])
+                   ("decode tok/s", 12), ("roofline", 8), ("% roof", 6), ("x static", 8), ("e2e tok/s", 9),
+                   ("peak GiB", 8), ("KV GiB", 6), ("used", 6), ("1st call +s", 11)])
     failures = 0
-    for name in args.models:
+    for name in dict.fromkeys(m for m, *_ in args.rows):
         model = build_model(name, args.device)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         say(f"\n{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
             f"{weights / GIB:.1f} GiB of bf16 weights")
         table.header()
-        for batch, prompt, new_tokens in args.shapes:
+        for _, batch, prompt, new_tokens in [row for row in args.rows if row[0] == name]:
             torch.manual_seed(0)
             ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=args.device)
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            e2e_sdpa = None
+            roofline = batch / (bytes_per_step(model, batch, prompt + new_tokens / 2) / (copy_tbps * 1e12))
+            static_decode = None
             for impl in progress(args.impls, desc=f"{name} {batch}x{prompt}x{new_tokens}"):
                 record = {"model": name, "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "impl": impl,
-                          "weights_bytes": weights}
+                          "weights_bytes": weights, "roofline_tok_s": roofline}
                 impl_start = time.perf_counter()
                 try:
                     record.update(measure(model, inputs, impl, new_tokens, args.repeats, args.device))
@@ -183,27 +209,29 @@ def main(argv=None):
                     record["error"] = f"{type(e).__name__}: {e}"
                     table.row(name, batch, prompt, new_tokens, impl, f"failed: {type(e).__name__}")
                 else:
-                    if impl == "sdpa":
-                        e2e_sdpa = record["e2e_tok_s"]
-                    record["e2e_vs_sdpa"] = record["e2e_tok_s"] / e2e_sdpa if e2e_sdpa else None
+                    decode = record["decode_tok_s"]
+                    if impl == "static":
+                        static_decode = decode
+                    record["roofline_fraction"] = decode / roofline if decode else None
+                    record["decode_vs_static"] = decode / static_decode if decode and static_decode else None
                     table.row(name, batch, prompt, new_tokens, impl, cell(record["prefill_s"], ".3f"),
-                              cell(record["decode_tok_s"], ".0f"), cell(record["e2e_tok_s"], ".0f"),
-                              cell(record["e2e_vs_sdpa"], ".2f"),
+                              cell(decode, ".0f"), cell(roofline, ".0f"),
+                              cell(None if decode is None else 100 * record["roofline_fraction"], ".0f"),
+                              cell(record["decode_vs_static"], ".2f"), cell(record["e2e_tok_s"], ".0f"),
                               cell(None if record["peak_bytes"] is None else record["peak_bytes"] / GIB, ".1f"),
                               cell(record["kv_bytes"] / GIB, ".2f"),
                               cell(None if record["kv_bytes_used"] is None else record["kv_bytes_used"] / GIB, ".2f"),
                               cell(record["first_call_extra_s"], ".1f"))
                 record["wall_s"] = time.perf_counter() - impl_start  # where the run's minutes went
                 results.add("generate", record)
-                if impl == "static":
-                    forget_compiled(model, args.device)
-                free_memory(args.device)
+                forget_compiled(model, args.device)
             del ids, inputs
         del model
         free_memory(args.device)
     say("impl: sdpa = DynamicCache, static = cache_implementation='static' (torch.compile on CUDA), hf_flash = "
-        "PagedCache; x sdpa: e2e tok/s over sdpa's; KV GiB: the cache's tensors, used: pages holding tokens; "
-        "1st call +s: the warm-up call's time over a timed call's (for static: mostly torch.compile)")
+        "PagedCache (its decode loop compiled and graphed); roofline: B / (weights + KV read per step / copy "
+        "bandwidth); x static: decode tok/s over static's; KV GiB: the cache's tensors, used: pages holding tokens; "
+        "1st call +s: the warm-up call's time over a timed call's (compile and capture)")
     results.set("elapsed_s", time.perf_counter() - start)
     say(f"\ndone in {time.perf_counter() - start:.0f} s" + (f"; results in {args.out}" if args.out else ""))
     return 1 if failures else 0

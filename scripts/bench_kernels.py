@@ -25,7 +25,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from bench_common import Table, begin, bench_graph_ms, bench_ms, cell, free_memory, progress, say, synchronize
+from bench_common import (Table, begin, bench_graph_ms, bench_ms, cell, copy_bandwidth, free_memory, progress, say,
+                          synchronize)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -166,22 +167,12 @@ def bench_prefill(args, results, flex):
     return "ours" not in runner.errors
 
 
-def copy_bandwidth(args):
-    """Device-to-device copy bandwidth, TB/s, counting bytes read and written."""
-    src = torch.empty(COPY_BYTES[args.size], dtype=torch.uint8, device=args.device)
-    dst = torch.empty_like(src)
-    tbps = 2 * src.numel() / (bench_ms(functools.partial(dst.copy_, src), args.device) * 1e-3) / 1e12
-    del src, dst
-    free_memory(args.device)
-    return tbps
-
-
 def bench_decode(args, results, flex):
     heads, kv_heads, head_dim, shapes, page_sizes = DECODE[args.size]
     group = heads // kv_heads
     anchors = [a for a in ANCHORS["decode"] if a in args.backends]
     runner = Runner(args.device)
-    copy_tbps = copy_bandwidth(args)
+    copy_tbps = copy_bandwidth(args.device, COPY_BYTES[args.size])
     results.set("copy_tbps", copy_tbps)
     say(f"\ndecode: TB/s of K+V read, bf16, GQA {heads}/{kv_heads} heads, head dim {head_dim}; "
         f"device-to-device copy {copy_tbps:.2f} TB/s (read + write)")

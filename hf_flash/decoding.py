@@ -1,0 +1,128 @@
+"""hf_flash's decode loop: what ``generate()`` runs for greedy search and sampling over a ``PagedCache`` on CUDA.
+
+gpt-fast's design: prefill the prompt, then one step per token, each step the model's forward *and* the choice of the
+next token (``hf_flash.graphs.decode_step``: the logits processors that read only the scores, then argmax or a
+sample), compiled whole by torch.compile and replayed as one CUDA graph. Per step the host plans the cache (pages,
+slots), replays, commits, appends the token and asks the stopping criteria; it waits for the GPU only when a criterion
+reads the tokens (an EOS, a stop string), and then once a step.
+
+``sample`` takes the place of ``GenerationMixin._sample`` (``hf_flash.patches.generate``). Whatever it does not cover
+goes to transformers' own loop, whose decode steps still replay graphs of the forward (``DecodeGraphs``), and the
+reason is logged once: outputs beyond the sequences (scores, logits, attentions, hidden states), a logits processor
+that reads the ids (repetition penalty, n-gram bans, minimum length...), assistants, encoder-decoders, synced GPUs,
+model inputs other than the text's ids, mask and positions.
+"""
+import torch
+from transformers.generation import logits_process
+from transformers.generation.stopping_criteria import MaxLengthCriteria
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from . import graphs
+from .cache import to_device
+from .internals import CACHE_NAME
+
+# Logits processors that read the scores only (never the ids, nor the step): the compiled step applies them.
+SCORES_ONLY_PROCESSORS = tuple(getattr(logits_process, name) for name in (
+    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper",
+    "EpsilonLogitsWarper", "EtaLogitsWarper", "SuppressTokensLogitsProcessor", "LogitNormalization"))
+# Model inputs the loop knows how to carry on: every step's position is the count of the valid tokens before it.
+_TEXT_INPUTS = {"attention_mask", "position_ids", "cache_position"}
+# Outputs of generate() that the loop does not produce.
+_EXTRA_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
+
+
+class TokenSelector:
+    """The next token from the last position's logits: the scores-only processors, then argmax (greedy) or a sample
+    from the softmax. Called eagerly after the prefill and inside every compiled step."""
+
+    def __init__(self, processors, do_sample):
+        self.processors, self.do_sample = tuple(processors), bool(do_sample)
+
+    def __call__(self, logits):
+        scores = logits.float()
+        for processor in self.processors:
+            scores = processor(None, scores)
+        if not self.do_sample:
+            return scores.argmax(-1)
+        probs = torch.softmax(scores, dim=-1)
+        # What torch.multinomial(probs, 1) draws (its one-sample path: argmax of probs / Exp(1) noise, from the same
+        # generator), without its host-side check of the probabilities, which a graph cannot hold.
+        return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1)
+
+    def signature(self):
+        """What a captured step depends on besides the inputs (a graph key)."""
+        return self.do_sample, tuple((type(p).__name__, tuple(sorted(map(repr, vars(p).items()))))
+                                     for p in self.processors)
+
+
+def why_not_compiled(model, logits_processor, generation_config, synced_gpus, model_kwargs):
+    """Why this ``_sample`` call cannot run hf_flash's compiled loop (None if it can)."""
+    if synced_gpus:
+        return "synced_gpus"
+    if model.config.is_encoder_decoder or generation_config.is_assistant:
+        return "an encoder-decoder model or an assistant model"
+    extra = [name for name in _EXTRA_OUTPUTS if getattr(generation_config, name, False)]
+    if generation_config.return_dict_in_generate and extra:
+        return f"{', '.join(extra)} asked for"
+    readers = [type(p).__name__ for p in logits_processor if not isinstance(p, SCORES_ONLY_PROCESSORS)]
+    if readers:
+        return f"logits processors that read the generated ids ({', '.join(readers)})"
+    inputs = sorted(name for name, value in model_kwargs.items()
+                    if isinstance(value, torch.Tensor) and name not in _TEXT_INPUTS)
+    if inputs:
+        return f"model inputs besides the ids, mask and positions ({', '.join(inputs)})"
+    return None
+
+
+def sample(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
+    """Greedy search or sampling over the ``PagedCache`` in ``model_kwargs``: the prompt prefilled, every further token
+    from one compiled and graphed step. Returns what ``_sample`` returns: the sequences, or ``GenerateDecoderOnlyOutput``
+    with the sequences and the cache."""
+    cache = model_kwargs[CACHE_NAME]
+    select = TokenSelector(logits_processor, generation_config.do_sample)
+    batch, prompt_length = input_ids.shape
+    # As transformers' loop: sequences an EOS criterion finished get padding.
+    pad = generation_config._pad_token_tensor if any(hasattr(c, "eos_token_id") for c in stopping_criteria) else None
+    # Only the length is known without waiting for the GPU: any other criterion's verdict is read at every step.
+    reads_tokens = any(not isinstance(c, MaxLengthCriteria) for c in stopping_criteria)
+    sequences = input_ids.new_empty((batch, max(generation_config.max_length, prompt_length + 1)))
+    sequences[:, :prompt_length] = input_ids
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    logits = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True).logits
+    tokens = select(logits[:, -1])
+    del logits  # the prefill's logits may be large
+    length = prompt_length
+    with model._optimize_model_for_decode():
+        while True:
+            if pad is not None:
+                tokens = torch.where(unfinished, tokens, pad)
+            sequences[:, length] = tokens
+            length += 1
+            unfinished &= ~stopping_criteria(sequences[:, :length], None)
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+            if length >= sequences.shape[1] or (reads_tokens and not unfinished.any()):
+                break
+            tokens = _step(model, cache, select, tokens)
+    if streamer is not None:
+        streamer.end()
+    sequences = sequences[:, :length]
+    if generation_config.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(sequences=sequences, **{CACHE_NAME: cache})
+    return sequences
+
+
+def _step(model, cache, select, tokens):
+    """One planned, compiled, graphed step: the next ``[B]`` tokens after ``tokens``, committed to the cache (the step
+    is aborted if anything raises)."""
+    plan = cache.begin_step(None, 1, tokens.shape[0])
+    positions = to_device(plan.seqlens[:, None].long() - 1, tokens.device)  # the new token's: the tokens before it
+    step = graphs.compiled(graphs.decode_step, tokens.device)
+    try:
+        output = graphs.run_step(lambda ids, positions: step(model, cache, ids, positions, select),
+                                 (id(model), ("decode", select.signature())), cache, plan, tokens[:, None], positions)
+    except BaseException:
+        cache.abort_step()
+        raise
+    cache.commit_step()
+    return output

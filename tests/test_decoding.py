@@ -1,0 +1,190 @@
+"""hf_flash's decode loop (``hf_flash.decoding``): greedy search and sampling over a PagedCache, each step (forward and
+token choice) through ``hf_flash.graphs.run_step``, against transformers' sdpa + DynamicCache, fp32, token for token.
+On CPU the steps run on the same static buffers, uncompiled unless a test compiles them (aot_eager: dynamo's capture
+and AOT functionalization without code generation); on a GPU they are compiled by inductor and replayed as graphs."""
+import logging
+
+import pytest
+import torch
+import transformers
+from test_cache import cache_of
+from test_models import left_padded_batch, tiny_model
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from hf_flash import PagedCache, graphs
+from hf_flash.graphs import captured_graphs
+from hf_flash.internals import CACHE_NAME
+from hf_flash.patches import generate as generate_patch
+
+pytestmark = pytest.mark.usefixtures("torch_path_on_cpu")
+
+
+@pytest.fixture(autouse=True)
+def graphs_on_any_device(monkeypatch):
+    """Let generate() take hf_flash's loop on CPU too."""
+    monkeypatch.setattr(generate_patch, "graphs_run_on", lambda device: True)
+
+
+def _generate(model, impl, ids, mask, **kwargs):
+    model.set_attn_implementation(impl)
+    kwargs.setdefault("max_new_tokens", 12)
+    return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, return_dict_in_generate=True, **kwargs)
+
+
+def _steps_of_the_loop(cache):
+    """The graph keys of hf_flash's loop (not of transformers' loop's forwards) held for ``cache``."""
+    return [key for key in captured_graphs(cache) if key[3][0] == "decode"]
+
+
+SAMPLING = {
+    "greedy": {"do_sample": False},
+    "temperature": {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0},
+    "top-k": {"do_sample": True, "top_k": 5},
+    "top-p": {"do_sample": True, "top_p": 0.8, "top_k": 0, "temperature": 1.3},
+    "min-p": {"do_sample": True, "min_p": 0.1, "top_k": 0},
+}
+
+
+@pytest.mark.parametrize("options", SAMPLING.values(), ids=SAMPLING.keys())
+def test_loop_matches_sdpa(options, device):
+    """Left-padded prompts, greedy or sampled from one seed: the tokens of sdpa + DynamicCache, and every step after
+    the first from hf_flash's loop (one graph key: one batch, one split count)."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([11, 6, 3]))
+    seed = torch.seed()
+    torch.manual_seed(seed)
+    want = _generate(model, reference, ids, mask, **options).sequences
+    torch.manual_seed(seed)
+    got = _generate(model, "hf_flash", ids, mask, **options)
+    assert torch.equal(got.sequences, want)
+    assert len(_steps_of_the_loop(cache_of(got))) == 1
+
+
+def test_eos_pads_finished_sequences_and_stops(device):
+    """An EOS that some sequences reach early: they get padding after it, the loop stops when all have (before
+    max_new_tokens), as transformers' loop does. The EOS is the token the first sequence picks at its third step."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([9, 5, 7]))
+    free = _generate(model, reference, ids, mask, do_sample=False, eos_token_id=None, max_new_tokens=20).sequences
+    eos = int(free[0, ids.shape[1] + 2])
+    want = _generate(model, reference, ids, mask, do_sample=False, eos_token_id=eos, max_new_tokens=20).sequences
+    got = _generate(model, "hf_flash", ids, mask, do_sample=False, eos_token_id=eos, max_new_tokens=20)
+    assert torch.equal(got.sequences, want)
+    assert (got.sequences[0, ids.shape[1] + 3:] == 0).all()  # padding after the EOS
+    assert _steps_of_the_loop(cache_of(got))
+
+
+def test_streamer_gets_every_token(device):
+    """A streamer sees the prompt, then each new token once, then the end."""
+    model, _ = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([7]))
+
+    class Recorder(transformers.generation.BaseStreamer):
+        def __init__(self):
+            self.tokens, self.ended = [], False
+
+        def put(self, value):
+            self.tokens += value.flatten().tolist()
+
+        def end(self):
+            self.ended = True
+
+    streamer = Recorder()
+    got = _generate(model, "hf_flash", ids, mask, do_sample=False, eos_token_id=None, streamer=streamer)
+    assert streamer.tokens == got.sequences[0].tolist() and streamer.ended
+
+
+def test_chat_continues_on_a_callers_cache(device):
+    """Two turns on one PagedCache (the second prompt is the whole conversation, as a chat template gives it): the
+    second turn's tokens equal sdpa's over the whole conversation, and its steps run through hf_flash's loop."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([8]))
+    cache = PagedCache(model.config, page_size=4)
+    first = _generate(model, "hf_flash", ids, mask, do_sample=False, eos_token_id=None, **{CACHE_NAME: cache})
+    turn = torch.cat([first.sequences, torch.randint(1, 128, (1, 5), device=device)], 1)
+    turn_mask = torch.ones_like(turn)
+    got = _generate(model, "hf_flash", turn, turn_mask, do_sample=False, eos_token_id=None, **{CACHE_NAME: cache})
+    want = _generate(model, reference, turn, turn_mask, do_sample=False, eos_token_id=None)
+    assert torch.equal(got.sequences, want.sequences)
+    assert cache.page_table.lengths == [turn.shape[1] + 11]
+
+
+def test_what_the_loop_does_not_cover_runs_transformers_loop_and_says_why(device, caplog):
+    """A processor that reads the ids (repetition penalty) and extra outputs (scores): transformers' loop, the same
+    tokens, the reason logged."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([8, 5]))
+    cases = [({"repetition_penalty": 1.3}, "RepetitionPenaltyLogitsProcessor"),
+             ({"output_scores": True}, "output_scores asked for")]
+    for options, reason in cases:
+        want = _generate(model, reference, ids, mask, do_sample=False, **options).sequences
+        with caplog.at_level(logging.WARNING, logger="hf_flash"):
+            got = _generate(model, "hf_flash", ids, mask, do_sample=False, **options)
+        assert torch.equal(got.sequences, want)
+        assert not _steps_of_the_loop(cache_of(got))
+        assert any("transformers' loop" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+
+
+def test_an_interrupted_step_leaves_the_callers_cache_as_it_was(device, monkeypatch):
+    """An interrupt in the fourth step of the loop, after the step ran (its tokens are in the pages): generate()
+    raises it, and the caller's cache holds exactly what it held before the call (the step is aborted, generate() is a
+    transaction). Injected in the runner, as a model hook would run only while the step is traced."""
+    model, _ = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([6, 4]))
+    cache = PagedCache(model.config, page_size=4)
+    first = _generate(model, "hf_flash", ids, mask, do_sample=False, eos_token_id=None, max_new_tokens=3,
+                      **{CACHE_NAME: cache})
+    turn = torch.cat([first.sequences, torch.randint(1, 128, (2, 3), device=device)], 1)
+    turn_mask = torch.cat([mask, torch.ones_like(turn[:, mask.shape[1]:])], 1)
+    before = (list(cache.page_table.lengths), cache.get_seq_length(), cache.memory_stats()["pages_used"])
+    steps = []
+
+    def interrupted_at_fourth_step(*args):
+        output = run_step(*args)
+        steps.append(output)
+        if len(steps) == 4:
+            raise KeyboardInterrupt
+        return output
+
+    run_step = graphs.run_step
+    monkeypatch.setattr(graphs, "run_step", interrupted_at_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        _generate(model, "hf_flash", turn, turn_mask, do_sample=False, eos_token_id=None, **{CACHE_NAME: cache})
+    assert len(steps) == 4
+    assert (list(cache.page_table.lengths), cache.get_seq_length(), cache.memory_stats()["pages_used"]) == before
+    monkeypatch.undo()
+    got = _generate(model, "hf_flash", turn, turn_mask, do_sample=False, eos_token_id=None, **{CACHE_NAME: cache})
+    assert cache.page_table.lengths == (turn_mask.sum(-1) + 11).tolist()  # the retried turn, from where it was
+    assert _steps_of_the_loop(cache_of(got))
+
+
+def test_the_whole_step_compiles_without_a_graph_break(monkeypatch):
+    """The loop's step (forward over the PagedCache, processors, sampling) under torch.compile with fullgraph=True
+    (any graph break fails), aot_eager on CPU: the tokens of sdpa. A second generate() on a new cache reuses what the
+    first compiled."""
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(graphs, "compiled",
+                        lambda fn, device: torch.compile(fn, backend=counter, fullgraph=True, dynamic=True))
+    torch._dynamo.reset()
+    model, reference = tiny_model("llama")
+    ids, mask = left_padded_batch([11, 6, 3])
+    options = {"do_sample": True, "top_k": 8, "temperature": 0.8}
+    try:
+        for _ in range(2):
+            seed = torch.seed()
+            torch.manual_seed(seed)
+            want = _generate(model, reference, ids, mask, **options).sequences
+            torch.manual_seed(seed)
+            got = _generate(model, "hf_flash", ids, mask, **options)
+            assert torch.equal(got.sequences, want)
+            assert _steps_of_the_loop(cache_of(got))
+        first = counter.frame_count
+    finally:
+        torch._dynamo.reset()
+    assert 1 <= first <= 2, first
