@@ -92,6 +92,7 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
     tokens = select(logits[:, -1])
     del logits  # the prefill's logits may be large
     length = prompt_length
+    key = (id(model), ("decode", select.signature()))
     with model._optimize_model_for_decode():
         while True:
             if pad is not None:
@@ -103,7 +104,7 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
                 streamer.put(tokens.cpu())
             if length >= sequences.shape[1] or (reads_tokens and not unfinished.any()):
                 break
-            tokens = _step(model, cache, select, tokens)
+            tokens = _step(model, cache, select, key, tokens)
     if streamer is not None:
         streamer.end()
     sequences = sequences[:, :length]
@@ -112,15 +113,15 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
     return sequences
 
 
-def _step(model, cache, select, tokens):
-    """One planned, compiled, graphed step: the next ``[B]`` tokens after ``tokens``, committed to the cache (the step
-    is aborted if anything raises)."""
+def _step(model, cache, select, key, tokens):
+    """One planned, compiled, graphed step (``key``: of its graphs): the next ``[B]`` tokens after ``tokens``,
+    committed to the cache (the step is aborted if anything raises)."""
     plan = cache.begin_step(None, 1, tokens.shape[0])
     positions = to_device(plan.seqlens[:, None].long() - 1, tokens.device)  # the new token's: the tokens before it
     step = graphs.compiled(graphs.decode_step, tokens.device)
     try:
         output = graphs.run_step(lambda ids, positions: step(model, cache, ids, positions, select),
-                                 (id(model), ("decode", select.signature())), cache, plan, tokens[:, None], positions)
+                                 key, cache, plan, tokens[:, None], positions)
     except BaseException:
         cache.abort_step()
         raise

@@ -9,7 +9,7 @@ import transformers
 from test_cache import CACHE_NAME, _generate
 from test_models import left_padded_batch, tiny_model
 
-from hf_flash import PagedCache, ops
+from hf_flash import PagedCache, graphs, ops
 from hf_flash.graphs import captured_graphs
 from hf_flash.patches import generate as generate_patch
 
@@ -55,9 +55,12 @@ class FailOnce:
 
 @pytest.fixture(params=["eager", "runner"])
 def decode_path(request, monkeypatch):
-    """``runner``: decode steps go through DecodeGraphs (CUDA graphs on a GPU, its static buffers eagerly on CPU)."""
+    """``runner``: decode steps go through hf_flash's loop and ``graphs.run_step`` (CUDA graphs on a GPU, its static
+    buffers eagerly on CPU), uncompiled: the faults are injected by Python hooks, which a compiled step runs only while
+    dynamo traces it (test_decoding interrupts a compiled step in the runner)."""
     if request.param == "runner":
         monkeypatch.setattr(generate_patch, "graphs_run_on", lambda device: True)
+        monkeypatch.setattr(graphs, "COMPILE_BACKENDS", {})
         return {}
     return {"disable_compile": True}
 

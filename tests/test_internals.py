@@ -45,6 +45,21 @@ def test_a_changed_internal_is_left_alone_and_named_once(caplog, fresh_warnings,
     assert GenerationMixin._prepare_cache_for_generation is generate_patch._prepare_cache_for_generation
 
 
+def test_the_decode_loop_needs_what_it_calls(caplog, fresh_warnings, monkeypatch):
+    """hf_flash's decode loop replaces _sample and calls _prefill and _optimize_model_for_decode: without the latter
+    (as if a release dropped it) _sample is left alone, and the log says once what is off."""
+    monkeypatch.setattr(GenerationMixin, "_sample", generate_patch._original_sample)
+    monkeypatch.delattr(GenerationMixin, "_optimize_model_for_decode")
+    with caplog.at_level(logging.WARNING, logger="hf_flash"):
+        generate_patch.apply()
+    assert GenerationMixin._sample is generate_patch._original_sample
+    lines = [r.getMessage() for r in caplog.records if "_optimize_model_for_decode is missing" in r.getMessage()]
+    assert len(lines) == 1 and "run transformers' loop" in lines[0], lines
+    monkeypatch.undo()
+    generate_patch.apply()
+    assert GenerationMixin._sample is generate_patch._sample
+
+
 def test_the_default_generate_runs_on_a_paged_cache():
     """On every transformers release CI runs (5.17 and the newest): a PagedCache, not silently a DynamicCache."""
     model, _ = tiny_model("llama")
