@@ -3,8 +3,9 @@
 One program per (sequence, KV head, split): the whole group of query heads sharing the KV head is packed into the
 M dimension of ``tl.dot`` (padded to 16 rows), so every key and value is read from memory once. Keys are gathered
 BLOCK_N at a time through the block table, so the tile size does not depend on the page size. Split ``s`` streams
-tiles s, s + num_splits, ... of the sequence's keys and writes an fp32 partial (out, lse); a second small kernel merges
-the partials with the helpers of ``merge``. With one split the first kernel writes the result directly."""
+tiles s, s + num_splits, ... of the sequence's keys through the online softmax of ``softmax_state`` (shared with
+prefill) and writes an fp32 partial (out, lse); a second small kernel merges the partials with the helpers of
+``merge``. With one split the first kernel writes the result directly."""
 import contextlib
 
 import torch
@@ -13,8 +14,7 @@ import triton.language as tl
 
 from . import INTERPRET, tile_config
 from .merge import merge_many, merge_outputs, merge_weights
-
-LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
 
 # (BLOCK_N, num_warps, num_stages) keyed by (head-dim bucket, fp32 inputs, GPU major version); the bucket is the padded
 # tile width. Missing arch -> the sm80 row. 16-bit: K and V tiles of 16 KiB each (64 x 128 bf16); num_stages 3 gives
@@ -40,12 +40,6 @@ MIN_SPLIT_KEYS = 128
 MAX_SPLITS = 64
 WAVES = 2
 REDUCE_TILE = 4096  # elements of the reduce kernel's [splits, D] tile: 32 fp32 registers per thread at 4 warps
-
-
-@triton.jit
-def _tanh(x):
-    # 1 - 2 / (e^2x + 1): saturates to +-1 without NaN (exp2 overflows to inf, underflows to 0).
-    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
 
 
 @triton.jit
@@ -87,27 +81,13 @@ def _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, max_pages, kv_lo, 
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        if UPCAST_DOT:
-            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PREC)
-        else:
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if HAS_SOFTCAP:
-            qk = cap_log2 * _tanh(qk * cap_scale)  # softcap * tanh(s * scale / softcap), in log2 units
-        else:
-            qk = qk * qk_scale
+        qk = qk_scores(q, k, qk_scale, cap_scale, cap_log2, HAS_SOFTCAP, DEFER_SCALE=False, UPCAST_DOT=UPCAST_DOT,
+                       DOT_PREC=DOT_PREC)
         if MASKED:
             qk = tl.where(col_ok[None, :], qk, float("-inf"))
-        # Every tile holds at least one visible key, so m_new is finite: no -inf guard needed.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if UPCAST_DOT:
-            acc = tl.dot(p, v.to(tl.float32), acc, input_precision=DOT_PREC)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+        # Every tile holds at least one visible key, so the new maxima are finite: no -inf guard needed.
+        acc, l_i, m_i, p = online_softmax_fold(acc, l_i, m_i, qk, qk_scale, DEFER_SCALE=False, GUARD_EMPTY=False)
+        acc = pv_accumulate(acc, p, v, UPCAST_DOT, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -170,11 +150,7 @@ def _decode_kernel(Q, K, V, BlockTable, Seqlens, Out, Lse, OutPart, LsePart,
                                   qk_scale, cap_scale, cap_log2, offs_n, offs_d,
                                   BLOCK_N, True, HAS_SOFTCAP, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
 
-    # An empty range leaves l = 0: out 0, lse -inf. NaN or inf in a key or value the query sees reaches out and lse.
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2)
+    out, lse = softmax_output(acc, l_i, m_i)  # an empty range leaves l = 0: out 0, lse -inf
     if SPLIT:
         part = (b64 * num_heads + heads) * num_splits + split
         tl.store(OutPart + (part * HEAD_DIM)[:, None] + offs_d[None, :], out, mask=gd_ok)

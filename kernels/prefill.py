@@ -1,6 +1,7 @@
 """Tiled exact attention forward (FlashAttention-2 style): varlen, bottom-right causal, sliding window, softcap,
 GQA, paged K/V, log-sum-exp out. S x S is never materialised: each program owns BLOCK_M query rows of one head and
-streams K/V tiles of BLOCK_N keys through an online softmax kept in float32, in the log2 domain."""
+streams K/V tiles of BLOCK_N keys through an online softmax kept in float32, in the log2 domain (its steps, shared
+with decode, are in ``softmax_state``)."""
 import contextlib
 
 import torch
@@ -8,8 +9,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, tile_config
-
-LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed by (head-dim bucket, fp32 inputs, GPU major version); the bucket is
 # the padded tile width (<= 64, 128, 256). A missing major falls back to its sm80 row. Picked from compiled register
@@ -35,12 +35,6 @@ INTERPRET_CONFIG = (32, 16, 4, 1)
 
 
 @triton.jit
-def _tanh(x):
-    # 1 - 2 / (e^2x + 1): saturates to +-1 without NaN (exp2 overflows to inf, underflows to 0).
-    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
-
-
-@triton.jit
 def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, diag_right, diag_left,
                   stride_kn, stride_kp, stride_vn, stride_vp, page_size, qk_scale, cap_scale, cap_log2,
                   offs_n, offs_d, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
@@ -49,6 +43,8 @@ def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, d
     """Folds keys [lo, hi) into the running (acc, l_i, m_i). MASKED tiles apply bounds, causal and window masks;
     unmasked tiles are known to be fully visible to every row of the tile and skip all mask arithmetic."""
     d_ok = offs_d[None, :] < HEAD_DIM
+    # Unmasked, without soft-cap: the fold applies the scale in its exponent (qk * qk_scale - m, one fma per score).
+    DEFER_SCALE: tl.constexpr = not MASKED and not HAS_SOFTCAP
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if PAGED:
@@ -73,49 +69,23 @@ def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, d
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
         else:
             k = tl.load(k_ptrs)
-        if UPCAST_DOT:
-            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=DOT_PREC)
-        else:
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if HAS_SOFTCAP:
-            qk = cap_log2 * _tanh(qk * cap_scale)  # softcap * tanh(s * scale / softcap), in log2 units
+        qk = qk_scores(q, k, qk_scale, cap_scale, cap_log2, HAS_SOFTCAP, DEFER_SCALE, UPCAST_DOT, DOT_PREC)
         if MASKED:
             keep = cols[None, :] < k_len
             if HAS_RIGHT:
                 keep = keep & (cols[None, :] <= rows[:, None] + diag_right)
             if HAS_LEFT:
                 keep = keep & (cols[None, :] >= rows[:, None] + diag_left)
-            if HAS_SOFTCAP:
-                qk = tl.where(keep, qk, float("-inf"))
-            else:
-                qk = tl.where(keep, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # A row that has seen no key yet keeps m = -inf; subtract 0 instead so p and alpha are 0, not NaN.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_sub[:, None])
-            alpha = tl.math.exp2(m_i - m_sub)
-        else:
-            if HAS_SOFTCAP:
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                p = tl.math.exp2(qk - m_new[:, None])
-            else:
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-                p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+            qk = tl.where(keep, qk, float("-inf"))
+        # A masked tile can leave a row with no visible key so far (padded rows, the window's left edge): m = -inf.
+        acc, l_i, m_i, p = online_softmax_fold(acc, l_i, m_i, qk, qk_scale, DEFER_SCALE, GUARD_EMPTY=MASKED)
         if MASKED:
             v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
         elif PAD_D:
             v = tl.load(v_ptrs, mask=d_ok, other=0.0)
         else:
             v = tl.load(v_ptrs)
-        p = p.to(v.dtype)
-        if UPCAST_DOT:
-            acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PREC)
-        else:
-            acc = tl.dot(p, v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+        acc = pv_accumulate(acc, p, v, UPCAST_DOT, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -215,12 +185,7 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
         stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
         True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
 
-    # Rows that saw no key (sum exactly 0) give out 0 and lse -inf, whatever their tiles' hidden values held. NaN or
-    # inf in what a row sees makes its sum NaN or inf, and reaches its out and lse.
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # ln(2): back to log_e
+    out, lse = softmax_output(acc, l_i, m_i)  # rows that saw no key: out 0, lse -inf
     o_base = b64 * stride_ob + (q_row0 + start_m).to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
     o_ptrs = Out + o_base + (offs_m * stride_os)[:, None] + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
