@@ -2,7 +2,8 @@
 with ``--out``, for the sections the given files hold:
     prefill.png    TFLOP/s against sequence length, one panel per head dim and masking
     decode.png     TB/s of K+V read per (batch, context length), beside the copy bandwidth of the same run
-    generate.png   end-to-end tokens/s and peak GPU memory per model and shape
+    generate.png   decode as a share of the memory roofline (or, in results without one, end-to-end tokens/s) and
+                   peak GPU memory per model and shape
 Each chart is titled with the device, versions and date of its run.
     python scripts/plot_benchmarks.py bench_kernels.json bench_generate.json --out-dir plots
 """
@@ -93,7 +94,10 @@ def plot_generate(records):
     groups = list(dict.fromkeys(f"{r['model']} {r['batch']}x{r['prompt']}x{r['new_tokens']}" for r in records))
     series = list(dict.fromkeys(r["impl"] for r in records))
     fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 3.0 * len(groups)), 4.2))
-    for ax, key, ylabel, scale in ((axes[0], "e2e_tok_s", "end-to-end tokens/s", 1),
+    # Results with a measured roofline (bench_generate.py since it measures one) show decode speed as its share.
+    speed = (("roofline_fraction", "decode, % of the memory roofline", 100)
+             if any(r.get("roofline_fraction") is not None for r in records) else ("e2e_tok_s", "end-to-end tokens/s", 1))
+    for ax, key, ylabel, scale in ((axes[0], *speed),
                                    (axes[1], "peak_bytes", "peak GPU memory, GiB", 1 / GIB)):
         values = {name: [None] * len(groups) for name in series}
         for r in records:
