@@ -3,8 +3,10 @@
 gpt-fast's design: prefill the prompt, then one step per token, each step the model's forward *and* the choice of the
 next token (``hf_flash.graphs.decode_step``: the logits processors that read only the scores, then argmax or a
 sample), compiled whole by torch.compile and replayed as one CUDA graph. Per step the host plans the cache (pages,
-slots), replays, commits, appends the token and asks the stopping criteria; it waits for the GPU only when a criterion
-reads the tokens (an EOS, a stop string), and then once a step.
+slots), replays, commits, appends the token and asks the stopping criteria. The host never waits for the step it just
+queued: criteria that read the tokens (an EOS, a stop string) give their verdict a step late, and when every sequence
+has finished the one step queued past the end is undone (its token dropped, the cache cropped), as transformers' own
+deferred stop check does.
 
 ``sample`` takes the place of ``GenerationMixin._sample`` (``hf_flash.patches.generate``). Whatever it does not cover
 goes to transformers' own loop, whose decode steps still replay graphs of the forward (``DecodeGraphs``), and the
@@ -93,6 +95,7 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
     del logits  # the prefill's logits may be large
     length = prompt_length
     key = (id(model), ("decode", select.signature()))
+    verdict = _Verdict(input_ids.device) if reads_tokens else None
     with model._optimize_model_for_decode():
         while True:
             if pad is not None:
@@ -100,17 +103,48 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
             sequences[:, length] = tokens
             length += 1
             unfinished &= ~stopping_criteria(sequences[:, :length], None)
-            if streamer is not None:
-                streamer.put(tokens.cpu())
-            if length >= sequences.shape[1] or (reads_tokens and not unfinished.any()):
+            if length >= sequences.shape[1]:
+                _stream(streamer, tokens)
                 break
-            tokens = _step(model, cache, select, key, tokens)
+            if verdict is not None:
+                verdict.record(unfinished)
+            # The next step is queued before the host waits for this one's tokens or verdict: the GPU never idles.
+            next_tokens = _step(model, cache, select, key, tokens)
+            _stream(streamer, tokens)
+            if verdict is not None and verdict.all_finished():
+                cache.crop(-1)  # the step just queued is one past the end: its token is dropped, and its K/V
+                break
+            tokens = next_tokens
     if streamer is not None:
         streamer.end()
     sequences = sequences[:, :length]
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=sequences, **{CACHE_NAME: cache})
     return sequences
+
+
+class _Verdict:
+    """Whether every sequence has finished, copied to the host behind the queued work and read a step later, as
+    transformers' ``DeferredStopCheck`` does on mps."""
+
+    def __init__(self, device):
+        self.finished = torch.zeros((), dtype=torch.bool, pin_memory=device.type == "cuda")
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+
+    def record(self, unfinished):
+        self.finished.copy_(~unfinished.any(), non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+
+    def all_finished(self):
+        if self.copied is not None:
+            self.copied.synchronize()
+        return bool(self.finished)
+
+
+def _stream(streamer, tokens):
+    if streamer is not None:
+        streamer.put(tokens.cpu())
 
 
 def _step(model, cache, select, key, tokens):

@@ -71,7 +71,7 @@ def test_loop_matches_sdpa(options, device):
 
 def test_eos_pads_finished_sequences_and_stops(device):
     """An EOS that some sequences reach early: they get padding after it, the loop stops when all have (before
-    max_new_tokens), as transformers' loop does. The EOS is the token the first sequence picks at its third step."""
+    max_new_tokens), as transformers' loop does, and the cache holds what transformers' would. The EOS is the token the first sequence picks at its third step."""
     model, reference = tiny_model("llama")
     model.to(device)
     ids, mask = (t.to(device) for t in left_padded_batch([9, 5, 7]))
@@ -82,6 +82,12 @@ def test_eos_pads_finished_sequences_and_stops(device):
     assert torch.equal(got.sequences, want)
     assert (got.sequences[0, ids.shape[1] + 3:] == 0).all()  # padding after the EOS
     assert _steps_of_the_loop(cache_of(got))
+    # The first sequence alone stops at the EOS; the step queued past it (the verdict comes a step late) is undone:
+    # the cache holds every token but the last, as after transformers' loop.
+    want = _generate(model, reference, ids[:1], mask[:1], do_sample=False, eos_token_id=eos, max_new_tokens=20)
+    got = _generate(model, "hf_flash", ids[:1], mask[:1], do_sample=False, eos_token_id=eos, max_new_tokens=20)
+    assert torch.equal(got.sequences, want.sequences) and got.sequences.shape[1] == ids.shape[1] + 3
+    assert cache_of(got).get_seq_length() == got.sequences.shape[1] - 1
 
 
 def test_streamer_gets_every_token(device):
