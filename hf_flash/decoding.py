@@ -6,7 +6,8 @@ sample), compiled whole by torch.compile and replayed as one CUDA graph. Per ste
 slots), replays, commits, appends the token and asks the stopping criteria. The host never waits for the step it just
 queued: criteria that read the tokens (an EOS, a stop string) give their verdict a step late, and when every sequence
 has finished the one step queued past the end is undone (its token dropped, the cache cropped), as transformers' own
-deferred stop check does.
+deferred stop check does (that step has drawn its sample: after a sampled call stopped by a criterion, the random
+generator is one step further on than after transformers' loop).
 
 ``sample`` takes the place of ``GenerationMixin._sample`` (``hf_flash.patches.generate``). Whatever it does not cover
 goes to transformers' own loop, whose decode steps still replay graphs of the forward (``DecodeGraphs``), and the
