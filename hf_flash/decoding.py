@@ -21,7 +21,6 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import graphs
-from .cache import to_device
 from .internals import CACHE_NAME
 
 # Logits processors that read the scores only (never the ids, nor the step): the compiled step applies them.
@@ -79,13 +78,14 @@ def why_not_compiled(model, logits_processor, generation_config, synced_gpus, mo
 
 def sample(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
     """Greedy search or sampling over the ``PagedCache`` in ``model_kwargs``: the prompt prefilled, every further token
-    from one compiled and graphed step. Returns what ``_sample`` returns: the sequences, or ``GenerateDecoderOnlyOutput``
-    with the sequences and the cache."""
+    from one compiled and graphed step. Returns what ``_sample`` returns: the sequences, or
+    ``GenerateDecoderOnlyOutput`` with the sequences and the cache."""
     cache = model_kwargs[CACHE_NAME]
     select = TokenSelector(logits_processor, generation_config.do_sample)
     batch, prompt_length = input_ids.shape
     # As transformers' loop: sequences an EOS criterion finished get padding.
-    pad = generation_config._pad_token_tensor if any(hasattr(c, "eos_token_id") for c in stopping_criteria) else None
+    eos_stops = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    pad = generation_config._pad_token_tensor if eos_stops else None
     # Only the length is known without waiting for the GPU: any other criterion's verdict is read at every step.
     reads_tokens = any(not isinstance(c, MaxLengthCriteria) for c in stopping_criteria)
     sequences = input_ids.new_empty((batch, max(generation_config.max_length, prompt_length + 1)))
@@ -95,7 +95,14 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
     tokens = select(logits[:, -1])
     del logits  # the prefill's logits may be large
     length = prompt_length
+    step = graphs.compiled(graphs.decode_step, input_ids.device)
     key = (id(model), ("decode", select.signature()))
+
+    def next_tokens_after(tokens):
+        """One step: planned, run (compiled, graphed), committed; aborted if anything raises."""
+        return graphs.run_step(lambda ids, positions: step(model, cache, ids, positions, select), key, cache,
+                               cache.begin_step(None, 1, batch), tokens[:, None])
+
     verdict = _Verdict(input_ids.device) if reads_tokens else None
     with model._optimize_model_for_decode():
         while True:
@@ -110,7 +117,7 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
             if verdict is not None:
                 verdict.record(unfinished)
             # The next step is queued before the host waits for this one's tokens or verdict: the GPU never idles.
-            next_tokens = _step(model, cache, select, key, tokens)
+            next_tokens = next_tokens_after(tokens)
             _stream(streamer, tokens)
             if verdict is not None and verdict.all_finished():
                 cache.crop(-1)  # the step just queued is one past the end: its token is dropped, and its K/V
@@ -146,19 +153,3 @@ class _Verdict:
 def _stream(streamer, tokens):
     if streamer is not None:
         streamer.put(tokens.cpu())
-
-
-def _step(model, cache, select, key, tokens):
-    """One planned, compiled, graphed step (``key``: of its graphs): the next ``[B]`` tokens after ``tokens``,
-    committed to the cache (the step is aborted if anything raises)."""
-    plan = cache.begin_step(None, 1, tokens.shape[0])
-    positions = to_device(plan.seqlens[:, None].long() - 1, tokens.device)  # the new token's: the tokens before it
-    step = graphs.compiled(graphs.decode_step, tokens.device)
-    try:
-        output = graphs.run_step(lambda ids, positions: step(model, cache, ids, positions, select),
-                                 key, cache, plan, tokens[:, None], positions)
-    except BaseException:
-        cache.abort_step()
-        raise
-    cache.commit_step()
-    return output

@@ -11,7 +11,7 @@ functions go through this module's ``run_step``:
 
 Host work stays outside the graph, as in FlashInfer's plan/run split: the caller begins the step (the cache plans
 pages, slots and lengths), ``run_step`` copies the plan, the token ids and the positions into the graph's static
-buffers, replays, and the caller commits the step. The kernels read every length from those buffers, and the plan's
+buffers, replays, and commits the step (or aborts it if anything raised). The kernels read every length from those buffers, and the plan's
 host-side bounds are widened to the pools' capacity, so one graph serves each step until the longest sequence moves
 the split count into another bucket (powers of two). The first step of a (batch, splits, pool) key runs the compiled
 function on the static buffers (compiling it, and the Triton kernels, for exactly those arguments); the second one
@@ -98,11 +98,16 @@ class _StepGraph:
         self.warm = False  # the step ran on these buffers once
 
     def load(self, plan, input_ids, position_ids, device):
-        """Copy this step's inputs and plan into the static buffers; the layers read the plan from them."""
+        """Copy this step's inputs and plan into the static buffers; the layers read the plan from them. Without
+        ``position_ids`` each new token's position is the count of the tokens stored before it, taken from the
+        plan's lengths already on the device."""
         self.input_ids.copy_(input_ids, non_blocking=True)
-        self.position_ids.copy_(position_ids, non_blocking=True)
         copy_from_host(self.plan_tensors["slots"], plan.slots)
         copy_from_host(self.plan_tensors["seqlens"], plan.seqlens)
+        if position_ids is None:
+            torch.sub(self.plan_tensors["seqlens"][:, None], 1, out=self.position_ids)
+        else:
+            self.position_ids.copy_(position_ids, non_blocking=True)
         if plan.block_table is not self.table_source:
             copy_from_host(self.plan_tensors["block_table"], plan.block_table)
             self.table_source = plan.block_table
@@ -130,10 +135,21 @@ def why_not_graphed(model, cache, device):
     return None
 
 
-def run_step(step, key, cache, plan, input_ids, position_ids):
-    """Run the planned single-token step ``step(input_ids, position_ids)`` (which closes over the model and the
-    cache) through the static buffers of ``key``: the first time on them (on CUDA compiling the step), captured the
-    second, replayed after. Returns the step's output, which the next replay of this key overwrites."""
+def run_step(step, key, cache, plan, input_ids, position_ids=None):
+    """Run the begun single-token step ``step(input_ids, position_ids)`` (which closes over the model and the cache)
+    through the static buffers of ``key``: the first time on them (on CUDA compiling the step), captured the second,
+    replayed after; then commit it, or abort it if anything raised. Returns the step's output, which the next replay
+    of this key overwrites. ``position_ids`` default to the count of each sequence's stored tokens."""
+    try:
+        output = _run(step, key, cache, plan, input_ids, position_ids)
+    except BaseException:
+        cache.abort_step()
+        raise
+    cache.commit_step()
+    return output
+
+
+def _run(step, key, cache, plan, input_ids, position_ids):
     batch, device = input_ids.shape[0], input_ids.device
     # The pools' KV heads: under tensor parallelism this rank's share, which is what the decode kernel launches on.
     splits = ops.choose_num_splits(batch, cache.num_kv_heads, plan.max_seqlen_k, device)
@@ -213,14 +229,8 @@ class DecodeGraphs:
             return self.model(**kwargs)
         logits_to_keep = kwargs.get("logits_to_keep")
         forward = compiled(forward_step, input_ids.device)
-        try:
-            logits = run_step(lambda ids, positions: forward(self.model, cache, ids, positions, logits_to_keep),
-                              (id(self.model), ("forward", logits_to_keep)), cache, plan, input_ids,
-                              kwargs["position_ids"])
-        except BaseException:
-            cache.abort_step()
-            raise
-        cache.commit_step()
+        logits = run_step(lambda ids, positions: forward(self.model, cache, ids, positions, logits_to_keep),
+                          (id(self.model), ("forward", logits_to_keep)), cache, plan, input_ids, kwargs["position_ids"])
         # A copy: the next replay overwrites the static logits, and a caller may keep these.
         return CausalLMOutputWithPast(logits=logits.clone(), **{CACHE_NAME: cache})
 

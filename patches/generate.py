@@ -6,12 +6,12 @@ after it has made its default ``DynamicCache`` (the caller passed no cache and n
 in a ``PagedCache`` sized for this call (batch x beams x max length), so it never runs out and holds about the tokens
 actually generated. ``_prefill`` gets a default ``prefill_chunk_size`` for a ``PagedCache``: each chunk attends to the
 pages of the earlier ones in place, and the activations of the forward shrink with the chunk. Greedy search and
-sampling over a ``PagedCache`` on CUDA run hf_flash's own loop (``_sample`` -> ``hf_flash.decoding``: every step, forward
-and token choice, compiled and replayed as a CUDA graph); what that loop does not cover runs transformers' loop, whose
-decode steps call the model's "compiled call" when ``_valid_auto_compile_criteria`` allows it: for a ``PagedCache`` on
-CUDA that is ``hf_flash.graphs.DecodeGraphs`` (compiled, graphed forwards). ``disable_compile=True`` or
-``PagedCache(cuda_graphs=False)`` keep every step eager. ``generate`` itself is wrapped only to make a call on a
-caller's ``PagedCache`` a transaction.
+sampling over a ``PagedCache`` on CUDA run hf_flash's own loop (``_sample`` -> ``hf_flash.decoding``: every step,
+forward and token choice, compiled and replayed as a CUDA graph); what that loop does not cover runs transformers' loop,
+whose decode steps call the model's "compiled call" when ``_valid_auto_compile_criteria`` allows it: for a
+``PagedCache`` on CUDA that is ``hf_flash.graphs.DecodeGraphs`` (compiled, graphed forwards).
+``disable_compile=True`` or ``PagedCache(cuda_graphs=False)`` keep every step eager. ``generate`` itself is wrapped
+only to make a call on a caller's ``PagedCache`` a transaction.
 
 Each wrapped internal is checked when the patches are applied (``hf_flash.internals``): one that this transformers
 release lacks is left alone, and the logger says once what is off.
@@ -159,8 +159,9 @@ _PATCHES = [
 
 
 # What hf_flash's decode loop calls besides the method it replaces.
-_LOOP_INTERNALS = [(GenerationMixin, "_prefill", ("input_ids", "generation_config", "model_kwargs", "is_first_iteration")),
-                   (GenerationMixin, "_optimize_model_for_decode", ())]
+_LOOP_INTERNALS = [
+    (GenerationMixin, "_prefill", ("input_ids", "generation_config", "model_kwargs", "is_first_iteration")),
+    (GenerationMixin, "_optimize_model_for_decode", ())]
 
 
 def apply():

@@ -57,7 +57,8 @@ def parse_row(text):
     try:
         batch, prompt, new = (int(x) for x in shape.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a row is MODEL:BATCHxPROMPTxNEW, e.g. 1b:16x2048x256, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"a row is MODEL:BATCHxPROMPTxNEW, e.g. 1b:16x2048x256, got {text!r}") \
+            from None
     if min(batch, prompt, new) < 1:
         raise argparse.ArgumentTypeError(f"batch, prompt and new tokens must be positive, got {text!r}")
     return model, batch, prompt, new

@@ -95,8 +95,9 @@ def plot_generate(records):
     series = list(dict.fromkeys(r["impl"] for r in records))
     fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 3.0 * len(groups)), 4.2))
     # Results with a measured roofline (bench_generate.py since it measures one) show decode speed as its share.
-    speed = (("roofline_fraction", "decode, % of the memory roofline", 100)
-             if any(r.get("roofline_fraction") is not None for r in records) else ("e2e_tok_s", "end-to-end tokens/s", 1))
+    with_roofline = any(r.get("roofline_fraction") is not None for r in records)
+    speed = (("roofline_fraction", "decode, % of the memory roofline", 100) if with_roofline
+             else ("e2e_tok_s", "end-to-end tokens/s", 1))
     for ax, key, ylabel, scale in ((axes[0], *speed),
                                    (axes[1], "peak_bytes", "peak GPU memory, GiB", 1 / GIB)):
         values = {name: [None] * len(groups) for name in series}

@@ -71,7 +71,8 @@ def test_loop_matches_sdpa(options, device):
 
 def test_eos_pads_finished_sequences_and_stops(device):
     """An EOS that some sequences reach early: they get padding after it, the loop stops when all have (before
-    max_new_tokens), as transformers' loop does, and the cache holds what transformers' would. The EOS is the token the first sequence picks at its third step."""
+    max_new_tokens), as transformers' loop does, and the cache holds what transformers' would. The EOS is the token
+    the first sequence picks at its third step."""
     model, reference = tiny_model("llama")
     model.to(device)
     ids, mask = (t.to(device) for t in left_padded_batch([9, 5, 7]))
@@ -146,8 +147,8 @@ def test_what_the_loop_does_not_cover_runs_transformers_loop_and_says_why(device
 
 def test_an_interrupted_step_leaves_the_callers_cache_as_it_was(device, monkeypatch):
     """An interrupt in the fourth step of the loop, after the step ran (its tokens are in the pages): generate()
-    raises it, and the caller's cache holds exactly what it held before the call (the step is aborted, generate() is a
-    transaction). Injected in the runner, as a model hook would run only while the step is traced."""
+    raises it, the runner aborts the step, and the caller's cache holds exactly what it held before the call
+    (generate() is a transaction). Injected in the runner, as a model hook would run only while the step is traced."""
     model, _ = tiny_model("llama")
     model.to(device)
     ids, mask = (t.to(device) for t in left_padded_batch([6, 4]))
@@ -157,20 +158,21 @@ def test_an_interrupted_step_leaves_the_callers_cache_as_it_was(device, monkeypa
     turn = torch.cat([first.sequences, torch.randint(1, 128, (2, 3), device=device)], 1)
     turn_mask = torch.cat([mask, torch.ones_like(turn[:, mask.shape[1]:])], 1)
     before = (list(cache.page_table.lengths), cache.get_seq_length(), cache.memory_stats()["pages_used"])
-    steps = []
+    steps, aborted = [], []
 
     def interrupted_at_fourth_step(*args):
-        output = run_step(*args)
+        output = run(*args)
         steps.append(output)
         if len(steps) == 4:
             raise KeyboardInterrupt
         return output
 
-    run_step = graphs.run_step
-    monkeypatch.setattr(graphs, "run_step", interrupted_at_fourth_step)
+    run, abort = graphs._run, cache.abort_step
+    monkeypatch.setattr(graphs, "_run", interrupted_at_fourth_step)
+    monkeypatch.setattr(cache, "abort_step", lambda: aborted.append(True) or abort())
     with pytest.raises(KeyboardInterrupt):
         _generate(model, "hf_flash", turn, turn_mask, do_sample=False, eos_token_id=None, **{CACHE_NAME: cache})
-    assert len(steps) == 4
+    assert len(steps) == 4 and aborted == [True]
     assert (list(cache.page_table.lengths), cache.get_seq_length(), cache.memory_stats()["pages_used"]) == before
     monkeypatch.undo()
     got = _generate(model, "hf_flash", turn, turn_mask, do_sample=False, eos_token_id=None, **{CACHE_NAME: cache})
