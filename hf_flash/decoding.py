@@ -117,8 +117,9 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
             if verdict is not None:
                 verdict.record(unfinished)
             # The next step is queued before the host waits for this one's tokens or verdict: the GPU never idles.
+            # Its replay overwrites ``tokens`` (the graph's output buffer): what is streamed is their copy.
             next_tokens = next_tokens_after(tokens)
-            _stream(streamer, tokens)
+            _stream(streamer, sequences[:, length - 1])
             if verdict is not None and verdict.all_finished():
                 cache.crop(-1)  # the step just queued is one past the end: its token is dropped, and its K/V
                 break

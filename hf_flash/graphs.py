@@ -177,7 +177,14 @@ def _run(step, key, cache, plan, input_ids, position_ids):
 
 def _first_run(step, step_graph, device):
     if device.type != "cuda":
-        return step(step_graph.input_ids, step_graph.position_ids)
+        # Into one output buffer per key, as replays write theirs: a caller that reads a step's output after
+        # running the next one reads the next one's, here as on CUDA.
+        output = step(step_graph.input_ids, step_graph.position_ids)
+        if step_graph.output is None:
+            step_graph.output = output
+        else:
+            step_graph.output.copy_(output)
+        return step_graph.output
     # On a side stream, as torch.cuda.graph's documentation asks of the runs before a capture.
     main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
     side.wait_stream(main)
