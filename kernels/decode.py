@@ -28,6 +28,7 @@ CONFIGS = {
     (64, True, 8): (32, 8, 3),
     (128, True, 8): (16, 8, 3),
     (256, True, 8): (16, 8, 3),
+    (64, False, 9): (64, 8, 3),  # H200, scripts/tune_decode.py --head-dim 64, 2026-12-02: best geomean
     (128, False, 9): (32, 4, 3),  # H100, scripts/tune_decode.py 2026-11-23: best geomean, 95-99 % of copy at B>=64
 }
 # The interpreter runs numpy per program: 16-key tiles give the tests' short sequences several tiles per split.

@@ -21,8 +21,11 @@ max_new_tokens=1 (the prefill: time to first token). Reported:
     x static            decode tok/s over that of the compiled static cache at the same row
     1st call +s         how much longer the warm-up took than a timed call: compile and capture time
 "--skip sdpa" leaves out the slowest implementation (stock sdpa decode is host-bound), "--models 1b" the large model.
+"--profile N" adds, after each row's timed hf_flash calls, the N GPU kernels that took most of one more call's time
+(torch.profiler), per decode step: where the time between the measured rate and the roofline goes.
     python scripts/bench_generate.py --out bench_generate.json
     python scripts/bench_generate.py --models 1b --rows 1b:4x1024x64
+    python scripts/bench_generate.py --models 1b --skip sdpa,static --profile 12
     python scripts/bench_generate.py --device cpu --quick          # checks the script on a tiny model
 """
 import argparse
@@ -74,6 +77,9 @@ def parse_args(argv=None):
     parser.add_argument("--skip", default="",
                         help="comma-separated implementations to leave out, among sdpa, hf_flash, static")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement; the median is reported")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after each row's hf_flash calls, print the N kernels that take most GPU time per decode "
+                             "step in one more profiled call (default: 0, no profile)")
     parser.add_argument("--out", help="write the results as JSON to this file (rewritten after every row)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda if available, else cpu)")
@@ -167,6 +173,23 @@ def measure(model, inputs, impl, new_tokens, repeats, device):
             "total_s_all": [s for s, _, _ in full], "prefill_s_all": prefill}
 
 
+def kernel_profile(model, inputs, new_tokens, device, top):
+    """The ``top`` GPU kernels by their share of one profiled ``generate`` call (warm: after ``measure``), as
+    (name, launches per decode step, microseconds per decode step, share of all kernel time); the prefill's kernels
+    count in, spread over the decode steps. Off CUDA: the CPU time of operators instead (to check the script)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        generate(model, inputs, "hf_flash", new_tokens, device)
+    own_us = {e.key: e.self_device_time_total if cuda else e.self_cpu_time_total for e in prof.key_averages()}
+    counts = {e.key: e.count for e in prof.key_averages()}
+    total = sum(own_us.values())
+    steps = max(new_tokens - 1, 1)
+    ranked = sorted((k for k in own_us if own_us[k] > 0), key=own_us.get, reverse=True)[:top]
+    return total / steps, [(k, counts[k] / steps, own_us[k] / steps, own_us[k] / total) for k in ranked]
+
+
 def forget_compiled(model, device):
     """Drop what an implementation compiled (static's forward and graphs; hf_flash's step, whose graphs go with their
     cache), so each row and implementation starts clean: its first call pays its own compiles, and no other's memory
@@ -223,6 +246,13 @@ def main(argv=None):
                               cell(record["kv_bytes"] / GIB, ".2f"),
                               cell(None if record["kv_bytes_used"] is None else record["kv_bytes_used"] / GIB, ".2f"),
                               cell(record["first_call_extra_s"], ".1f"))
+                if args.profile and impl == "hf_flash" and "error" not in record:
+                    step_us, kernels = kernel_profile(model, inputs, new_tokens, args.device, args.profile)
+                    record["profile"] = {"kernel_us_per_step": step_us, "top": kernels}
+                    say(f"  kernel time per decode step {step_us:.0f} us; at the measured rate a step takes "
+                        f"{1e6 * batch / record['decode_tok_s']:.0f} us; top kernels (launches/step, us/step, share):")
+                    for kernel, launches, micros, share in kernels:
+                        say(f"  {launches:6.1f} {micros:8.1f} {100 * share:5.1f}%  {kernel[:110]}")
                 record["wall_s"] = time.perf_counter() - impl_start  # where the run's minutes went
                 results.add("generate", record)
                 forget_compiled(model, args.device)

@@ -19,7 +19,9 @@ summary=()
 for step in "$@"; do
   start=$(date +%s)
   case $step in
-    tests) (cd /tmp && python3 -m pytest -q -p no:cacheprovider --rootdir "$OLDPWD" \
+    # SIGABRT after TESTS_TIMEOUT s: pytest's faulthandler then prints every thread's stack (a run on 2026-12-02
+    # printed all 538 tests and then hung before its summary).
+    tests) (cd /tmp && timeout -s ABRT "${TESTS_TIMEOUT:-900}" python3 -m pytest -q -p no:cacheprovider --rootdir "$OLDPWD" \
              $(printf "$OLDPWD/%s " ${TESTS:-tests}) -k "not slow" 2>&1) | tee "$out/tests.log" | tail -25 ;;
     # Every kernel launch of the guard tests and the paged op tests under compute-sanitizer (it refuses the GPU on
     # some machines: the log says so, and the guard tests of the tests step still check the pools' bounds).

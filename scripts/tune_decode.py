@@ -1,4 +1,5 @@
-"""Times hf_flash's paged decode kernel over its candidate tile configs on the GPU (bf16, GQA 32/8, head dim 128).
+"""Times hf_flash's paged decode kernel over its candidate tile configs on the GPU (bf16, GQA 32/8, head dim 128, or
+64 with ``--head-dim 64``: Llama-3.2-1B's).
 
 For each (batch, context length) and page size (16, 64) every candidate (BLOCK_N, num_warps, num_stages) runs with
 the split count that ``choose_num_splits`` plans; the rate is the K+V bytes the sequence lengths cover (what must be
@@ -9,6 +10,7 @@ replay (``bench_common.bench_graph_ms``), as in ``bench_kernels.py``: microsecon
 Prints the best config to put into ``hf_flash/kernels/decode.py``'s CONFIGS. About 3 minutes on an H100.
     python scripts/tune_decode.py
     python scripts/tune_decode.py --shapes 1x4096,1x65536
+    python scripts/tune_decode.py --head-dim 64 --shapes 1x576,8x8256,64x1088,128x576
 """
 import argparse
 import itertools
@@ -63,9 +65,12 @@ def kv_bytes(batch, seqlen):
 
 
 def main():
+    global HEAD_DIM  # the head dim of every case of this run
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", help="comma-separated BATCHxLENGTH (default: the benchmark's six)")
+    parser.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
     args = parser.parse_args()
+    HEAD_DIM = args.head_dim
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
     device = torch.device("cuda")
     major = torch.cuda.get_device_capability(device)[0]
