@@ -11,9 +11,9 @@ functions go through this module's ``run_step``:
 
 Host work stays outside the graph, as in FlashInfer's plan/run split: the caller begins the step (the cache plans
 pages, slots and lengths), ``run_step`` copies the plan, the token ids and the positions into the graph's static
-buffers, replays, and commits the step (or aborts it if anything raised). The kernels read every length from those buffers, and the plan's
-host-side bounds are widened to the pools' capacity, so one graph serves each step until the longest sequence moves
-the split count into another bucket (powers of two). The first step of a (batch, splits, pool) key runs the compiled
+buffers, replays, and commits the step (or aborts it if anything raised). The kernels read every length from those
+buffers, and the plan's host-side bounds are widened to the pools' capacity, so one graph serves each step until the
+longest sequence moves the split count into another bucket (powers of two). The first step of a (batch, splits, pool) key runs the compiled
 function on the static buffers (compiling it, and the Triton kernels, for exactly those arguments); the second one
 captures it.
 """

@@ -129,12 +129,14 @@ def test_chat_continues_on_a_callers_cache(device):
 
 
 def test_what_the_loop_does_not_cover_runs_transformers_loop_and_says_why(device, caplog):
-    """A processor that reads the ids (repetition penalty) and extra outputs (scores): transformers' loop, the same
+    """A processor that reads the ids (repetition penalty) or holds a tensor (suppressed tokens: a graph kept for
+    the cache's next call would read it at its old address) and extra outputs (scores): transformers' loop, the same
     tokens, the reason logged."""
     model, reference = tiny_model("llama")
     model.to(device)
     ids, mask = (t.to(device) for t in left_padded_batch([8, 5]))
     cases = [({"repetition_penalty": 1.3}, "RepetitionPenaltyLogitsProcessor"),
+             ({"suppress_tokens": [5, 6]}, "SuppressTokensLogitsProcessor"),
              ({"output_scores": True}, "output_scores asked for")]
     for options, reason in cases:
         want = _generate(model, reference, ids, mask, do_sample=False, **options).sequences
