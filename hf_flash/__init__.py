@@ -8,10 +8,11 @@ from . import integration, patches
 from .cache import PagedCache
 from .ops import attention, attention_varlen, attention_with_kvcache, merge_state, write_kv_pages
 from .pages import PoolExhaustedError
+from .patches.generate import release_kept_pools
 
 __version__ = "0.1.0"
 __all__ = ["PagedCache", "PoolExhaustedError", "__version__", "attention", "attention_varlen", "attention_with_kvcache",
-           "merge_state", "register", "write_kv_pages"]
+           "merge_state", "register", "release_kept_pools", "write_kv_pages"]
 
 
 def register():

@@ -185,6 +185,7 @@ class PagedCache(Cache):
         self.page_table = PageTable(page_size, 0 if num_pages is None and max_memory is not None else num_pages or 256)
         self._step = None  # the open step: _OpenStep
         self._table_tensor = None  # (page table version, host block table)
+        self._donor_layers = None  # the layers of a gone cache whose pools the first step takes over (take_pools)
         super().__init__(layers=[PagedLayer(self) for _ in range(self.num_layers)])
 
     @property
@@ -199,6 +200,28 @@ class PagedCache(Cache):
             per_page = 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * itemsize
             self.page_table.add_pages(max(1, self._max_memory // per_page))
         return self.num_pages, self.page_size, self.num_kv_heads, self.head_dim
+
+    def take_pools(self, layers):
+        """Take over the pools of ``layers`` (those of a PagedCache that is gone) at the first step instead of
+        allocating new ones, zeroed as new ones are, if every one has the shape, dtype and device this cache's would
+        have; else they are let go. All layers take theirs or none does: a graph captured over the pools reads every
+        layer's. generate() gives each default cache the last one's (``hf_flash.patches.generate``)."""
+        if any(layer.is_initialized for layer in self.layers):
+            raise ValueError("take_pools() is for a PagedCache that has not run a step yet")
+        self._donor_layers = list(layers)
+
+    def _take_donor_pools(self, key_states):
+        donors, self._donor_layers = self._donor_layers, None
+        if not donors or len(donors) != self.num_layers:
+            return False
+        shape = self.pool_shape(key_states)
+        if not all(d.is_initialized and d.keys.shape == shape and d.keys.dtype == key_states.dtype
+                   and d.keys.device == key_states.device for d in donors):
+            return False
+        for layer, donor in zip(self.layers, donors):
+            layer.keys, layer.values = donor.keys.zero_(), donor.values.zero_()
+            layer.is_initialized = True
+        return True
 
     def _grow_pools(self, needed):
         extra = max(self.num_pages, needed)
@@ -248,7 +271,9 @@ class PagedCache(Cache):
                                  f"{key_states.device}: leave device unset (each layer's pages then go to its own "
                                  f"device, as a model split with device_map needs)")
             self.num_kv_heads = key_states.shape[1]
-            layer.lazy_initialization(key_states.to(self.dtype or key_states.dtype), value_states)
+            key_states = key_states.to(self.dtype or key_states.dtype)
+            if not self._take_donor_pools(key_states):
+                layer.lazy_initialization(key_states, value_states)
         view = PagedKV(self, layer_idx, key_states, value_states)
         return view, view
 

@@ -17,9 +17,8 @@ longest sequence moves the split count into another bucket (powers of two). The 
 function on the static buffers (compiling it, and the Triton kernels, for exactly those arguments); the second one
 captures it.
 """
-import weakref
-
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import ops
@@ -81,15 +80,17 @@ def compiled(step_function, device, compile_config=None):
     return _compiled[key]
 
 
-# The step graphs captured over each cache's pools, by (model, batch, splits, step, pool size): the runner owns them,
-# the cache knows nothing of them, and they go with the cache. A pool that grew is a new pool: the graphs captured
-# over the old one are dropped.
-_captured = weakref.WeakKeyDictionary()
+# The step graphs captured over each set of pools, by (model, batch, splits, step, pool size), keyed by the first
+# layer's K pool (the layers' pools come and go together: made at a cache's first step, grown together, taken over
+# together by a later cache): the runner owns them, the cache knows nothing of them, and they go with the pools. A pool
+# that grew is a new pool: the graphs captured over the old one go with it.
+_captured = WeakIdKeyDictionary()
 
 
 def captured_graphs(cache):
-    """The decode-step graphs held for ``cache`` (empty if its steps never went through the runner)."""
-    return _captured.get(cache, {})
+    """The decode-step graphs held for ``cache``'s pools (empty if its steps never went through the runner)."""
+    layer = cache.layers[0]
+    return _captured.get(layer.keys, {}) if layer.is_initialized else {}
 
 
 class _StepGraph:
@@ -172,10 +173,8 @@ def _run(step, key, cache, plan, input_ids, position_ids):
     plan.max_seqlen_k = cache.num_pages * cache.page_size
     plan.max_slot = plan.max_seqlen_k - 1
     key = (*key[:1], batch, plan.num_splits, *key[1:], cache.num_pages)
-    graphs = _captured.setdefault(cache, {})
+    graphs = _captured.setdefault(cache.layers[0].keys, {})
     if key not in graphs:
-        for stale in [k for k in graphs if k[-1] != cache.num_pages]:  # captured over pools since grown
-            del graphs[stale]
         graphs[key] = _StepGraph(cache, batch, device)
     step_graph = graphs[key]
     step_graph.load(plan, input_ids, position_ids, device)

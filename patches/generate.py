@@ -18,6 +18,7 @@ release lacks is left alone, and the logger says once what is off.
 """
 import functools
 import inspect
+import weakref
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -45,6 +46,9 @@ _original_compile_criteria = GenerationMixin._valid_auto_compile_criteria
 _original_sample = GenerationMixin._sample
 _original_compiled_call = PreTrainedModel.get_compiled_call
 _prepare_cache_signature = inspect.signature(_original_prepare_cache)
+# Each model's last default cache (weakly) and its layers, which hold its pools (strongly): like transformers' static
+# cache, the pools stay allocated between generate() calls, for the next call of the same size (release_kept_pools).
+_kept = weakref.WeakKeyDictionary()  # model -> (weak reference to the cache, its layers)
 
 
 def _callers_paged_cache(kwargs):
@@ -78,13 +82,31 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
         copies = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         sequences = bound["batch_size"] * copies
         pages_per_sequence = -(-bound["max_cache_length"] // PAGE_SIZE)
-        # grow: an assistant model's cache is made for its first candidate round only, and later rounds reuse it.
-        model_kwargs[CACHE_NAME] = PagedCache(self.config, page_size=PAGE_SIZE, grow=True,
-                                              num_pages=sequences * (pages_per_sequence + 1))
+        model_kwargs[CACHE_NAME] = _default_cache(self, sequences * (pages_per_sequence + 1))
     elif cache is None and generation_config.use_cache and any(isinstance(v, Cache) for v in model_kwargs.values()):
         warn_once(f"generate() keeps its cache under another name than {CACHE_NAME!r} in this transformers release, "
                   f"so it runs on transformers' own cache: no PagedCache, CUDA graphs or chunked prefill")
     return result
+
+
+def _default_cache(model, num_pages):
+    """The ``PagedCache`` of a generate() call given none: it takes over the pools of the model's last one if that
+    cache is gone (no output of its call holds it) and had the same size; so the decode graphs captured over those
+    pools serve this call too, instead of its first steps being run and captured anew (~17 ms a call on the H200)."""
+    kept = _kept.pop(model, None)
+    # grow: an assistant model's cache is made for its first candidate round only, and later rounds reuse it.
+    cache = PagedCache(model.config, page_size=PAGE_SIZE, grow=True, num_pages=num_pages)
+    if kept is not None and kept[0]() is None and kept[1][0].is_initialized and kept[1][0].keys.shape[0] == num_pages:
+        cache.take_pools(kept[1])
+    del kept  # pools not taken over are freed here, before this cache allocates its own
+    _kept[model] = (weakref.ref(cache), cache.layers)
+    return cache
+
+
+def release_kept_pools(model):
+    """Free the K/V pools that generate() keeps for ``model``'s next call without a cache, and the decode graphs
+    captured over them (they are freed anyway when the model is, or when a call of another size replaces them)."""
+    _kept.pop(model, None)
 
 
 @functools.wraps(_original_prefill)

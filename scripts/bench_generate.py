@@ -198,10 +198,11 @@ def kernel_profile(model, inputs, new_tokens, device, compile_mode, top):
 
 
 def forget_compiled(model, device):
-    """Drop what an implementation compiled (static's forward and graphs; hf_flash's step, whose graphs go with their
-    cache), so each row and implementation starts clean: its first call pays its own compiles, and no other's memory
-    pools count in its peak."""
+    """Drop what an implementation compiled (static's forward and graphs; hf_flash's step, and the pools its default
+    cache keeps for the next call with the graphs over them), so each row and implementation starts clean: its first
+    call pays its own compiles, and no other's memory counts in its peak."""
     model.__dict__.pop("_compiled_call", None)
+    hf_flash.release_kept_pools(model)
     torch._dynamo.reset()
     free_memory(device)
 

@@ -504,6 +504,28 @@ def test_reset_forgets_everything_and_is_reusable():
     shadow.step(1)
 
 
+def test_take_pools_of_a_gone_cache_all_or_none():
+    """A new cache takes over a gone cache's pools at its first step, zeroed, every layer's (and checks its steps with
+    them as with new ones); pools of another size are let go for new ones; a cache that ran a step refuses."""
+    donor = _cache()
+    Shadow(donor, 3).step(9)
+    layers, pools = donor.layers, [(layer.keys, layer.values) for layer in donor.layers]
+    del donor
+    cache = _cache()
+    cache.take_pools(layers)
+    shadow = Shadow(cache, 2)
+    shadow.step(1)  # zeroed: only what this step stored is non-zero
+    assert all(layer.keys is k and layer.values is v for layer, (k, v) in zip(cache.layers, pools))
+    assert all(int((layer.keys != 0).any(-1).any(-1).sum()) == 2 for layer in cache.layers)
+    shadow.step(6)
+    with pytest.raises(ValueError, match="has not run a step"):
+        cache.take_pools(layers)
+    other = _cache(num_pages=8)  # another pool size: new pools
+    other.take_pools(cache.layers)
+    Shadow(other, 1).step(3)
+    assert all(layer.keys is not k and layer.keys.shape[0] == 8 for layer, (k, _) in zip(other.layers, pools))
+
+
 def test_max_batch_size_and_max_memory():
     with pytest.raises(ValueError, match="exceeds max_batch_size=2"):
         Shadow(_cache(max_batch_size=2), 3).step(1)

@@ -2,7 +2,9 @@
 token choice) through ``hf_flash.graphs.run_step``, against transformers' sdpa + DynamicCache, fp32, token for token.
 On CPU the steps run on the same static buffers, uncompiled unless a test compiles them (aot_eager: dynamo's capture
 and AOT functionalization without code generation); on a GPU they are compiled by inductor and replayed as graphs."""
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from test_cache import cache_of
 from test_models import left_padded_batch, tiny_model
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import hf_flash
 from hf_flash import PagedCache, graphs
 from hf_flash.graphs import captured_graphs
 from hf_flash.internals import CACHE_NAME
@@ -126,6 +129,42 @@ def test_chat_continues_on_a_callers_cache(device):
     want = _generate(model, reference, turn, turn_mask, do_sample=False, eos_token_id=None)
     assert torch.equal(got.sequences, want.sequences)
     assert cache.page_table.lengths == [turn.shape[1] + 11]
+
+
+def test_a_call_without_a_cache_takes_over_the_last_ones_pools_and_graphs(device):
+    """generate() without a cache, twice at one size, the first output dropped: the second call's cache takes over the
+    first's pools and the step graphs captured over them, and gives sdpa's tokens. An output the caller keeps is not
+    taken over (its cache is left as it was); a call of another size frees the kept pools; release_kept_pools too."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([9, 4]))
+    greedy = {"do_sample": False, "eos_token_id": None}
+    first = _same_tokens_as_sdpa(model, reference, ids, mask, greedy)
+    pools, step_graphs = cache_of(first).layers[0].keys, dict(captured_graphs(cache_of(first)))
+    del first  # the caller keeps nothing of the first call
+    second = _same_tokens_as_sdpa(model, reference, ids, mask, greedy)
+    assert cache_of(second).layers[0].keys is pools
+    assert step_graphs and all(captured_graphs(cache_of(second))[key] is g for key, g in step_graphs.items())
+
+    kept_cache = cache_of(second)  # kept by the caller: not taken over
+    lengths, contents = list(kept_cache.page_table.lengths), pools.clone()
+    third = _same_tokens_as_sdpa(model, reference, ids, mask, greedy)
+    assert cache_of(third).layers[0].keys is not pools
+    assert kept_cache.page_table.lengths == lengths and torch.equal(pools, contents)
+
+    del second, kept_cache, pools, contents
+    kept_pools = weakref.ref(cache_of(third).layers[0].keys)
+    del third
+    gc.collect()
+    assert kept_pools() is not None  # kept for the next call of this size
+    longer = _same_tokens_as_sdpa(model, reference, ids, mask, {**greedy, "max_new_tokens": 40})
+    gc.collect()
+    assert kept_pools() is None  # another size: not taken over, freed
+    kept_pools = weakref.ref(cache_of(longer).layers[0].keys)
+    del longer
+    hf_flash.release_kept_pools(model)
+    gc.collect()
+    assert kept_pools() is None
 
 
 def test_what_the_loop_does_not_cover_runs_transformers_loop_and_says_why(device, caplog):
