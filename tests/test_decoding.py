@@ -167,6 +167,30 @@ def test_a_call_without_a_cache_takes_over_the_last_ones_pools_and_graphs(device
     assert kept_pools() is None
 
 
+def test_a_call_without_a_cache_that_failed_leaves_its_pools_to_the_next(device, monkeypatch):
+    """A step of a call given no cache raises: the next call takes over the failed call's pools (zeroed) and the graphs
+    over them, and gives sdpa's tokens."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([7, 3]))
+    greedy = {"do_sample": False, "eos_token_id": None}
+    pools, run = [], graphs._run
+
+    def failing_at_third_step(step, key, cache, *args):
+        pools.append(cache.layers[0].keys)
+        if len(pools) == 3:
+            raise RuntimeError("injected")
+        return run(step, key, cache, *args)
+
+    monkeypatch.setattr(graphs, "_run", failing_at_third_step)
+    with pytest.raises(RuntimeError, match="injected"):
+        _generate(model, "hf_flash", ids, mask, **greedy)
+    monkeypatch.undo()
+    gc.collect()  # the failed call's frames, which held its cache
+    got = _same_tokens_as_sdpa(model, reference, ids, mask, greedy)
+    assert cache_of(got).layers[0].keys is pools[0]
+
+
 def test_what_the_loop_does_not_cover_runs_transformers_loop_and_says_why(device, caplog):
     """A processor that reads the ids (repetition penalty) or holds a tensor (suppressed tokens: a graph kept for
     the cache's next call would read it at its old address) and extra outputs (scores): transformers' loop, the same
