@@ -12,8 +12,8 @@ generator is one step further on than after transformers' loop).
 ``sample`` takes the place of ``GenerationMixin._sample`` (``hf_flash.patches.generate``). Whatever it does not cover
 goes to transformers' own loop, whose decode steps still replay graphs of the forward (``DecodeGraphs``), and the
 reason is logged once: outputs beyond the sequences (scores, logits, attentions, hidden states), a logits processor
-that reads the ids (repetition penalty, n-gram bans, minimum length...), assistants, encoder-decoders, synced GPUs,
-model inputs other than the text's ids, mask and positions.
+that reads the ids (repetition penalty, n-gram bans, minimum length...) or holds a tensor (suppressed tokens),
+assistants, encoder-decoders, synced GPUs, model inputs other than the text's ids, mask and positions.
 """
 import torch
 from transformers.generation import logits_process
@@ -69,6 +69,11 @@ def why_not_compiled(model, logits_processor, generation_config, synced_gpus, mo
     readers = [type(p).__name__ for p in logits_processor if not isinstance(p, SCORES_ONLY_PROCESSORS)]
     if readers:
         return f"logits processors that read the generated ids ({', '.join(readers)})"
+    # A graph reads a processor's tensor (suppressed token ids) at the address it had when captured; the graphs of a
+    # caller's cache serve its later calls, whose processors are new objects.
+    holders = [type(p).__name__ for p in logits_processor if any(isinstance(v, torch.Tensor) for v in vars(p).values())]
+    if holders:
+        return f"logits processors holding tensors ({', '.join(holders)})"
     inputs = sorted(name for name, value in model_kwargs.items()
                     if isinstance(value, torch.Tensor) and name not in _TEXT_INPUTS)
     if inputs:
@@ -95,7 +100,7 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
     tokens = select(logits[:, -1])
     del logits  # the prefill's logits may be large
     length = prompt_length
-    step = graphs.compiled(graphs.decode_step, input_ids.device)
+    step = graphs.compiled(graphs.decode_step, input_ids.device, generation_config.compile_config)
     key = (id(model), ("decode", select.signature()))
 
     def next_tokens_after(tokens):

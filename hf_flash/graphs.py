@@ -11,9 +11,9 @@ functions go through this module's ``run_step``:
 
 Host work stays outside the graph, as in FlashInfer's plan/run split: the caller begins the step (the cache plans
 pages, slots and lengths), ``run_step`` copies the plan, the token ids and the positions into the graph's static
-buffers, replays, and commits the step (or aborts it if anything raised). The kernels read every length from those buffers, and the plan's
-host-side bounds are widened to the pools' capacity, so one graph serves each step until the longest sequence moves
-the split count into another bucket (powers of two). The first step of a (batch, splits, pool) key runs the compiled
+buffers, replays, and commits the step (or aborts it if anything raised). The kernels read every length from those
+buffers, and the plan's host-side bounds are widened to the pools' capacity, so one graph serves each step until the
+longest sequence moves the split count into another bucket (powers of two). The first step of a (batch, splits, pool) key runs the compiled
 function on the static buffers (compiling it, and the Triton kernels, for exactly those arguments); the second one
 captures it.
 """
@@ -39,7 +39,7 @@ _STEP_ARGS = {"input_ids", "position_ids", "attention_mask", CACHE_NAME, "use_ca
 # compiles once more.
 COMPILE_BACKENDS = {"cuda": "inductor"}
 _INDUCTOR_OPTIONS = {"fallback_random": True, "coordinate_descent_tuning": True}
-_compiled = {}  # (step function, backend) -> its torch.compile wrapper (dynamo's code cache is per function)
+_compiled = {}  # compile settings (step function first) -> its torch.compile wrapper
 
 
 def forward_step(model, cache, input_ids, position_ids, logits_to_keep):
@@ -56,16 +56,29 @@ def decode_step(model, cache, input_ids, position_ids, select):
     return select(logits[:, -1])
 
 
-def compiled(step_function, device):
-    """``step_function`` compiled for ``device`` (as is where no backend is set for it)."""
+def compiled(step_function, device, compile_config=None):
+    """``step_function`` compiled for ``device`` (as is where no backend is set for it). A ``compile_config`` given to
+    ``generate()`` (transformers' ``CompileConfig``) sets the backend, ``fullgraph``, ``dynamic`` and the backend's
+    options; its ``mode`` adds inductor's options for that mode, but never CUDA graphs: the runner captures its own."""
     backend = COMPILE_BACKENDS.get(device.type)
     if backend is None:
         return step_function
-    if (step_function, backend) not in _compiled:
-        options = _INDUCTOR_OPTIONS if backend == "inductor" else None
-        _compiled[step_function, backend] = torch.compile(step_function, backend=backend, options=options,
-                                                          dynamic=True)
-    return _compiled[step_function, backend]
+    config = {"backend": backend, "fullgraph": False, "dynamic": True, "options": None}
+    if compile_config is not None:
+        config.update(backend=compile_config.backend, fullgraph=compile_config.fullgraph,
+                      options=compile_config.options)
+        if compile_config.dynamic is not None:
+            config["dynamic"] = compile_config.dynamic
+    if config["backend"] == "inductor":
+        from torch._inductor import list_mode_options
+
+        mode = getattr(compile_config, "mode", None)
+        config["options"] = {**_INDUCTOR_OPTIONS, **(list_mode_options(mode) if mode else {}),
+                             **(config["options"] or {}), "triton.cudagraphs": False}
+    key = (step_function, *(repr(sorted(v.items())) if isinstance(v, dict) else v for v in config.values()))
+    if key not in _compiled:
+        _compiled[key] = torch.compile(step_function, **config)
+    return _compiled[key]
 
 
 # The step graphs captured over each cache's pools, by (model, batch, splits, step, pool size): the runner owns them,
@@ -215,9 +228,10 @@ class DecodeGraphs:
     ``forward_step`` through ``run_step`` (on CPU eagerly, through the same static buffers); calls with any other
     cache go to ``fallback()``, transformers' own compiled call."""
 
-    def __init__(self, model, fallback):
+    def __init__(self, model, fallback, compile_config=None):
         self.model = model
         self.fallback = fallback
+        self.compile_config = compile_config
 
     def __call__(self, **kwargs):
         cache = kwargs.get(CACHE_NAME)
@@ -235,7 +249,7 @@ class DecodeGraphs:
             cache.abort_step()
             return self.model(**kwargs)
         logits_to_keep = kwargs.get("logits_to_keep")
-        forward = compiled(forward_step, input_ids.device)
+        forward = compiled(forward_step, input_ids.device, self.compile_config)
         logits = run_step(lambda ids, positions: forward(self.model, cache, ids, positions, logits_to_keep),
                           (id(self.model), ("forward", logits_to_keep)), cache, plan, input_ids, kwargs["position_ids"])
         # A copy: the next replay overwrites the static logits, and a caller may keep these.

@@ -119,7 +119,8 @@ def _valid_auto_compile_criteria(self, model_kwargs, generation_config):
 def get_compiled_call(self, compile_config):
     if self.config._attn_implementation != NAME:
         return _original_compiled_call(self, compile_config)
-    return DecodeGraphs(self, fallback=functools.partial(_original_compiled_call, self, compile_config))
+    return DecodeGraphs(self, fallback=functools.partial(_original_compiled_call, self, compile_config),
+                        compile_config=compile_config)
 
 
 @functools.wraps(_original_sample)

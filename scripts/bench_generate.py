@@ -21,6 +21,8 @@ max_new_tokens=1 (the prefill: time to first token). Reported:
     x static            decode tok/s over that of the compiled static cache at the same row
     1st call +s         how much longer the warm-up took than a timed call: compile and capture time
 "--skip sdpa" leaves out the slowest implementation (stock sdpa decode is host-bound), "--models 1b" the large model.
+"--compile-mode MODE" gives static and hf_flash generate(compile_config=CompileConfig(mode=MODE)), e.g. max-autotune
+(static keeps inductor's CUDA graphs of that mode, hf_flash its own).
 "--profile N" adds, after each row's timed hf_flash calls, the N GPU kernels that took most of one more call's time
 (torch.profiler), per decode step: where the time between the measured rate and the roofline goes.
     python scripts/bench_generate.py --out bench_generate.json
@@ -77,6 +79,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip", default="",
                         help="comma-separated implementations to leave out, among sdpa, hf_flash, static")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement; the median is reported")
+    parser.add_argument("--compile-mode", help="torch.compile mode for static and hf_flash (CompileConfig(mode=...)); "
+                                               "default: each one's own (static: reduce-overhead)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after each row's hf_flash calls, print the N kernels that take most GPU time per decode "
                              "step in one more profiled call (default: 0, no profile)")
@@ -134,14 +138,17 @@ def kv_bytes(cache):
     return allocated, None
 
 
-def generate(model, inputs, impl, new_tokens, device):
+def generate(model, inputs, impl, new_tokens, device, compile_mode=None):
     """One timed ``generate``: (seconds, peak bytes, (KV bytes allocated, used))."""
+    compiling = compile_mode is not None and impl != "sdpa"
+    compile_config = {"compile_config": transformers.CompileConfig(mode=compile_mode)} if compiling else {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
     start = time.perf_counter()
     out = model.generate(**inputs, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         cache_implementation="static" if impl == "static" else None, return_dict_in_generate=True)
+                         cache_implementation="static" if impl == "static" else None, return_dict_in_generate=True,
+                         **compile_config)
     synchronize(device)
     seconds = time.perf_counter() - start
     if out.sequences.shape[1] != inputs["input_ids"].shape[1] + new_tokens:
@@ -151,16 +158,16 @@ def generate(model, inputs, impl, new_tokens, device):
     return seconds, peak, kv_bytes(getattr(out, hf_flash.internals.CACHE_NAME))
 
 
-def measure(model, inputs, impl, new_tokens, repeats, device):
+def measure(model, inputs, impl, new_tokens, repeats, device, compile_mode):
     """Warm-up, timed full calls and timed prefill-only calls of one implementation at one shape."""
     model.set_attn_implementation("hf_flash" if impl == "hf_flash" else "sdpa")
     if impl == "static":
         # transformers sizes a static cache to the longest of this model's earlier static calls (to spare
         # recompiles): forget them, so each shape gets a cache of its own length.
         model.__dict__.pop("_previous_max_cache_length", None)
-    warmup_s, _, _ = generate(model, inputs, impl, new_tokens, device)
-    full = [generate(model, inputs, impl, new_tokens, device) for _ in range(repeats)]
-    prefill = [generate(model, inputs, impl, 1, device)[0] for _ in range(repeats)]
+    warmup_s, _, _ = generate(model, inputs, impl, new_tokens, device, compile_mode)
+    full = [generate(model, inputs, impl, new_tokens, device, compile_mode) for _ in range(repeats)]
+    prefill = [generate(model, inputs, impl, 1, device, compile_mode)[0] for _ in range(repeats)]
     total_s = statistics.median(s for s, _, _ in full)
     prefill_s = statistics.median(prefill)
     batch = inputs["input_ids"].shape[0]
@@ -173,7 +180,7 @@ def measure(model, inputs, impl, new_tokens, repeats, device):
             "total_s_all": [s for s, _, _ in full], "prefill_s_all": prefill}
 
 
-def kernel_profile(model, inputs, new_tokens, device, top):
+def kernel_profile(model, inputs, new_tokens, device, compile_mode, top):
     """The ``top`` GPU kernels by their share of one profiled ``generate`` call (warm: after ``measure``), as
     (name, launches per decode step, microseconds per decode step, share of all kernel time); the prefill's kernels
     count in, spread over the decode steps. Off CUDA: the CPU time of operators instead (to check the script)."""
@@ -181,7 +188,7 @@ def kernel_profile(model, inputs, new_tokens, device, top):
 
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        generate(model, inputs, "hf_flash", new_tokens, device)
+        generate(model, inputs, "hf_flash", new_tokens, device, compile_mode)
     own_us = {e.key: e.self_device_time_total if cuda else e.self_cpu_time_total for e in prof.key_averages()}
     counts = {e.key: e.count for e in prof.key_averages()}
     total = sum(own_us.values())
@@ -223,10 +230,11 @@ def main(argv=None):
             static_decode = None
             for impl in progress(args.impls, desc=f"{name} {batch}x{prompt}x{new_tokens}"):
                 record = {"model": name, "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "impl": impl,
-                          "weights_bytes": weights, "roofline_tok_s": roofline}
+                          "weights_bytes": weights, "roofline_tok_s": roofline, "compile_mode": args.compile_mode}
                 impl_start = time.perf_counter()
                 try:
-                    record.update(measure(model, inputs, impl, new_tokens, args.repeats, args.device))
+                    record.update(measure(model, inputs, impl, new_tokens, args.repeats, args.device,
+                                          args.compile_mode))
                 except Exception as e:  # noqa: BLE001  (one failing implementation must not lose the others' numbers)
                     failures += 1
                     traceback.print_exc()
@@ -247,7 +255,8 @@ def main(argv=None):
                               cell(None if record["kv_bytes_used"] is None else record["kv_bytes_used"] / GIB, ".2f"),
                               cell(record["first_call_extra_s"], ".1f"))
                 if args.profile and impl == "hf_flash" and "error" not in record:
-                    step_us, kernels = kernel_profile(model, inputs, new_tokens, args.device, args.profile)
+                    step_us, kernels = kernel_profile(model, inputs, new_tokens, args.device, args.compile_mode,
+                                                      args.profile)
                     record["profile"] = {"kernel_us_per_step": step_us, "top": kernels}
                     say(f"  kernel time per decode step {step_us:.0f} us; at the measured rate a step takes "
                         f"{1e6 * batch / record['decode_tok_s']:.0f} us; top kernels (launches/step, us/step, share):")

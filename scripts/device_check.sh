@@ -16,14 +16,20 @@ export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 gguf=/root/keep/SmolLM2-135M-Instruct.Q4_1.gguf
+# The suite is mostly Triton and inductor compiles (CPU-bound): spread it over TEST_WORKERS processes sharing the GPU
+# where pytest-xdist is installed (no test takes the whole GPU: the out-of-memory faults are injected).
+workers=()
+python3 -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-6}")
 summary=()
 for step in "$@"; do
   start=$(date +%s)
   case $step in
-    # SIGABRT after TESTS_TIMEOUT s: pytest's faulthandler then prints every thread's stack (a run on 2026-12-02
-    # printed all 538 tests and then hung before its summary).
-    tests) (cd /tmp && timeout -s ABRT "${TESTS_TIMEOUT:-900}" python3 -m pytest -q -p no:cacheprovider --rootdir "$OLDPWD" \
-             $(printf "$OLDPWD/%s " ${TESTS:-tests}) -k "not slow" 2>&1) | tee "$out/tests.log" | tail -25 ;;
+    # One line per test in the log, and SIGABRT after TESTS_TIMEOUT s (pytest's faulthandler then prints every
+    # thread's stack): a run on 2026-12-02 printed all 538 tests and then hung before its summary.
+    tests) (cd /tmp && timeout -s ABRT "${TESTS_TIMEOUT:-540}" python3 -m pytest -v -p no:cacheprovider "${workers[@]}" \
+             --rootdir "$OLDPWD" $(printf "$OLDPWD/%s " ${TESTS:-tests}) -k "not slow" 2>&1) >"$out/tests.log"
+           rc=$?; grep -E "FAILED|ERROR|Fatal Python|Thread 0x|^  File" "$out/tests.log" | head -60
+           tail -3 "$out/tests.log"; (exit $rc) ;;
     # Every kernel launch of the guard tests and the paged op tests under compute-sanitizer (it refuses the GPU on
     # some machines: the log says so, and the guard tests of the tests step still check the pools' bounds).
     memcheck) (cd /tmp && compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \

@@ -1,13 +1,15 @@
 """Charts of benchmark results: PNGs drawn from the JSON that ``bench_kernels.py`` and ``bench_generate.py`` write
 with ``--out``, for the sections the given files hold:
-    prefill.png    TFLOP/s against sequence length, one panel per head dim and masking
-    decode.png     TB/s of K+V read per (batch, context length), beside the copy bandwidth of the same run
+    prefill.png    TFLOP/s against sequence length, one panel per dtype, head dim, GQA or not, and masking
+    decode.png     TB/s of K+V read per (batch, context length; dtype where several, and the split count hf_flash
+                   chose), beside the copy bandwidth of the same run
     generate.png   decode as a share of the memory roofline (or, in results without one, end-to-end tokens/s) and
                    peak GPU memory per model and shape
 Each chart is titled with the device, versions and date of its run.
     python scripts/plot_benchmarks.py bench_kernels.json bench_generate.json --out-dir plots
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -52,30 +54,48 @@ def bars(ax, groups, series, values, ylabel):
         ax.text(0.5, 0.5, "not measured on this device", transform=ax.transAxes, ha="center", color="gray")
 
 
+def dtype_of(record):
+    return record.get("dtype", "bf16")  # results from before --dtypes are bf16
+
+
 def plot_prefill(records):
-    panels = sorted({(r["head_dim"], r["causal"]) for r in records})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True)
-    for ax, (head_dim, causal) in zip(axes[0], panels):
-        rows = sorted((r for r in records if (r["head_dim"], r["causal"]) == (head_dim, causal)),
-                      key=lambda r: r["seqlen"])
-        for name in rows[0]["tflops"]:
-            points = [(r["seqlen"], r["tflops"][name]) for r in rows if r["tflops"].get(name) is not None]
+    """One panel per (dtype, masking) row and (head dim, GQA or not) column; results from before GQA rows have
+    only MHA (no ``kv_heads``)."""
+    def panel_of(r):
+        return (dtype_of(r), r["causal"]), (r["head_dim"], r.get("kv_heads", r["heads"]) != r["heads"])
+
+    rows, columns = (sorted({panel_of(r)[i] for r in records}) for i in (0, 1))
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(4.2 * len(columns), 3.8 * len(rows)), squeeze=False,
+                             sharey=True)
+    for (i, (dtype, causal)), (j, (head_dim, gqa)) in itertools.product(enumerate(rows), enumerate(columns)):
+        ax = axes[i][j]
+        panel = sorted((r for r in records if panel_of(r) == ((dtype, causal), (head_dim, gqa))),
+                       key=lambda r: r["seqlen"])
+        if not panel:
+            ax.set_visible(False)
+            continue
+        for name in panel[0]["tflops"]:
+            points = [(r["seqlen"], r["tflops"][name]) for r in panel if r["tflops"].get(name) is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", linewidth=2.5 if is_ours(name) else 1.2, **style(name))
         ax.set_xscale("log", base=2)
-        lengths = [r["seqlen"] for r in rows]
+        lengths = [r["seqlen"] for r in panel]
         ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
         ax.minorticks_off()
-        ax.set_title(f"head dim {head_dim}, {'causal' if causal else 'no mask'}")
+        heads = f", GQA {panel[0]['heads']}/{panel[0]['kv_heads']}" if gqa else ""
+        ax.set_title(f"{dtype}, head dim {head_dim}{heads}, {'causal' if causal else 'no mask'}")
         ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s" if j == 0 else "")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("TFLOP/s")
     axes[0][-1].legend(fontsize=8)
     return fig
 
 
 def plot_decode(records, copy_tbps=None):
-    groups = [f"B={r['batch']}\nL={r['seqlen']}" for r in records]
+    dtypes = list(dict.fromkeys(map(dtype_of, records)))
+    # dtype where the results hold several; the split count hf_flash chose where recorded
+    groups = [f"B={r['batch']}\nL={r['seqlen']}" + (f"\n{dtype_of(r)}" if len(dtypes) > 1 else "")
+              + (f"\nsplits {r['num_splits']}" if "num_splits" in r else "") for r in records]
     series = list(records[0]["tbps"])
     values = {name: [r["tbps"].get(name) for r in records] for name in series}
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups)), 4.2))
@@ -84,7 +104,7 @@ def plot_decode(records, copy_tbps=None):
         ax.axhline(copy_tbps, color="gray", linestyle="--", linewidth=1)
         ax.text(-0.45, copy_tbps, f"device copy {copy_tbps:.2f} TB/s", ha="left", va="bottom", fontsize=8)
     r = records[0]
-    ax.set_title(f"paged decode, bf16, GQA {r['heads']}/{r['kv_heads']}, head dim {r['head_dim']}")
+    ax.set_title(f"paged decode, {', '.join(dtypes)}, GQA {r['heads']}/{r['kv_heads']}, head dim {r['head_dim']}")
     ax.legend(fontsize=8, ncol=2)
     return fig
 

@@ -129,12 +129,14 @@ def test_chat_continues_on_a_callers_cache(device):
 
 
 def test_what_the_loop_does_not_cover_runs_transformers_loop_and_says_why(device, caplog):
-    """A processor that reads the ids (repetition penalty) and extra outputs (scores): transformers' loop, the same
+    """A processor that reads the ids (repetition penalty) or holds a tensor (suppressed tokens: a graph kept for
+    the cache's next call would read it at its old address) and extra outputs (scores): transformers' loop, the same
     tokens, the reason logged."""
     model, reference = tiny_model("llama")
     model.to(device)
     ids, mask = (t.to(device) for t in left_padded_batch([8, 5]))
     cases = [({"repetition_penalty": 1.3}, "RepetitionPenaltyLogitsProcessor"),
+             ({"suppress_tokens": [5, 6]}, "SuppressTokensLogitsProcessor"),
              ({"output_scores": True}, "output_scores asked for")]
     for options, reason in cases:
         want = _generate(model, reference, ids, mask, do_sample=False, **options).sequences
@@ -181,16 +183,16 @@ def test_an_interrupted_step_leaves_the_callers_cache_as_it_was(device, monkeypa
 
 
 def test_the_whole_step_compiles_without_a_graph_break(monkeypatch):
-    """The loop's step (forward over the PagedCache, processors, sampling) under torch.compile with fullgraph=True
-    (any graph break fails), aot_eager on CPU: the tokens of sdpa. A second generate() on a new cache reuses what the
-    first compiled."""
+    """The loop's step (forward over the PagedCache, processors, sampling) under torch.compile with the
+    ``compile_config`` given to generate(): fullgraph=True (any graph break fails), aot_eager on CPU: the tokens of
+    sdpa. A second generate() on a new cache reuses what the first compiled."""
     counter = CompileCounterWithBackend("aot_eager")
-    monkeypatch.setattr(graphs, "compiled",
-                        lambda fn, device: torch.compile(fn, backend=counter, fullgraph=True, dynamic=True))
+    monkeypatch.setitem(graphs.COMPILE_BACKENDS, "cpu", "inductor")  # the config's backend replaces it
     torch._dynamo.reset()
     model, reference = tiny_model("llama")
     ids, mask = left_padded_batch([11, 6, 3])
-    options = {"do_sample": True, "top_k": 8, "temperature": 0.8}
+    options = {"do_sample": True, "top_k": 8, "temperature": 0.8,
+               "compile_config": transformers.CompileConfig(backend=counter, fullgraph=True, dynamic=True)}
     try:
         _same_tokens_as_sdpa(model, reference, ids, mask, options)
         first = counter.frame_count
@@ -199,3 +201,23 @@ def test_the_whole_step_compiles_without_a_graph_break(monkeypatch):
         torch._dynamo.reset()
     # One compile (dynamo may restart its trace once, after a shape it found static), none for the second call.
     assert 1 <= first <= 2 and counter.frame_count == first, (first, counter.frame_count)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune"])
+def test_compile_config_reaches_torch_compile(monkeypatch, mode):
+    """generate()'s CompileConfig sets the step's torch.compile: its mode's inductor options over hf_flash's own,
+    its options over both, and never inductor's CUDA graphs (the runner captures the step itself)."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    monkeypatch.setattr(graphs, "_compiled", {})
+    monkeypatch.setitem(graphs.COMPILE_BACKENDS, "cpu", "inductor")
+    config = transformers.CompileConfig(fullgraph=True, mode=mode, options={"epilogue_fusion": False})
+    graphs.compiled(graphs.decode_step, torch.device("cpu"), config)
+    graphs.compiled(graphs.decode_step, torch.device("cpu"), config)  # cached: compiled once
+    graphs.compiled(graphs.decode_step, torch.device("cpu"))  # hf_flash's defaults: another wrapper
+    (given, default), options = calls, calls[0]["options"]
+    assert given["backend"] == "inductor" and given["fullgraph"] and given["dynamic"]
+    assert options["fallback_random"] and not options["epilogue_fusion"] and not options["triton.cudagraphs"]
+    assert options.get("max_autotune", False) == (mode == "max-autotune")
+    assert default["options"] == {**graphs._INDUCTOR_OPTIONS, "triton.cudagraphs": False}
+    assert not default["fullgraph"]

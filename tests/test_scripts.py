@@ -19,16 +19,11 @@ def run(script, *args, cwd):
 
 def test_benchmarks_write_results_and_plots(tmp_path):
     kernels, generate = tmp_path / "kernels.json", tmp_path / "generate.json"
-    for script, out, extra in (("bench_kernels.py", kernels, ["--backends", "flash,default"]),
+    for script, out, extra in (("bench_kernels.py", kernels, ["--backends", "flash,default", "--dtypes", "bf16,fp16"]),
                                ("bench_generate.py", generate, [])):
         done = run(script, "--device", "cpu", "--quick", "--out", str(out), *extra, cwd=tmp_path)
         assert done.returncode == 0, done.stdout + done.stderr
-    data = json.loads(kernels.read_text())
-    assert {(r["head_dim"], r["seqlen"], r["causal"]) for r in data["prefill"]} == {
-        (d, s, c) for d in (64, 128) for s in (64, 128) for c in (False, True)}
-    # bf16 outputs of magnitude ~1 against SDPA's: a few bf16 ulps (2^-8) apart at most.
-    assert all(r["tflops"]["ours"] > 0 and r["max_abs_diff"] < 2e-2 for r in data["prefill"])
-    assert all(r["tbps"]["ours_p16"] > 0 and r["max_abs_diff"] < 2e-2 for r in data["decode"])
+    check_kernel_results(json.loads(kernels.read_text()))
     records = json.loads(generate.read_text())["generate"]
     assert [r["impl"] for r in records] == ["sdpa", "static", "hf_flash"]
     assert all("error" not in r and r["e2e_tok_s"] > 0 for r in records)
@@ -41,6 +36,45 @@ def test_benchmarks_write_results_and_plots(tmp_path):
     for name in ("prefill", "decode", "generate"):
         image = matplotlib.image.imread(plots / f"{name}.png")
         assert image.shape[0] >= 400 and image.std() > 0.05  # drawn, not blank
+
+
+# Outputs of magnitude ~1 against SDPA's: a few ulps (bf16 2^-8, fp16 2^-11) apart at most.
+TOLERANCE = {"bf16": 2e-2, "fp16": 4e-3}
+
+
+def check_kernel_results(data):
+    """bench_kernels.py --quick --dtypes bf16,fp16 --backends flash,default: every section, row and dtype."""
+    dtypes = ("bf16", "fp16")
+    # MHA at head dims 64 and 128, GQA 4/2 at 128, head dim 256; each causal and not
+    shapes = [(64, 4, 4, 64), (64, 4, 4, 128), (128, 2, 2, 64), (128, 2, 2, 128), (128, 4, 2, 64), (128, 4, 2, 128),
+              (256, 1, 1, 64)]
+    assert sorted((r["dtype"], r["head_dim"], r["heads"], r["kv_heads"], r["seqlen"], r["causal"])
+                  for r in data["prefill"]) == sorted((t, *s, c) for t in dtypes for s in shapes for c in (False, True))
+    for r in data["prefill"]:
+        # SDPA's flash runs on the CPU too, GQA given to it as enable_gqa (not repeated K/V)
+        assert r["tflops"]["ours"] > 0 and r["tflops"]["flash"] > 0 and r["repeated_kv"] == [], r
+        assert r["max_abs_diff"] < TOLERANCE[r["dtype"]], r
+    assert sorted((r["dtype"], r["causal"]) for r in data["varlen"]) == [(t, c) for t in dtypes for c in (False, True)]
+    for r in data["varlen"]:
+        assert sum(r["lengths"]) == r["tokens"] and len(set(r["lengths"])) > 2, r  # ragged, packed without gaps
+        assert r["tflops"]["ours"] > 0 and r["tflops"]["ours_padded"] > 0, r
+        assert r["max_abs_diff"] < TOLERANCE[r["dtype"]], r
+    assert sorted((r["dtype"], r["batch"], r["cached"], r["new"]) for r in data["append"]) == [
+        (t, *shape) for t in dtypes for shape in ((1, 128, 64), (2, 96, 32))]
+    for r in data["append"]:
+        variants = ("ours_p16", "ours_p64", "ours_write")
+        assert set(r["tflops"]) == {"ours_dense", *variants} and all(v > 0 for v in r["tflops"].values()), r
+        assert set(r["over_dense"]) == set(variants) and all(v > 0 for v in r["over_dense"].values()), r
+        # against SDPA with a bottom-right causal mask: a top-left one would be far off (the new tokens see L more)
+        assert r["max_abs_diff"] < TOLERANCE[r["dtype"]], r
+    assert sorted((r["dtype"], r["batch"], r["seqlen"]) for r in data["decode"]) == [
+        (t, b, n) for t in dtypes for b, n in ((1, 256), (2, 128))]
+    for r in data["decode"]:
+        assert r["num_splits"] == 1, r  # the torch path attends each sequence whole
+        assert r["tbps"]["ours_p16"] > 0 and r["tbps"]["ours_p64"] > 0, r
+        assert r["max_abs_diff"] < TOLERANCE[r["dtype"]], r
+    assert all(data[f"{section}_errors"].keys() <= {"flash", "flash with GQA", "default"}
+               for section in ("prefill", "varlen", "append", "decode")), data  # anchors may refuse; ours never
 
 
 def test_plot_says_when_there_is_nothing_to_draw(tmp_path):
