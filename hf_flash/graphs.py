@@ -13,10 +13,11 @@ Host work stays outside the graph, as in FlashInfer's plan/run split: the caller
 pages, slots and lengths), ``run_step`` copies the plan, the token ids and the positions into the graph's static
 buffers, replays, and commits the step (or aborts it if anything raised). The kernels read every length from those
 buffers, and the plan's host-side bounds are widened to the pools' capacity, so one graph serves each step until the
-longest sequence moves the split count into another bucket (powers of two). The first step of a (batch, splits, pool) key runs the compiled
-function on the static buffers (compiling it, and the Triton kernels, for exactly those arguments); the second one
-captures it.
+longest sequence moves the split count into another bucket (powers of two). The first step of a (batch, splits, pool)
+key runs the compiled function on the static buffers (compiling it, and the Triton kernels, for exactly those
+arguments); the second one captures it.
 """
+import itertools
 import weakref
 
 import torch
@@ -92,6 +93,18 @@ def captured_graphs(cache):
     return _captured.get(cache, {})
 
 
+_model_numbers = weakref.WeakKeyDictionary()  # model -> a number no other model of this process gets
+_next_model_number = itertools.count()
+
+
+def _model_number(model):
+    """What a graph key holds of the model: not ``id(model)``, which a later model can reuse (and would replay graphs
+    that read the first one's freed weights), nor the model itself, which the graphs would keep alive."""
+    if model not in _model_numbers:
+        _model_numbers[model] = next(_next_model_number)
+    return _model_numbers[model]
+
+
 class _StepGraph:
     """The static inputs of one (model, batch, splits, step) key, its graph once captured, and the output that
     replays write."""
@@ -150,9 +163,10 @@ def why_not_graphed(model, cache, device):
 
 def run_step(step, key, cache, plan, input_ids, position_ids=None):
     """Run the begun single-token step ``step(input_ids, position_ids)`` (which closes over the model and the cache)
-    through the static buffers of ``key``: the first time on them (on CUDA compiling the step), captured the second,
-    replayed after; then commit it, or abort it if anything raised. Returns the step's output, which the next replay
-    of this key overwrites. ``position_ids`` default to the count of each sequence's stored tokens."""
+    through the static buffers of ``key`` ((model, what the step computes)): the first time on them (on CUDA compiling
+    the step), captured the second, replayed after; then commit it, or abort it if anything raised. Returns the step's
+    output, which the next replay of this key overwrites. ``position_ids`` default to the count of each sequence's
+    stored tokens."""
     try:
         output = _run(step, key, cache, plan, input_ids, position_ids)
     except BaseException:
@@ -171,7 +185,8 @@ def _run(step, key, cache, plan, input_ids, position_ids):
     # so the compiled step is not specialized to one step's lengths.
     plan.max_seqlen_k = cache.num_pages * cache.page_size
     plan.max_slot = plan.max_seqlen_k - 1
-    key = (*key[:1], batch, plan.num_splits, *key[1:], cache.num_pages)
+    model, what = key
+    key = (_model_number(model), batch, plan.num_splits, what, cache.num_pages)
     graphs = _captured.setdefault(cache, {})
     if key not in graphs:
         for stale in [k for k in graphs if k[-1] != cache.num_pages]:  # captured over pools since grown
@@ -251,7 +266,7 @@ class DecodeGraphs:
         logits_to_keep = kwargs.get("logits_to_keep")
         forward = compiled(forward_step, input_ids.device, self.compile_config)
         logits = run_step(lambda ids, positions: forward(self.model, cache, ids, positions, logits_to_keep),
-                          (id(self.model), ("forward", logits_to_keep)), cache, plan, input_ids, kwargs["position_ids"])
+                          (self.model, ("forward", logits_to_keep)), cache, plan, input_ids, kwargs["position_ids"])
         # A copy: the next replay overwrites the static logits, and a caller may keep these.
         return CausalLMOutputWithPast(logits=logits.clone(), **{CACHE_NAME: cache})
 

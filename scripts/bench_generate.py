@@ -21,8 +21,8 @@ max_new_tokens=1 (the prefill: time to first token). Reported:
     x static            decode tok/s over that of the compiled static cache at the same row
     1st call +s         how much longer the warm-up took than a timed call: compile and capture time
 "--skip sdpa" leaves out the slowest implementation (stock sdpa decode is host-bound), "--models 1b" the large model.
-"--compile-mode MODE" gives static and hf_flash generate(compile_config=CompileConfig(mode=MODE)), e.g. max-autotune
-(static keeps inductor's CUDA graphs of that mode, hf_flash its own).
+"--compile-mode MODE" and "--compile-options K=V,..." (inductor options, e.g. freezing=True) give static and hf_flash
+one generate(compile_config=CompileConfig(...)): static keeps inductor's CUDA graphs, hf_flash its own.
 "--profile N" adds, after each row's timed hf_flash calls, the N GPU kernels that took most of one more call's time
 (torch.profiler), per decode step: where the time between the measured rate and the roofline goes.
     python scripts/bench_generate.py --out bench_generate.json
@@ -31,6 +31,7 @@ max_new_tokens=1 (the prefill: time to first token). Reported:
     python scripts/bench_generate.py --device cpu --quick          # checks the script on a tiny model
 """
 import argparse
+import ast
 import statistics
 import sys
 import time
@@ -81,6 +82,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement; the median is reported")
     parser.add_argument("--compile-mode", help="torch.compile mode for static and hf_flash (CompileConfig(mode=...)); "
                                                "default: each one's own (static: reduce-overhead)")
+    parser.add_argument("--compile-options", default="",
+                        help="comma-separated inductor options K=V (V a Python literal) for static and hf_flash")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after each row's hf_flash calls, print the N kernels that take most GPU time per decode "
                              "step in one more profiled call (default: 0, no profile)")
@@ -103,6 +106,12 @@ def parse_args(argv=None):
     args.impls = [i for i in IMPLS if i not in skip]
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    try:
+        options = {k.strip(): ast.literal_eval(v.strip()) for k, _, v in
+                   (item.partition("=") for item in args.compile_options.split(",") if item)}
+    except (ValueError, SyntaxError):
+        parser.error(f"--compile-options takes K=V pairs with Python literals, got {args.compile_options!r}")
+    args.compile_config = compile_config(args.compile_mode, options)
     args.device = torch.device(args.device)
     return args
 
@@ -138,10 +147,20 @@ def kv_bytes(cache):
     return allocated, None
 
 
-def generate(model, inputs, impl, new_tokens, device, compile_mode=None):
+def compile_config(mode, options):
+    """generate()'s ``compile_config`` for static and hf_flash (None if neither a mode nor options is given).
+    torch.compile takes a mode or options, not both: with options, the mode's own (CUDA graphs included, which
+    hf_flash leaves out) are merged into them."""
+    if not options:
+        return None if mode is None else transformers.CompileConfig(mode=mode)
+    from torch._inductor import list_mode_options
+
+    return transformers.CompileConfig(mode=None, options={**list_mode_options(mode or "reduce-overhead"), **options})
+
+
+def generate(model, inputs, impl, new_tokens, device, compile_config=None):
     """One timed ``generate``: (seconds, peak bytes, (KV bytes allocated, used))."""
-    compiling = compile_mode is not None and impl != "sdpa"
-    compile_config = {"compile_config": transformers.CompileConfig(mode=compile_mode)} if compiling else {}
+    compile_config = {} if compile_config is None else {"compile_config": compile_config}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
@@ -158,16 +177,16 @@ def generate(model, inputs, impl, new_tokens, device, compile_mode=None):
     return seconds, peak, kv_bytes(getattr(out, hf_flash.internals.CACHE_NAME))
 
 
-def measure(model, inputs, impl, new_tokens, repeats, device, compile_mode):
+def measure(model, inputs, impl, new_tokens, repeats, device, compile_config):
     """Warm-up, timed full calls and timed prefill-only calls of one implementation at one shape."""
     model.set_attn_implementation("hf_flash" if impl == "hf_flash" else "sdpa")
     if impl == "static":
         # transformers sizes a static cache to the longest of this model's earlier static calls (to spare
         # recompiles): forget them, so each shape gets a cache of its own length.
         model.__dict__.pop("_previous_max_cache_length", None)
-    warmup_s, _, _ = generate(model, inputs, impl, new_tokens, device, compile_mode)
-    full = [generate(model, inputs, impl, new_tokens, device, compile_mode) for _ in range(repeats)]
-    prefill = [generate(model, inputs, impl, 1, device, compile_mode)[0] for _ in range(repeats)]
+    warmup_s, _, _ = generate(model, inputs, impl, new_tokens, device, compile_config)
+    full = [generate(model, inputs, impl, new_tokens, device, compile_config) for _ in range(repeats)]
+    prefill = [generate(model, inputs, impl, 1, device, compile_config)[0] for _ in range(repeats)]
     total_s = statistics.median(s for s, _, _ in full)
     prefill_s = statistics.median(prefill)
     batch = inputs["input_ids"].shape[0]
@@ -180,7 +199,7 @@ def measure(model, inputs, impl, new_tokens, repeats, device, compile_mode):
             "total_s_all": [s for s, _, _ in full], "prefill_s_all": prefill}
 
 
-def kernel_profile(model, inputs, new_tokens, device, compile_mode, top):
+def kernel_profile(model, inputs, new_tokens, device, compile_config, top):
     """The ``top`` GPU kernels by their share of one profiled ``generate`` call (warm: after ``measure``), as
     (name, launches per decode step, microseconds per decode step, share of all kernel time); the prefill's kernels
     count in, spread over the decode steps. Off CUDA: the CPU time of operators instead (to check the script)."""
@@ -188,7 +207,7 @@ def kernel_profile(model, inputs, new_tokens, device, compile_mode, top):
 
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        generate(model, inputs, "hf_flash", new_tokens, device, compile_mode)
+        generate(model, inputs, "hf_flash", new_tokens, device, compile_config)
     own_us = {e.key: e.self_device_time_total if cuda else e.self_cpu_time_total for e in prof.key_averages()}
     counts = {e.key: e.count for e in prof.key_averages()}
     total = sum(own_us.values())
@@ -230,11 +249,12 @@ def main(argv=None):
             static_decode = None
             for impl in progress(args.impls, desc=f"{name} {batch}x{prompt}x{new_tokens}"):
                 record = {"model": name, "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "impl": impl,
-                          "weights_bytes": weights, "roofline_tok_s": roofline, "compile_mode": args.compile_mode}
+                          "weights_bytes": weights, "roofline_tok_s": roofline,
+                          "compile_config": None if impl == "sdpa" else str(args.compile_config)}
                 impl_start = time.perf_counter()
                 try:
                     record.update(measure(model, inputs, impl, new_tokens, args.repeats, args.device,
-                                          args.compile_mode))
+                                          None if impl == "sdpa" else args.compile_config))
                 except Exception as e:  # noqa: BLE001  (one failing implementation must not lose the others' numbers)
                     failures += 1
                     traceback.print_exc()
@@ -255,7 +275,7 @@ def main(argv=None):
                               cell(None if record["kv_bytes_used"] is None else record["kv_bytes_used"] / GIB, ".2f"),
                               cell(record["first_call_extra_s"], ".1f"))
                 if args.profile and impl == "hf_flash" and "error" not in record:
-                    step_us, kernels = kernel_profile(model, inputs, new_tokens, args.device, args.compile_mode,
+                    step_us, kernels = kernel_profile(model, inputs, new_tokens, args.device, args.compile_config,
                                                       args.profile)
                     record["profile"] = {"kernel_us_per_step": step_us, "top": kernels}
                     say(f"  kernel time per decode step {step_us:.0f} us; at the measured rate a step takes "

@@ -1,9 +1,11 @@
 """generate() with a PagedCache: decode steps through ``hf_flash.graphs.DecodeGraphs`` (CUDA graphs on a GPU; on CPU
 the same static buffers run eagerly, kernels in Triton's interpreter) and prompts prefilled in chunks, against
 transformers' sdpa + DynamicCache, fp32, token for token."""
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from test_cache import _generate as generate
 from test_cache import cache_of
 from test_models import left_padded_batch, tiny_model
 
-from hf_flash import PagedCache, ops
+from hf_flash import PagedCache, graphs, ops
 from hf_flash.graphs import captured_graphs
 from hf_flash.patches import generate as generate_patch
 from hf_flash.internals import CACHE_NAME
@@ -132,3 +134,17 @@ def test_compile_criteria_for_a_paged_cache():
     dynamic = {CACHE_NAME: transformers.DynamicCache()}
     assert model._valid_auto_compile_criteria(dynamic, config) == generate_patch._original_compile_criteria(
         model, dynamic, config)
+
+
+def test_graph_keys_tell_models_apart_without_keeping_them():
+    """A graph key holds a number per model that no later model gets: not ``id(model)``, which a later model can take
+    (its steps would replay graphs that read the first one's freed weights), nor the model (the graphs would keep it
+    alive)."""
+    first = torch.nn.Linear(1, 1)
+    number, alive = graphs._model_number(first), weakref.ref(first)
+    assert graphs._model_number(first) == number
+    del first
+    gc.collect()
+    assert alive() is None
+    later = [torch.nn.Linear(1, 1) for _ in range(64)]  # some may take the first one's id
+    assert number not in {graphs._model_number(m) for m in later}
