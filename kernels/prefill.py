@@ -170,9 +170,14 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
     rows = start_m + offs_m  # query index within the sequence
     row_ok = rows < q_len
     q_seq = b64 * stride_qb + q_row0.to(tl.int64) * stride_qs + h64 * stride_qh  # row 0 of the sequence, head h
+    # A tensor map needs every dimension >= 1: an empty sequence's (only the warp-specialized kernel, which cannot
+    # return early, gets this far with one) is one row long, and its tiles start past that row, so loads give zeros
+    # and stores write nothing.
+    tma_rows = tl.maximum(q_len, 1)
+    tma_start_m = tl.where(q_len == 0, BLOCK_M, start_m)
     if TMA:
-        q_tiles = tl.make_tensor_descriptor(Q + q_seq, [q_len, HEAD_DIM], [stride_qs, 1], [BLOCK_M, HEAD_DIM])
-        q = q_tiles.load([start_m, 0])
+        q_tiles = tl.make_tensor_descriptor(Q + q_seq, [tma_rows, HEAD_DIM], [stride_qs, 1], [BLOCK_M, HEAD_DIM])
+        q = q_tiles.load([tma_start_m, 0])
     else:
         q_ptrs = Q + q_seq + start_m.to(tl.int64) * stride_qs + (offs_m * stride_qs)[:, None] + offs_d[None, :]
         q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -213,10 +218,11 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
         bt_row = BlockTable
         k_row0 = tl.load(k_start_ptr + b)
         if TMA:  # K and V become descriptors of the sequence's keys: key j is their row j
-            K = tl.make_tensor_descriptor(K + k_row0.to(tl.int64) * stride_ks, [k_len, HEAD_DIM], [stride_ks, 1],
-                                          [BLOCK_N, HEAD_DIM])
-            V = tl.make_tensor_descriptor(V + k_row0.to(tl.int64) * stride_vs, [k_len, HEAD_DIM], [stride_vs, 1],
-                                          [BLOCK_N, HEAD_DIM])
+            # (at least one row, as above: with no key the loops load no tile)
+            K = tl.make_tensor_descriptor(K + k_row0.to(tl.int64) * stride_ks, [tl.maximum(k_len, 1), HEAD_DIM],
+                                          [stride_ks, 1], [BLOCK_N, HEAD_DIM])
+            V = tl.make_tensor_descriptor(V + k_row0.to(tl.int64) * stride_vs, [tl.maximum(k_len, 1), HEAD_DIM],
+                                          [stride_vs, 1], [BLOCK_N, HEAD_DIM])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -248,8 +254,8 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
     out = out.to(Out.dtype.element_ty)
     o_seq = b64 * stride_ob + q_row0.to(tl.int64) * stride_os + h64 * stride_oh
     if TMA:
-        o_tiles = tl.make_tensor_descriptor(Out + o_seq, [q_len, HEAD_DIM], [stride_os, 1], [BLOCK_M, HEAD_DIM])
-        o_tiles.store([start_m, 0], out)  # rows past q_len are dropped
+        o_tiles = tl.make_tensor_descriptor(Out + o_seq, [tma_rows, HEAD_DIM], [stride_os, 1], [BLOCK_M, HEAD_DIM])
+        o_tiles.store([tma_start_m, 0], out)  # rows past q_len are dropped
     else:
         o_ptrs = Out + o_seq + start_m.to(tl.int64) * stride_os + (offs_m * stride_os)[:, None] + offs_d[None, :]
         tl.store(o_ptrs, out, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

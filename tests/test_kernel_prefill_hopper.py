@@ -105,6 +105,15 @@ def test_window_softcap(causal, window, softcap, tma, device):
     _run_dense(q * 2, k, v, causal=causal, window=window, softcap=softcap)  # logits ~N(0, 4): the cap bites
 
 
+def test_an_empty_sequence_writes_nothing(tma, device):
+    # A sequence of no queries whose start lies among rows no sequence owns (NaN-poisoned): they stay untouched. The
+    # warp-specialized kernel cannot return early: it runs the empty sequence's tiles, and a tensor map needs a row.
+    q, k, v = _dense(3, 30, 30, 2, 2, 64, torch.float16, device)
+    args = [_i32(x, device) for x in ([21, 7, 18], [9, 0, 12], [0, 0, 0], [30, 30, 30])]
+    out, lse = _run(q, k, v, *args, causal=True)
+    _check(out, lse, q, [(k[b], v[b]) for b in range(3)], args[0], args[1], causal=True)
+
+
 def test_rows_that_see_nothing(tma, device):
     # q_len > k_len under causal, and an empty key set: out exactly 0, lse -inf.
     q, k, v = _dense(3, 40, 40, 2, 2, 64, torch.float16, device)
