@@ -116,13 +116,13 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
             sequences[:, length] = tokens
             length += 1
             unfinished &= ~stopping_criteria(sequences[:, :length], None)
+            # Streamed from their copy in the sequences: the next replay overwrites ``tokens`` (the graph's output).
             if length >= sequences.shape[1]:
-                _stream(streamer, tokens)
+                _stream(streamer, sequences[:, length - 1])
                 break
             if verdict is not None:
                 verdict.record(unfinished)
             # The next step is queued before the host waits for this one's tokens or verdict: the GPU never idles.
-            # Its replay overwrites ``tokens`` (the graph's output buffer): what is streamed is their copy.
             next_tokens = next_tokens_after(tokens)
             _stream(streamer, sequences[:, length - 1])
             if verdict is not None and verdict.all_finished():

@@ -52,9 +52,7 @@ def forward_step(model, cache, input_ids, position_ids, logits_to_keep):
 
 def decode_step(model, cache, input_ids, position_ids, select):
     """The forward of the last token and the choice of the next: ``[B]`` token ids."""
-    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=True, return_dict=True,
-                   logits_to_keep=1, **{CACHE_NAME: cache}).logits
-    return select(logits[:, -1])
+    return select(forward_step(model, cache, input_ids, position_ids, logits_to_keep=1)[:, -1])
 
 
 def compiled(step_function, device, compile_config=None):

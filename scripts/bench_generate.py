@@ -248,13 +248,12 @@ def main(argv=None):
             roofline = batch / (bytes_per_step(model, batch, prompt + new_tokens / 2) / (copy_tbps * 1e12))
             static_decode = None
             for impl in progress(args.impls, desc=f"{name} {batch}x{prompt}x{new_tokens}"):
+                config = None if impl == "sdpa" else args.compile_config  # sdpa's DynamicCache runs uncompiled
                 record = {"model": name, "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "impl": impl,
-                          "weights_bytes": weights, "roofline_tok_s": roofline,
-                          "compile_config": None if impl == "sdpa" else str(args.compile_config)}
+                          "weights_bytes": weights, "roofline_tok_s": roofline, "compile_config": str(config)}
                 impl_start = time.perf_counter()
                 try:
-                    record.update(measure(model, inputs, impl, new_tokens, args.repeats, args.device,
-                                          None if impl == "sdpa" else args.compile_config))
+                    record.update(measure(model, inputs, impl, new_tokens, args.repeats, args.device, config))
                 except Exception as e:  # noqa: BLE001  (one failing implementation must not lose the others' numbers)
                     failures += 1
                     traceback.print_exc()
@@ -275,8 +274,7 @@ def main(argv=None):
                               cell(None if record["kv_bytes_used"] is None else record["kv_bytes_used"] / GIB, ".2f"),
                               cell(record["first_call_extra_s"], ".1f"))
                 if args.profile and impl == "hf_flash" and "error" not in record:
-                    step_us, kernels = kernel_profile(model, inputs, new_tokens, args.device, args.compile_config,
-                                                      args.profile)
+                    step_us, kernels = kernel_profile(model, inputs, new_tokens, args.device, config, args.profile)
                     record["profile"] = {"kernel_us_per_step": step_us, "top": kernels}
                     say(f"  kernel time per decode step {step_us:.0f} us; at the measured rate a step takes "
                         f"{1e6 * batch / record['decode_tok_s']:.0f} us; top kernels (launches/step, us/step, share):")
