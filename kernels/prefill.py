@@ -1,8 +1,15 @@
 """Tiled exact attention forward (FlashAttention-2 style): varlen, bottom-right causal, sliding window, softcap,
 GQA, paged K/V, log-sum-exp out. S x S is never materialised: each program owns BLOCK_M query rows of one head and
 streams K/V tiles of BLOCK_N keys through an online softmax kept in float32, in the log2 domain (its steps, shared
-with decode, are in ``softmax_state``)."""
+with decode, are in ``softmax_state``).
+
+On Hopper (sm90) the common dense case (16-bit, contiguous K/V, head dim 64 or 128, TMA-aligned strides) runs the
+same kernel on its TMA path: tiles move through tensor descriptors (bulk copies into shared memory, no address
+arithmetic or load masks in registers), in larger tiles, with the key loop optionally warp-specialized (producer
+warps issue the copies, the others do the math). ``tma_path`` says which calls take it."""
 import contextlib
+import contextvars
+import functools
 
 import torch
 import triton
@@ -33,45 +40,74 @@ CONFIGS = {
 # so every stage of the KV loop is exercised.
 INTERPRET_CONFIG = (32, 16, 4, 1)
 
+# The TMA path's (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize) on sm90 for 16-bit inputs, keyed by head
+# dim (the only ones it takes: TMA needs no padded columns then, and these are the tuned ones). Candidates were
+# compiled for sm90 with Triton 3.6 offline (registers, spills, shared memory: see scripts/tune_prefill.py) and are
+# timed there on the GPU.
+TMA_CONFIGS = {
+    64: (128, 128, 8, 3, False),
+    128: (128, 128, 8, 2, False),
+}
+TMA_HEAD_DIMS = tuple(TMA_CONFIGS)
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+INTERPRET_TMA_CONFIG = (32, 16, 4, 1, False)  # the interpreter ignores warp_specialize (tl.range's hints)
+# The interpreter runs no sm90: tests set this to send the calls that qualify down the TMA path there.
+INTERPRET_AS_SM90 = False
+TMA_ALIGN = 16  # bytes: TMA's rule for a descriptor's base address and every stride but the last
+
+
+@triton.jit
+def _kv_tile(ptrs, cols, k_len, offs_d, MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A K or V tile through pointers: masked tiles zero the keys past k_len, padded head dims zero their columns."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        kv_ok = (cols < k_len)[:, None]
+        if PAD_D:
+            kv_ok = kv_ok & d_ok
+        return tl.load(ptrs, mask=kv_ok, other=0.0)
+    elif PAD_D:
+        return tl.load(ptrs, mask=d_ok, other=0.0)
+    else:
+        return tl.load(ptrs)
+
 
 @triton.jit
 def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, diag_right, diag_left,
                   stride_kn, stride_kp, stride_vn, stride_vp, page_size, qk_scale, cap_scale, cap_log2,
                   offs_n, offs_d, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                   HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAD_D: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
+                  WARP_SPECIALIZE: tl.constexpr):
     """Folds keys [lo, hi) into the running (acc, l_i, m_i). MASKED tiles apply bounds, causal and window masks;
-    unmasked tiles are known to be fully visible to every row of the tile and skip all mask arithmetic."""
-    d_ok = offs_d[None, :] < HEAD_DIM
+    unmasked tiles are known to be fully visible to every row of the tile and skip all mask arithmetic. TMA: K and V
+    are tensor descriptors of this sequence's keys for the tile's KV head (see ``_prefill_kernel``), whose rows past
+    k_len load as zeros; otherwise pointers (PAGED: page pools) and the loads mask those rows themselves."""
+    tl.static_assert(not (TMA and (PAGED or PAD_D)), "TMA tiles are whole rows of contiguous keys")
+    tl.static_assert(TMA or not WARP_SPECIALIZE, "warp specialization splits TMA producers from the math warps")
     # Unmasked, without soft-cap: the fold applies the scale in its exponent (qk * qk_scale - m, one fma per score).
     DEFER_SCALE: tl.constexpr = not MASKED and not HAS_SOFTCAP
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
-        if PAGED:
-            # Gather BLOCK_N logical keys through the block table, whatever the page size.
-            if MASKED:
-                page = tl.load(bt_row + cols // page_size, mask=cols < k_len, other=0).to(tl.int64)
+        if TMA:
+            k = K.load([start_n, 0])
+        else:
+            if PAGED:
+                # Gather BLOCK_N logical keys through the block table, whatever the page size.
+                if MASKED:
+                    page = tl.load(bt_row + cols // page_size, mask=cols < k_len, other=0).to(tl.int64)
+                else:
+                    page = tl.load(bt_row + cols // page_size).to(tl.int64)
+                slot = cols % page_size
+                k_ptrs = K + page[:, None] * stride_kp + (slot * stride_kn)[:, None] + offs_d[None, :]
+                v_ptrs = V + page[:, None] * stride_vp + (slot * stride_vn)[:, None] + offs_d[None, :]
             else:
-                page = tl.load(bt_row + cols // page_size).to(tl.int64)
-            slot = cols % page_size
-            k_ptrs = K + page[:, None] * stride_kp + (slot * stride_kn)[:, None] + offs_d[None, :]
-            v_ptrs = V + page[:, None] * stride_vp + (slot * stride_vn)[:, None] + offs_d[None, :]
-        else:
-            row = (k_row0 + start_n).to(tl.int64)  # int64: packed varlen rows times the row stride can pass 2^31
-            k_ptrs = K + row * stride_kn + (offs_n * stride_kn)[:, None] + offs_d[None, :]
-            v_ptrs = V + row * stride_vn + (offs_n * stride_vn)[:, None] + offs_d[None, :]
-        if MASKED:
-            kv_ok = (cols < k_len)[:, None]
-            if PAD_D:
-                kv_ok = kv_ok & d_ok
-            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-        elif PAD_D:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+                row = (k_row0 + start_n).to(tl.int64)  # int64: packed varlen rows times the row stride can pass 2^31
+                k_ptrs = K + row * stride_kn + (offs_n * stride_kn)[:, None] + offs_d[None, :]
+                v_ptrs = V + row * stride_vn + (offs_n * stride_vn)[:, None] + offs_d[None, :]
+            k = _kv_tile(k_ptrs, cols, k_len, offs_d, MASKED, PAD_D, HEAD_DIM)
         qk = qk_scores(q, k, qk_scale, cap_scale, cap_log2, HAS_SOFTCAP, DEFER_SCALE, UPCAST_DOT, DOT_PREC)
         if MASKED:
-            keep = cols[None, :] < k_len
+            keep = cols[None, :] < k_len  # TMA's zero keys past k_len score 0: they are masked here too
             if HAS_RIGHT:
                 keep = keep & (cols[None, :] <= rows[:, None] + diag_right)
             if HAS_LEFT:
@@ -79,12 +115,10 @@ def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, d
             qk = tl.where(keep, qk, float("-inf"))
         # A masked tile can leave a row with no visible key so far (padded rows, the window's left edge): m = -inf.
         acc, l_i, m_i, p = online_softmax_fold(acc, l_i, m_i, qk, qk_scale, DEFER_SCALE, GUARD_EMPTY=MASKED)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
-        elif PAD_D:
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
+        if TMA:
+            v = V.load([start_n, 0])
         else:
-            v = tl.load(v_ptrs)
+            v = _kv_tile(v_ptrs, cols, k_len, offs_d, MASKED, PAD_D, HEAD_DIM)
         acc = pv_accumulate(acc, p, v, UPCAST_DOT, DOT_PREC)
     return acc, l_i, m_i
 
@@ -98,7 +132,8 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
                     qk_scale, cap_scale, cap_log2,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    PAGED: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+                    PAGED: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
+                    WARP_SPECIALIZE: tl.constexpr):
     # Layouts (element strides, last dim contiguous):
     #   Q / Out   [B, Sq, Hq, D]; sequence b owns rows q_start[b] .. q_start[b] + q_len[b] - 1 (batch stride may be 0)
     #   K / V     [B, Sk, Hkv, D] rows k_start[b] ..; or, PAGED, pools [num_pages, page_size, Hkv, D] with logical
@@ -106,6 +141,9 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
     #   Lse       [B, Hq, Sq] float32, natural log
     # One program per (batch * head, query tile); tiles of one head are adjacent in launch order so concurrently
     # running programs share K/V in L2.
+    # TMA (sm90 path, see ``prefill``): Q, K, V and Out move through tensor descriptors of one sequence's rows for one
+    # head, made here: a descriptor's shape ends at the sequence's length, so TMA zero-fills the rows past it on loads
+    # and drops them on stores, and no tile needs a bounds mask on its loads.
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     m_tile = pid % num_m_tiles
@@ -115,12 +153,15 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
     h = bh % num_heads
     q_len = tl.load(q_len_ptr + b)
     start_m = m_tile * BLOCK_M
-    if start_m >= q_len:
-        return
+    tile_empty = start_m >= q_len  # max_seqlen_q's tiles past this sequence's queries
+    if not WARP_SPECIALIZE:  # (Triton 3.6's sm90 warp specialization fails on kernels that return early)
+        if tile_empty:
+            return
     q_row0 = tl.load(q_start_ptr + b)
     k_len = tl.load(k_len_ptr + b)
     kv_head = (h // group).to(tl.int64)
     b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -128,9 +169,18 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     rows = start_m + offs_m  # query index within the sequence
     row_ok = rows < q_len
-    q_base = b64 * stride_qb + (q_row0 + start_m).to(tl.int64) * stride_qs + h.to(tl.int64) * stride_qh
-    q_ptrs = Q + q_base + (offs_m * stride_qs)[:, None] + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q_seq = b64 * stride_qb + q_row0.to(tl.int64) * stride_qs + h64 * stride_qh  # row 0 of the sequence, head h
+    # A tensor map needs every dimension >= 1: an empty sequence's (only the warp-specialized kernel, which cannot
+    # return early, gets this far with one) is one row long, and its tiles start past that row, so loads give zeros
+    # and stores write nothing.
+    tma_rows = tl.maximum(q_len, 1)
+    tma_start_m = tl.where(q_len == 0, BLOCK_M, start_m)
+    if TMA:
+        q_tiles = tl.make_tensor_descriptor(Q + q_seq, [tma_rows, HEAD_DIM], [stride_qs, 1], [BLOCK_M, HEAD_DIM])
+        q = q_tiles.load([tma_start_m, 0])
+    else:
+        q_ptrs = Q + q_seq + start_m.to(tl.int64) * stride_qs + (offs_m * stride_qs)[:, None] + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
     # Query i sees key j iff diag_left <= j - i <= diag_right (bottom-right aligned).
     diag = k_len - q_len
@@ -153,6 +203,7 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
         mid_hi = tl.minimum(mid_hi, start_m + diag_right + 1)
     mid_hi = (tl.maximum(mid_hi, 0) // BLOCK_N) * BLOCK_N
     none_full = mid_hi <= mid_lo  # no fully visible tile: mask the whole range
+    hi = tl.where(tile_empty, lo, hi)  # nothing to attend (the stores below are masked or clipped too)
     mid_lo = tl.where(none_full, lo, mid_lo)
     mid_hi = tl.where(none_full, lo, mid_hi)
 
@@ -166,36 +217,75 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
         V += b64 * stride_vb + kv_head * stride_vh
         bt_row = BlockTable
         k_row0 = tl.load(k_start_ptr + b)
+        if TMA:  # K and V become descriptors of the sequence's keys: key j is their row j
+            # (at least one row, as above: with no key the loops load no tile)
+            K = tl.make_tensor_descriptor(K + k_row0.to(tl.int64) * stride_ks, [tl.maximum(k_len, 1), HEAD_DIM],
+                                          [stride_ks, 1], [BLOCK_N, HEAD_DIM])
+            V = tl.make_tensor_descriptor(V + k_row0.to(tl.int64) * stride_vs, [tl.maximum(k_len, 1), HEAD_DIM],
+                                          [stride_vs, 1], [BLOCK_N, HEAD_DIM])
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if HAS_LEFT:  # window's left edge: masked
+    if WARP_SPECIALIZE:
+        # Triton 3.6 warp-specializes (sm90) a kernel's only key loop, without branches inside: one loop, every tile
+        # masked; the tuner weighs that against the unspecialized loops below, which skip the masks where they can.
         acc, l_i, m_i = _attend_range(
-            acc, l_i, m_i, q, K, V, bt_row, lo, mid_lo, rows, k_len, k_row0, diag_right, diag_left, stride_ks,
+            acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, diag_right, diag_left, stride_ks, stride_kb,
+            stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
+            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC, TMA, WARP_SPECIALIZE)
+    else:
+        if HAS_LEFT:  # window's left edge: masked
+            acc, l_i, m_i = _attend_range(
+                acc, l_i, m_i, q, K, V, bt_row, lo, mid_lo, rows, k_len, k_row0, diag_right, diag_left, stride_ks,
+                stride_kb, stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
+                True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC, TMA, False)
+        acc, l_i, m_i = _attend_range(  # fully visible tiles: no masks
+            acc, l_i, m_i, q, K, V, bt_row, mid_lo, mid_hi, rows, k_len, k_row0, diag_right, diag_left, stride_ks,
             stride_kb, stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
-            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
-    acc, l_i, m_i = _attend_range(  # fully visible tiles: no masks
-        acc, l_i, m_i, q, K, V, bt_row, mid_lo, mid_hi, rows, k_len, k_row0, diag_right, diag_left, stride_ks,
-        stride_kb, stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
-        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
-    # Diagonal / window's right edge / ragged last key tile: masked.
-    acc, l_i, m_i = _attend_range(
-        acc, l_i, m_i, q, K, V, bt_row, mid_hi, hi, rows, k_len, k_row0, diag_right, diag_left, stride_ks, stride_kb,
-        stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
-        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
+            False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC, TMA, False)
+        # Diagonal / window's right edge / ragged last key tile: masked.
+        acc, l_i, m_i = _attend_range(
+            acc, l_i, m_i, q, K, V, bt_row, mid_hi, hi, rows, k_len, k_row0, diag_right, diag_left, stride_ks,
+            stride_kb, stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
+            True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC, TMA, False)
 
     out, lse = softmax_output(acc, l_i, m_i)  # rows that saw no key: out 0, lse -inf
-    o_base = b64 * stride_ob + (q_row0 + start_m).to(tl.int64) * stride_os + h.to(tl.int64) * stride_oh
-    o_ptrs = Out + o_base + (offs_m * stride_os)[:, None] + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    l_base = b64 * stride_lb + h.to(tl.int64) * stride_lh + (q_row0 + start_m).to(tl.int64) * stride_ls
+    out = out.to(Out.dtype.element_ty)
+    o_seq = b64 * stride_ob + q_row0.to(tl.int64) * stride_os + h64 * stride_oh
+    if TMA:
+        o_tiles = tl.make_tensor_descriptor(Out + o_seq, [tma_rows, HEAD_DIM], [stride_os, 1], [BLOCK_M, HEAD_DIM])
+        o_tiles.store([tma_start_m, 0], out)  # rows past q_len are dropped
+    else:
+        o_ptrs = Out + o_seq + start_m.to(tl.int64) * stride_os + (offs_m * stride_os)[:, None] + offs_d[None, :]
+        tl.store(o_ptrs, out, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    l_base = b64 * stride_lb + h64 * stride_lh + (q_row0 + start_m).to(tl.int64) * stride_ls
     tl.store(Lse + l_base + offs_m * stride_ls, lse, mask=row_ok)
 
 
 def _batch_stride(t):
     """A batch of 1 is shared by every sequence (packed varlen): stride 0 makes each sequence's entry the same."""
     return 0 if t.shape[0] == 1 else t.stride(0)
+
+
+def tma_path(q, k, v, out, block_table=None):
+    """Whether ``prefill`` takes the TMA path for these tensors: an sm90 GPU (or the interpreter with
+    ``INTERPRET_AS_SM90``), 16-bit inputs, K/V not paged, a head dim of ``TMA_HEAD_DIMS``, and Q, K, V and out at
+    16-byte aligned addresses with 16-byte aligned strides (each sequence's and head's descriptor starts at an offset
+    made of them)."""
+    if block_table is not None or q.dtype not in TMA_DTYPES or q.shape[-1] not in TMA_HEAD_DIMS:
+        return False
+    if not (INTERPRET_AS_SM90 if INTERPRET else torch.cuda.get_device_capability(q.device)[0] == 9):
+        return False
+    return all(t.data_ptr() % TMA_ALIGN == 0 and t.stride(-1) == 1
+               and all(s * t.element_size() % TMA_ALIGN == 0 for s in (_batch_stride(t), *t.stride()[1:-1]))
+               for t in (q, k, v, out))
+
+
+def _descriptor_scratch(device):
+    """Triton's allocator for the global memory where ``tl.make_tensor_descriptor`` writes each program's descriptors
+    at launch: a torch allocation on ``device`` (stream-ordered, and from the graph's pool under CUDA-graph capture)."""
+    return lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device)
 
 
 def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
@@ -206,28 +296,42 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
     batch, (num_heads, head_dim) = q_len.shape[0], q.shape[2:]
     group = num_heads // k.shape[2]
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
-    bucket = max(64, block_d)
-    block_m, block_n, num_warps, num_stages = tile_config(CONFIGS, INTERPRET_CONFIG, bucket, q.dtype, q.device)
+    tma = tma_path(q, k, v, out, block_table)
+    if tma:
+        block_m, block_n, num_warps, num_stages, warp_specialize = (
+            INTERPRET_TMA_CONFIG if INTERPRET else TMA_CONFIGS[head_dim])
+    else:
+        block_m, block_n, num_warps, num_stages = tile_config(CONFIGS, INTERPRET_CONFIG, max(64, block_d), q.dtype,
+                                                              q.device)
+        warp_specialize = False
     # Causal is a right window of 0 (causal with window_right > 0 still stops at the diagonal).
     right = 0 if causal else window_right
     paged = block_table is not None
     num_m_tiles = triton.cdiv(max_seqlen_q, block_m)
     grid = (batch * num_heads * num_m_tiles,)
     has_softcap = softcap > 0
+    launch = functools.partial(
+        _prefill_kernel[grid],
+        q, k, v, out, lse, block_table if paged else q_len, q_start, q_len, k_start, k_len,
+        _batch_stride(q), q.stride(1), q.stride(2), k.stride(0) if paged else _batch_stride(k), k.stride(1),
+        k.stride(2), v.stride(0) if paged else _batch_stride(v), v.stride(1), v.stride(2),
+        _batch_stride(out), out.stride(1), out.stride(2), _batch_stride(lse), lse.stride(1), lse.stride(2),
+        block_table.stride(0) if paged else 0,
+        num_heads, group, num_m_tiles, k.shape[1] if paged else 1, max(window_left, 0), max(right, 0),
+        softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
+        softcap * LOG2E if has_softcap else 1.0,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=has_softcap, PAGED=paged,
+        UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
+        # fp32: 3-pass TF32 (~fp32-exact, on tensor cores); "ieee" falls back to FMA and spills everything.
+        DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32", TMA=tma, WARP_SPECIALIZE=warp_specialize,
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,  # fma for qk * scale - m
+    )
+    if tma and q.is_cuda:
+        # tl.make_tensor_descriptor takes global scratch from Triton's allocator at launch; set in a copy of the
+        # context, so that a caller's own allocator stays in place.
+        context = contextvars.copy_context()
+        context.run(triton.set_allocator, _descriptor_scratch(q.device))
+        launch = functools.partial(context.run, launch)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _prefill_kernel[grid](
-            q, k, v, out, lse, block_table if paged else q_len, q_start, q_len, k_start, k_len,
-            _batch_stride(q), q.stride(1), q.stride(2), k.stride(0) if paged else _batch_stride(k), k.stride(1),
-            k.stride(2), v.stride(0) if paged else _batch_stride(v), v.stride(1), v.stride(2),
-            _batch_stride(out), out.stride(1), out.stride(2), _batch_stride(lse), lse.stride(1), lse.stride(2),
-            block_table.stride(0) if paged else 0,
-            num_heads, group, num_m_tiles, k.shape[1] if paged else 1, max(window_left, 0), max(right, 0),
-            softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
-            softcap * LOG2E if has_softcap else 1.0,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=has_softcap, PAGED=paged,
-            UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
-            # fp32: 3-pass TF32 (~fp32-exact, on tensor cores); "ieee" falls back to FMA and spills everything.
-            DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
-            num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,  # fma for qk * scale - m
-        )
+        launch()

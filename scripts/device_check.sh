@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One batched run on a lent CUDA machine: install hf_flash (offline, into /tmp/site), run the test suite on the GPU,
-# then the given steps. Logs go to $OUT (or ./device_out). Steps: tests, memcheck, perplexity, tune, bench, generate.
+# then the given steps. Logs go to $OUT (or ./device_out). Steps: tests, memcheck, perplexity, tune, tune-prefill,
+# bench, generate.
 #   bash scripts/device_check.sh tests memcheck perplexity bench
 # TESTS picks the test files of the tests step (default: all of tests/); BENCH_ARGS and GENERATE_ARGS add options to
 # the bench and generate steps.
@@ -38,6 +39,7 @@ for step in "$@"; do
     perplexity) python3 scripts/perplexity.py --model "$(dirname $gguf)" --gguf-file "$(basename $gguf)" \
                   --dtypes fp32,bf16 --max-windows 16 --window 2048 2>&1 | tee "$out/perplexity.log" | tail -12 ;;
     tune) { python3 scripts/tune_prefill.py; python3 scripts/tune_decode.py; } 2>&1 | tee "$out/tune.log" | tail -60 ;;
+    tune-prefill) python3 scripts/tune_prefill.py --gqa ${GQA:-1} 2>&1 | tee "$out/tune_prefill.log" | tail -60 ;;
     # BENCH_ARGS / GENERATE_ARGS pass options through (--section, --backends; --models, --rows, --skip, ...): a
     # whole default run of either may not fit one device call.
     bench) python3 scripts/bench_kernels.py ${BENCH_ARGS:-} --out "$out/bench_kernels.json" 2>&1 \

@@ -1,10 +1,13 @@
 """Time the Triton prefill kernel's candidate tile configs against SDPA (flash, and cuDNN where available) on a CUDA
-GPU; prints TFLOP/s per shape and the best config per shape, then the CONFIGS rows to paste into
-kernels/prefill.py. About 2 minutes on an H100.
+GPU; prints TFLOP/s per shape and the best config per shape, then the rows to paste into kernels/prefill.py. On sm90
+the head dims of its TMA path are tuned there (TMA_CONFIGS, warp specialization on and off), with the pointer
+kernel's current config timed beside them; elsewhere, and for other head dims, the pointer kernel's CONFIGS. About 2
+minutes on an H100 (more with --gqa).
 
-    python scripts/tune_prefill.py [--dims 64 128] [--seqlens 1024 4096 16384] [--heads 16]
+    python scripts/tune_prefill.py [--dims 64 128] [--seqlens 1024 4096 16384] [--heads 16] [--gqa 4]
 """
 import argparse
+import contextlib
 import functools
 import importlib
 
@@ -22,6 +25,15 @@ CANDIDATES = {
     128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
     256: [(64, 32, 4, 2), (64, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
 }
+# The TMA path's (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize) per head dim. Compiled for sm90 with
+# Triton 3.6 offline: none spills, all fit the 227 KiB of shared memory. Triton 3.6 warp-specializes on sm90 at 4 warps
+# only (a producer warp group beside the math ones); at 8 the hint changes nothing, so WS rows use 4.
+TMA_CANDIDATES = {
+    64: [(128, 128, 8, 3, False), (128, 128, 8, 2, False), (128, 64, 8, 3, False), (64, 64, 4, 3, False),
+         (128, 128, 4, 2, True), (128, 64, 4, 3, True), (128, 128, 4, 3, True)],
+    128: [(128, 128, 8, 2, False), (128, 64, 8, 3, False), (128, 64, 8, 4, False), (128, 128, 8, 3, False),
+          (128, 64, 4, 2, True), (128, 64, 4, 3, True), (128, 128, 4, 2, True)],
+}
 
 
 def bench(fn):
@@ -31,6 +43,16 @@ def bench(fn):
 def tflops(batch, heads, seqlen, head_dim, causal, ms):
     flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)  # QK^T and PV, 2 flop/MAC
     return flops / ms * 1e-9
+
+
+@contextlib.contextmanager
+def pointer_path():
+    """Calls inside go to the pointer kernel whatever the GPU: no head dim qualifies for the TMA path."""
+    dims, prefill_module.TMA_HEAD_DIMS = prefill_module.TMA_HEAD_DIMS, ()
+    try:
+        yield
+    finally:
+        prefill_module.TMA_HEAD_DIMS = dims
 
 
 def run_prefill(q, k, v, out, lse, causal, block_table=None, k_len=None):
@@ -45,10 +67,11 @@ def run_prefill(q, k, v, out, lse, causal, block_table=None, k_len=None):
 
 def sdpa(q, k, v, causal, backend):
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = q.shape[2] != k.shape[2]
 
     def fn():
         with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=gqa)
     return fn
 
 
@@ -65,27 +88,39 @@ def paged_copy(k, v, page_size):
     return k_pool, v_pool, table
 
 
+def tuned_table(head_dim, major):
+    """(the table its calls read, their key in it, the candidates, the label of its rows) for bf16 at ``head_dim``."""
+    if major == 9 and head_dim in prefill_module.TMA_HEAD_DIMS:
+        return prefill_module.TMA_CONFIGS, head_dim, TMA_CANDIDATES[head_dim], "TMA_CONFIGS"
+    bucket = max(64, triton.next_power_of_2(head_dim))
+    return prefill_module.CONFIGS, (bucket, False, major), CANDIDATES[bucket], "CONFIGS"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--gqa", type=int, default=1, help="query heads per KV head (default 1: MHA)")
     args = parser.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
     major = torch.cuda.get_device_capability(dev)[0]
     print(f"{torch.cuda.get_device_name(dev)}  torch {torch.__version__}  triton {triton.__version__}")
-    dtype, heads = torch.bfloat16, args.heads
-    best = {}
+    dtype, heads, kv_heads = torch.bfloat16, args.heads, args.heads // args.gqa
+    best, labels = {}, {}
     for head_dim in args.dims:
-        key = (max(64, triton.next_power_of_2(head_dim)), False, major)
-        default = prefill_module.CONFIGS.get(key)
+        table, key, candidates, labels[head_dim] = tuned_table(head_dim, major)
+        default = table.get(key)
+        tma = table is prefill_module.TMA_CONFIGS
         for causal in (False, True):
             for seqlen in args.seqlens:
                 batch = max(1, TOKENS // seqlen)
-                q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device=dev, dtype=dtype) for _ in range(3))
+                q = torch.randn(batch, seqlen, heads, head_dim, device=dev, dtype=dtype)
+                k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device=dev, dtype=dtype) for _ in range(2))
                 out = torch.empty_like(q)
                 lse = torch.empty(batch, heads, seqlen, device=dev, dtype=torch.float32)
+                assert prefill_module.tma_path(q, k, v, out) == tma, "the calls must take the tuned path"
                 rate = functools.partial(tflops, batch, heads, seqlen, head_dim, causal)
                 ref = sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION)()
                 line = [f"D={head_dim:3d} {'causal' if causal else 'full  '} S={seqlen:5d} B={batch:2d}"]
@@ -94,9 +129,12 @@ def main():
                     line.append(f"cudnn {rate(bench(sdpa(q, k, v, causal, SDPBackend.CUDNN_ATTENTION))):6.1f}")
                 except RuntimeError:
                     line.append("cudnn    n/a")
+                if tma:  # what these calls ran before the TMA path: the pointer kernel's config
+                    with pointer_path():
+                        line.append(f"pointer {rate(bench(run_prefill(q, k, v, out, lse, causal))):6.1f}")
                 results = []
-                for cfg in CANDIDATES[key[0]]:
-                    prefill_module.CONFIGS[key] = cfg
+                for cfg in candidates:
+                    table[key] = cfg
                     fn = run_prefill(q, k, v, out, lse, causal)
                     try:
                         fn()
@@ -108,20 +146,24 @@ def main():
                         print(f"  {cfg}: WRONG, max abs diff {err:.3g} vs SDPA")
                         continue
                     results.append((rate(bench(fn)), cfg))
-                prefill_module.CONFIGS[key] = default
+                table[key] = default
                 print("  ".join(line + [f"{cfg}:{r:6.1f}" for r, cfg in results]), flush=True)
                 if results:
                     top = max(results)
                     print(f"    best {top[1]} {top[0]:.1f} TFLOP/s", flush=True)
                     for r, cfg in results:
                         best.setdefault((head_dim, causal), {}).setdefault(cfg, []).append(r)
-        # Paged K/V at S=4k, causal, with the default config: the cost of gathering through the block table.
+        # Paged K/V at S=4k, causal (the pointer kernel's default config): the cost of gathering through the block
+        # table, beside the same call on dense K/V (whichever path that takes).
         seqlen = 4096 if 4096 in args.seqlens else args.seqlens[0]
         batch = max(1, TOKENS // seqlen)
-        q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device=dev, dtype=dtype) for _ in range(3))
+        q = torch.randn(batch, seqlen, heads, head_dim, device=dev, dtype=dtype)
+        k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device=dev, dtype=dtype) for _ in range(2))
         out, lse = torch.empty_like(q), torch.empty(batch, heads, seqlen, device=dev, dtype=torch.float32)
         dense = tflops(batch, heads, seqlen, head_dim, True, bench(run_prefill(q, k, v, out, lse, True)))
-        line = [f"D={head_dim:3d} causal S={seqlen} paged, config {default}: dense {dense:6.1f}"]
+        paged_key = (max(64, triton.next_power_of_2(head_dim)), False, major)
+        line = [f"D={head_dim:3d} causal S={seqlen} paged, config {prefill_module.CONFIGS.get(paged_key)}: "
+                f"dense {dense:6.1f}"]
         k_len = torch.full((batch,), seqlen, dtype=torch.int32, device=dev)
         for page_size in (16, 64, 256):
             k_pool, v_pool, table = paged_copy(k, v, page_size)
@@ -140,7 +182,8 @@ def main():
                 merged.setdefault(cfg, []).extend(r)
         if merged:
             cfg = max(merged, key=lambda c: sum(merged[c]) / len(merged[c]))
-            print(f"    ({max(64, triton.next_power_of_2(head_dim))}, False, {major}): {cfg},")
+            _, key, _, label = tuned_table(head_dim, major)
+            print(f"    {label}: {key}: {cfg},")
 
 
 if __name__ == "__main__":
