@@ -195,8 +195,9 @@ def _run(step, key, cache, plan, input_ids, position_ids):
     step_graph.load(plan, input_ids, position_ids, device)
     if step_graph.graph is None:
         if device.type != "cuda" or not step_graph.warm:
-            step_graph.warm = True
-            return _first_run(step, step_graph, device)
+            output = _first_run(step, step_graph, device)
+            step_graph.warm = True  # only once a run went through: a capture must not be the step's first run
+            return output
         _capture(step, step_graph, cache)
     step_graph.graph.replay()
     return step_graph.output

@@ -3,8 +3,8 @@ GQA, paged K/V, log-sum-exp out. S x S is never materialised: each program owns 
 streams K/V tiles of BLOCK_N keys through an online softmax kept in float32, in the log2 domain (its steps, shared
 with decode, are in ``softmax_state``).
 
-On Hopper (sm90) the common dense case (16-bit, contiguous K/V, head dim 64 or 128, TMA-aligned strides) runs the
-same kernel on its TMA path: tiles move through tensor descriptors (bulk copies into shared memory, no address
+On Hopper (sm90) the common dense case over long sequences (16-bit, contiguous K/V, head dim 64 or 128, TMA-aligned
+strides) runs the same kernel on its TMA path: tiles move through tensor descriptors (bulk copies into shared memory, no address
 arithmetic or load masks in registers), in larger tiles, with the key loop optionally warp-specialized (producer
 warps issue the copies, the others do the math). ``tma_path`` says which calls take it."""
 import contextlib
@@ -42,12 +42,17 @@ INTERPRET_CONFIG = (32, 16, 4, 1)
 
 # The TMA path's (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize) on sm90 for 16-bit inputs, keyed by head
 # dim (the only ones it takes: TMA needs no padded columns then, and these are the tuned ones). Candidates were
-# compiled for sm90 with Triton 3.6 offline (registers, spills, shared memory: see scripts/tune_prefill.py) and are
-# timed there on the GPU.
+# compiled for sm90 with Triton 3.6 offline (registers, spills, shared memory: see scripts/tune_prefill.py); these
+# rows are the best mean of causal and full at S = 1k, 4k, 16k on an H200 (tune_prefill.py, 2026-12-02). No
+# warp-specialized candidate won.
 TMA_CONFIGS = {
-    64: (128, 128, 8, 3, False),
-    128: (128, 128, 8, 2, False),
+    64: (64, 64, 4, 3, False),
+    128: (128, 128, 8, 3, False),
 }
+# Calls with shorter query sequences keep the pointer kernel: each TMA program first writes its four descriptors to
+# global memory and fences them, which a short key loop does not pay back. H200, bf16, 16k tokens a call, TFLOP/s
+# TMA / pointer: D128 causal 224/260 at S = 1k, 391/395 at 4k, 501/420 at 16k; D64 causal 205/255, 349/361, 398/386.
+TMA_MIN_SEQLEN_Q = 8192
 TMA_HEAD_DIMS = tuple(TMA_CONFIGS)
 TMA_DTYPES = (torch.float16, torch.bfloat16)
 INTERPRET_TMA_CONFIG = (32, 16, 4, 1, False)  # the interpreter ignores warp_specialize (tl.range's hints)
@@ -268,12 +273,13 @@ def _batch_stride(t):
     return 0 if t.shape[0] == 1 else t.stride(0)
 
 
-def tma_path(q, k, v, out, block_table=None):
+def tma_path(q, k, v, out, max_seqlen_q, block_table=None):
     """Whether ``prefill`` takes the TMA path for these tensors: an sm90 GPU (or the interpreter with
-    ``INTERPRET_AS_SM90``), 16-bit inputs, K/V not paged, a head dim of ``TMA_HEAD_DIMS``, and Q, K, V and out at
-    16-byte aligned addresses with 16-byte aligned strides (each sequence's and head's descriptor starts at an offset
-    made of them)."""
-    if block_table is not None or q.dtype not in TMA_DTYPES or q.shape[-1] not in TMA_HEAD_DIMS:
+    ``INTERPRET_AS_SM90``), 16-bit inputs, K/V not paged, a head dim of ``TMA_HEAD_DIMS``, a longest query sequence
+    ``max_seqlen_q`` of at least ``TMA_MIN_SEQLEN_Q``, and Q, K, V and out at 16-byte aligned addresses with 16-byte
+    aligned strides (each sequence's and head's descriptor starts at an offset made of them)."""
+    if (block_table is not None or q.dtype not in TMA_DTYPES or q.shape[-1] not in TMA_HEAD_DIMS
+            or max_seqlen_q < TMA_MIN_SEQLEN_Q):
         return False
     if not (INTERPRET_AS_SM90 if INTERPRET else torch.cuda.get_device_capability(q.device)[0] == 9):
         return False
@@ -296,7 +302,7 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
     batch, (num_heads, head_dim) = q_len.shape[0], q.shape[2:]
     group = num_heads // k.shape[2]
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
-    tma = tma_path(q, k, v, out, block_table)
+    tma = tma_path(q, k, v, out, max_seqlen_q, block_table)
     if tma:
         block_m, block_n, num_warps, num_stages, warp_specialize = (
             INTERPRET_TMA_CONFIG if INTERPRET else TMA_CONFIGS[head_dim])

@@ -46,6 +46,16 @@ def tflops(batch, heads, seqlen, head_dim, causal, ms):
 
 
 @contextlib.contextmanager
+def tma_at_every_length():
+    """The TMA path's length rule (``TMA_MIN_SEQLEN_Q``) off: its candidates are timed at every length."""
+    shortest, prefill_module.TMA_MIN_SEQLEN_Q = prefill_module.TMA_MIN_SEQLEN_Q, 1
+    try:
+        yield
+    finally:
+        prefill_module.TMA_MIN_SEQLEN_Q = shortest
+
+
+@contextlib.contextmanager
 def pointer_path():
     """Calls inside go to the pointer kernel whatever the GPU: no head dim qualifies for the TMA path."""
     dims, prefill_module.TMA_HEAD_DIMS = prefill_module.TMA_HEAD_DIMS, ()
@@ -113,46 +123,47 @@ def main():
         table, key, candidates, labels[head_dim] = tuned_table(head_dim, major)
         default = table.get(key)
         tma = table is prefill_module.TMA_CONFIGS
-        for causal in (False, True):
-            for seqlen in args.seqlens:
-                batch = max(1, TOKENS // seqlen)
-                q = torch.randn(batch, seqlen, heads, head_dim, device=dev, dtype=dtype)
-                k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device=dev, dtype=dtype) for _ in range(2))
-                out = torch.empty_like(q)
-                lse = torch.empty(batch, heads, seqlen, device=dev, dtype=torch.float32)
-                assert prefill_module.tma_path(q, k, v, out) == tma, "the calls must take the tuned path"
-                rate = functools.partial(tflops, batch, heads, seqlen, head_dim, causal)
-                ref = sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION)()
-                line = [f"D={head_dim:3d} {'causal' if causal else 'full  '} S={seqlen:5d} B={batch:2d}"]
-                line.append(f"sdpa-flash {rate(bench(sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION))):6.1f}")
-                try:
-                    line.append(f"cudnn {rate(bench(sdpa(q, k, v, causal, SDPBackend.CUDNN_ATTENTION))):6.1f}")
-                except RuntimeError:
-                    line.append("cudnn    n/a")
-                if tma:  # what these calls ran before the TMA path: the pointer kernel's config
-                    with pointer_path():
-                        line.append(f"pointer {rate(bench(run_prefill(q, k, v, out, lse, causal))):6.1f}")
-                results = []
-                for cfg in candidates:
-                    table[key] = cfg
-                    fn = run_prefill(q, k, v, out, lse, causal)
+        with tma_at_every_length():  # the candidates at every length, whatever the shipped rule says
+            for causal in (False, True):
+                for seqlen in args.seqlens:
+                    batch = max(1, TOKENS // seqlen)
+                    q = torch.randn(batch, seqlen, heads, head_dim, device=dev, dtype=dtype)
+                    k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device=dev, dtype=dtype) for _ in range(2))
+                    out = torch.empty_like(q)
+                    lse = torch.empty(batch, heads, seqlen, device=dev, dtype=torch.float32)
+                    assert prefill_module.tma_path(q, k, v, out, seqlen) == tma, "the calls must take the tuned path"
+                    rate = functools.partial(tflops, batch, heads, seqlen, head_dim, causal)
+                    ref = sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION)()
+                    line = [f"D={head_dim:3d} {'causal' if causal else 'full  '} S={seqlen:5d} B={batch:2d}"]
+                    line.append(f"sdpa-flash {rate(bench(sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION))):6.1f}")
                     try:
-                        fn()
-                    except (OutOfResources, RuntimeError) as exc:  # too much shared memory for this GPU: skip the config
-                        print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
-                        continue
-                    err = (out.float() - ref.transpose(1, 2).float()).abs().max().item()
-                    if err > 3e-2:
-                        print(f"  {cfg}: WRONG, max abs diff {err:.3g} vs SDPA")
-                        continue
-                    results.append((rate(bench(fn)), cfg))
-                table[key] = default
-                print("  ".join(line + [f"{cfg}:{r:6.1f}" for r, cfg in results]), flush=True)
-                if results:
-                    top = max(results)
-                    print(f"    best {top[1]} {top[0]:.1f} TFLOP/s", flush=True)
-                    for r, cfg in results:
-                        best.setdefault((head_dim, causal), {}).setdefault(cfg, []).append(r)
+                        line.append(f"cudnn {rate(bench(sdpa(q, k, v, causal, SDPBackend.CUDNN_ATTENTION))):6.1f}")
+                    except RuntimeError:
+                        line.append("cudnn    n/a")
+                    if tma:  # what these calls ran before the TMA path: the pointer kernel's config
+                        with pointer_path():
+                            line.append(f"pointer {rate(bench(run_prefill(q, k, v, out, lse, causal))):6.1f}")
+                    results = []
+                    for cfg in candidates:
+                        table[key] = cfg
+                        fn = run_prefill(q, k, v, out, lse, causal)
+                        try:
+                            fn()
+                        except (OutOfResources, RuntimeError) as exc:  # too much shared memory for this GPU: skip the config
+                            print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
+                            continue
+                        err = (out.float() - ref.transpose(1, 2).float()).abs().max().item()
+                        if err > 3e-2:
+                            print(f"  {cfg}: WRONG, max abs diff {err:.3g} vs SDPA")
+                            continue
+                        results.append((rate(bench(fn)), cfg))
+                    table[key] = default
+                    print("  ".join(line + [f"{cfg}:{r:6.1f}" for r, cfg in results]), flush=True)
+                    if results:
+                        top = max(results)
+                        print(f"    best {top[1]} {top[0]:.1f} TFLOP/s", flush=True)
+                        for r, cfg in results:
+                            best.setdefault((head_dim, causal), {}).setdefault(cfg, []).append(r)
         # Paged K/V at S=4k, causal (the pointer kernel's default config): the cost of gathering through the block
         # table, beside the same call on dense K/V (whichever path that takes).
         seqlen = 4096 if 4096 in args.seqlens else args.seqlens[0]

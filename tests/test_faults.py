@@ -101,7 +101,10 @@ def test_a_failed_turn_leaves_the_cache_as_it_was(layer, phase, site, fault, dec
         _generate(model, "hf_flash", turn, turn_mask, new=7, do_sample=False, cache=cache, **decode_path)
     assert fail.calls == fail.call
     assert cache.snapshot() == before  # exactly as before the failed call
-    monkeypatch.undo()
+    # A step whose first run failed runs first again: capturing it next would compile it inside the capture.
+    assert not any(g.warm or g.graph for g in captured_graphs(cache).values())
+    if site == "attention":
+        monkeypatch.setattr(ops, "write_kv_pages", write)
     model._forward_pre_hooks.clear()
     for module in model.modules():
         module._forward_pre_hooks.clear()

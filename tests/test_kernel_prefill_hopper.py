@@ -48,6 +48,7 @@ def tma(request, monkeypatch, spy):
         pytest.skip("the TMA path is for sm90")
     warp_specialize = request.param
     monkeypatch.setattr(prefill_module, "INTERPRET_AS_SM90", True)
+    monkeypatch.setattr(prefill_module, "TMA_MIN_SEQLEN_Q", 1)  # these tests' sequences are short
     monkeypatch.setattr(prefill_module, "INTERPRET_TMA_CONFIG", (32, 16, 4, 1, warp_specialize))
     if warp_specialize:
         for head_dim, config in GPU_WS_CONFIGS.items():
@@ -145,12 +146,14 @@ def test_path_selection(monkeypatch, device):
     if ON_GPU and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA path is for sm90")
     monkeypatch.setattr(prefill_module, "INTERPRET_AS_SM90", True)
+    monkeypatch.setattr(prefill_module, "TMA_MIN_SEQLEN_Q", 4)
 
     def takes(q, k, v, block_table=None):
-        return prefill_module.tma_path(q, k, v, torch.empty_like(q), block_table)
+        return prefill_module.tma_path(q, k, v, torch.empty_like(q), q.shape[1], block_table)
 
     q, k, v = _dense(2, 8, 8, 4, 2, 64, torch.bfloat16, device)
     assert takes(q, k, v)
+    assert not takes(q[:, :3], k, v)  # too short to pay for the descriptors
     assert takes(q[:, :5], k, v)  # a sequence slice keeps the row strides
     assert takes(*(t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)))  # [B, H, S, D] storage
     assert not takes(q.float(), k.float(), v.float())
@@ -172,6 +175,7 @@ def test_unaligned_falls_back(spy, monkeypatch, device):
     if ON_GPU and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA path is for sm90")
     monkeypatch.setattr(prefill_module, "INTERPRET_AS_SM90", True)
+    monkeypatch.setattr(prefill_module, "TMA_MIN_SEQLEN_Q", 1)
     q, k, v = _dense(2, 21, 29, 2, 1, 64, torch.bfloat16, device)
     q = torch.cat([q, q[..., :4]], dim=-1)[..., :64]  # rows 136 bytes apart
     _run_dense(q, k, v, causal=True)
