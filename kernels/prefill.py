@@ -51,7 +51,8 @@ TMA_CONFIGS = {
 }
 # Calls with shorter query sequences keep the pointer kernel: each TMA program first writes its four descriptors to
 # global memory and fences them, which a short key loop does not pay back. H200, bf16, 16k tokens a call, TFLOP/s
-# TMA / pointer: D128 causal 224/260 at S = 1k, 391/395 at 4k, 501/420 at 16k; D64 causal 205/255, 349/361, 398/386.
+# TMA / pointer at S = 1k, 2k, 4k, 8k, 16k: D128 causal 224/260, 317/339, 391/395, 452/384, 501/420; D64 causal
+# 205/255, 286/321, 349/361, 384/392, 398/386 (full: D64 429/388 at 8k).
 TMA_MIN_SEQLEN_Q = 8192
 TMA_HEAD_DIMS = tuple(TMA_CONFIGS)
 TMA_DTYPES = (torch.float16, torch.bfloat16)
