@@ -101,7 +101,7 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
     del logits  # the prefill's logits may be large
     length = prompt_length
     step = graphs.compiled(graphs.decode_step, input_ids.device, generation_config.compile_config)
-    key = (model, ("decode", select.signature()))
+    key = (model, ("decode", select.signature(), step))  # a call with another compile_config captures its own
 
     def next_tokens_after(tokens):
         """One step: planned, run (compiled, graphed), committed; aborted if anything raises."""

@@ -164,10 +164,10 @@ def why_not_graphed(model, cache, device):
 
 def run_step(step, key, cache, plan, input_ids, position_ids=None):
     """Run the begun single-token step ``step(input_ids, position_ids)`` (which closes over the model and the cache)
-    through the static buffers of ``key`` ((model, what the step computes)): the first time on them (on CUDA compiling
-    the step), captured the second, replayed after; then commit it, or abort it if anything raised. Returns the step's
-    output, which the next replay of this key overwrites. ``position_ids`` default to the count of each sequence's
-    stored tokens."""
+    through the static buffers of ``key`` ((model, what the step computes and the function computing it, which a
+    ``compile_config`` picks)): the first time on them (on CUDA compiling the step), captured the second, replayed
+    after; then commit it, or abort it if anything raised. Returns the step's output, which the next replay of this key
+    overwrites. ``position_ids`` default to the count of each sequence's stored tokens."""
     try:
         output = _run(step, key, cache, plan, input_ids, position_ids)
     except BaseException:
@@ -266,7 +266,7 @@ class DecodeGraphs:
         logits_to_keep = kwargs.get("logits_to_keep")
         forward = compiled(forward_step, input_ids.device, self.compile_config)
         logits = run_step(lambda ids, positions: forward(self.model, cache, ids, positions, logits_to_keep),
-                          (self.model, ("forward", logits_to_keep)), cache, plan, input_ids, kwargs["position_ids"])
+                          (self.model, ("forward", logits_to_keep, forward)), cache, plan, input_ids, kwargs["position_ids"])
         # A copy: the next replay overwrites the static logits, and a caller may keep these.
         return CausalLMOutputWithPast(logits=logits.clone(), **{CACHE_NAME: cache})
 

@@ -266,6 +266,25 @@ def test_the_whole_step_compiles_without_a_graph_break(monkeypatch):
     assert 1 <= first <= 2 and counter.frame_count == first, (first, counter.frame_count)
 
 
+def test_a_call_with_another_compile_config_gets_its_own_step_graphs(monkeypatch):
+    """A caller's cache used again with another ``compile_config``: its steps run the function that config compiled
+    (keyed apart), not the graphs captured for the first config, which on CUDA would replay the first compile."""
+    compiled_with = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled_with.append(kwargs["options"]) or
+                        (lambda *args: fn(*args)))
+    monkeypatch.setattr(graphs, "_compiled", {})
+    monkeypatch.setitem(graphs.COMPILE_BACKENDS, "cpu", "inductor")
+    model, _ = tiny_model("llama")
+    ids, mask = left_padded_batch([7, 4])
+    cache = PagedCache(model.config, page_size=4)
+    for options in ({"epilogue_fusion": True}, {"epilogue_fusion": False}):
+        config = transformers.CompileConfig(options=options)
+        out = _generate(model, "hf_flash", ids, mask, do_sample=False, compile_config=config, **{CACHE_NAME: cache})
+        ids, mask = out.sequences, torch.cat([mask, torch.ones_like(out.sequences[:, mask.shape[1]:])], dim=1)
+    assert [given["epilogue_fusion"] for given in compiled_with] == [True, False]
+    assert len({key[3][-1] for key in _steps_of_the_loop(cache)}) == 2  # each config's compiled step
+
+
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune"])
 def test_compile_config_reaches_torch_compile(monkeypatch, mode):
     """generate()'s CompileConfig sets the step's torch.compile: its mode's inductor options over hf_flash's own,
