@@ -122,9 +122,14 @@ def test_varlen_packed(causal, device):
 
 @pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (6, 6))])
 def test_padded_batch(causal, window, device):
-    # Left-padded batch layout: sequence b's rows end at the last position; padding rows hold NaN (never read).
+    _run_padded_batch(64, causal, window, device)
+
+
+def _run_padded_batch(head_dim, causal, window, device):
+    """Left-padded batch layout: sequence b's rows end at the last position; padding rows hold NaN, so a tile that
+    read one (a key or value past k_len, a query before q_start) or wrote outside its sequence would show."""
     q_lens, k_lens, seq_q, seq_k = [9, 30, 0], [20, 30, 12], 30, 34
-    q, k, v = _dense(len(q_lens), seq_q, seq_k, 2, 2, 64, torch.float16, device)
+    q, k, v = _dense(len(q_lens), seq_q, seq_k, 2, 2, head_dim, torch.float16, device)
     q_starts = [seq_q - n for n in q_lens]
     k_starts = [seq_k - 2 - n for n in k_lens]  # keys need not end at the last row either
     for b in range(len(q_lens)):
@@ -162,7 +167,12 @@ def test_paged_window_softcap(device):
 
 
 def test_rows_that_see_nothing(device):
-    # Causal with q_len > k_len, an empty key set, and a window that leaves trailing rows without keys.
+    _check_rows_that_see_nothing(device)
+
+
+def _check_rows_that_see_nothing(device):
+    """Causal with q_len > k_len, an empty key set, and a window that leaves trailing rows without keys: those rows
+    get out exactly 0 and lse -inf."""
     q, k, v = _dense(3, 40, 40, 2, 2, 64, torch.float16, device)
     zeros = _i32([0, 0, 0], device)
     q_len, k_len = _i32([40, 17, 40], device), _i32([10, 0, 40], device)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hf_flash.kernels import prefill as prefill_module
 from pages import scatter_to_pages
-from test_kernel_prefill import NAN, _check, _dense, _i32, _run, _run_dense
+from test_kernel_prefill import _check, _check_rows_that_see_nothing, _dense, _i32, _run, _run_dense, _run_padded_batch
 
 ON_GPU = torch.cuda.is_available()
 # Warp-specialized configs for the GPU runs (Triton 3.6 specializes at 4 warps on sm90: a producer warp group beside
@@ -83,20 +83,7 @@ def test_varlen_packed(causal, tma, device):
 
 @pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (6, 6))])
 def test_padded_batch(causal, window, tma, device):
-    # Rows around each sequence hold NaN: a tile that read one (a key or value past k_len, a query before q_start)
-    # or wrote outside its sequence would show.
-    q_lens, k_lens, seq_q, seq_k = [9, 30, 0], [20, 30, 12], 30, 34
-    q, k, v = _dense(len(q_lens), seq_q, seq_k, 2, 2, 128, torch.float16, device)
-    q_starts = [seq_q - n for n in q_lens]
-    k_starts = [seq_k - 2 - n for n in k_lens]
-    for b in range(len(q_lens)):
-        q[b, : q_starts[b]] = NAN
-        k[b, : k_starts[b]], v[b, : k_starts[b]] = NAN, NAN
-        k[b, k_starts[b] + k_lens[b] :], v[b, k_starts[b] + k_lens[b] :] = NAN, NAN
-    args = [_i32(x, device) for x in (q_starts, q_lens, k_starts, k_lens)]
-    out, lse = _run(q, k, v, *args, causal=causal, window=window)
-    keys = [(k[b, s : s + n], v[b, s : s + n]) for b, (s, n) in enumerate(zip(k_starts, k_lens))]
-    _check(out, lse, q, keys, args[0], args[1], causal=causal, window=window)
+    _run_padded_batch(128, causal, window, device)
 
 
 @pytest.mark.parametrize("causal, window, softcap", [(True, (7, -1), 0.0), (False, (17, 20), 0.0),
@@ -116,14 +103,7 @@ def test_an_empty_sequence_writes_nothing(tma, device):
 
 
 def test_rows_that_see_nothing(tma, device):
-    # q_len > k_len under causal, and an empty key set: out exactly 0, lse -inf.
-    q, k, v = _dense(3, 40, 40, 2, 2, 64, torch.float16, device)
-    zeros = _i32([0, 0, 0], device)
-    q_len, k_len = _i32([40, 17, 40], device), _i32([10, 0, 40], device)
-    out, lse = _run(q, k, v, zeros, q_len, zeros, k_len, causal=True)
-    _check(out, lse, q, [(k[0, :10], v[0, :10]), (k[1, :0], v[1, :0]), (k[2], v[2])], zeros, q_len, causal=True)
-    assert (out[0, :30] == 0).all() and (lse[0, :, :30] == float("-inf")).all()
-    assert (out[1, :17] == 0).all() and (lse[1, :, :17] == float("-inf")).all()
+    _check_rows_that_see_nothing(device)
 
 
 INTERPRET_TILES = [(16, 32), (16, 16), (64, 16)]
