@@ -96,9 +96,8 @@ def _default_cache(model, num_pages):
     kept = _kept.pop(model, None)
     # grow: an assistant model's cache is made for its first candidate round only, and later rounds reuse it.
     cache = PagedCache(model.config, page_size=PAGE_SIZE, grow=True, num_pages=num_pages)
-    if kept is not None and kept[0]() is None and kept[1][0].is_initialized and kept[1][0].keys.shape[0] == num_pages:
+    if kept is not None and kept[0]() is None:  # take_pools lets them go at the first step if they do not fit
         cache.take_pools(kept[1])
-    del kept  # pools not taken over are freed here, before this cache allocates its own
     _kept[model] = (weakref.ref(cache), cache.layers)
     return cache
 
