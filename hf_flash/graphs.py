@@ -266,7 +266,8 @@ class DecodeGraphs:
         logits_to_keep = kwargs.get("logits_to_keep")
         forward = compiled(forward_step, input_ids.device, self.compile_config)
         logits = run_step(lambda ids, positions: forward(self.model, cache, ids, positions, logits_to_keep),
-                          (self.model, ("forward", logits_to_keep, forward)), cache, plan, input_ids, kwargs["position_ids"])
+                          (self.model, ("forward", logits_to_keep, forward)), cache, plan, input_ids,
+                          kwargs["position_ids"])
         # A copy: the next replay overwrites the static logits, and a caller may keep these.
         return CausalLMOutputWithPast(logits=logits.clone(), **{CACHE_NAME: cache})
 

@@ -4,9 +4,9 @@ streams K/V tiles of BLOCK_N keys through an online softmax kept in float32, in 
 with decode, are in ``softmax_state``).
 
 On Hopper (sm90) the common dense case over long sequences (16-bit, contiguous K/V, head dim 64 or 128, TMA-aligned
-strides) runs the same kernel on its TMA path: tiles move through tensor descriptors (bulk copies into shared memory, no address
-arithmetic or load masks in registers), in larger tiles, with the key loop optionally warp-specialized (producer
-warps issue the copies, the others do the math). ``tma_path`` says which calls take it."""
+strides) runs the same kernel on its TMA path: tiles move through tensor descriptors (bulk copies into shared memory,
+no address arithmetic or load masks in registers), in larger tiles, with the key loop optionally warp-specialized
+(producer warps issue the copies, the others do the math). ``tma_path`` says which calls take it."""
 import contextlib
 import contextvars
 import functools
@@ -43,8 +43,8 @@ INTERPRET_CONFIG = (32, 16, 4, 1)
 # The TMA path's (BLOCK_M, BLOCK_N, num_warps, num_stages, warp_specialize) on sm90 for 16-bit inputs, keyed by head
 # dim (the only ones it takes: TMA needs no padded columns then, and these are the tuned ones). Candidates were
 # compiled for sm90 with Triton 3.6 offline (registers, spills, shared memory: see scripts/tune_prefill.py); these
-# rows are the best mean of causal and full at S = 1k, 4k, 16k on an H200 (tune_prefill.py, 2026-12-02). No
-# warp-specialized candidate won.
+# rows are the best mean of causal and full at S = 8k and 16k, the lengths that take this path, on an H200
+# (tune_prefill.py, 2026-12-02). No warp-specialized candidate won at any length.
 TMA_CONFIGS = {
     64: (64, 64, 4, 3, False),
     128: (128, 128, 8, 3, False),

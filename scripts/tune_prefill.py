@@ -150,7 +150,7 @@ def main():
                         fn = run_prefill(q, k, v, out, lse, causal)
                         try:
                             fn()
-                        except (OutOfResources, RuntimeError) as exc:  # too much shared memory for this GPU: skip the config
+                        except (OutOfResources, RuntimeError) as exc:  # too much shared memory for this GPU: skip it
                             print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
                             continue
                         err = (out.float() - ref.transpose(1, 2).float()).abs().max().item()
