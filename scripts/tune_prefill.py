@@ -4,12 +4,12 @@ the head dims of its TMA path are tuned there (TMA_CONFIGS, warp specialization 
 kernel's current config timed beside them; elsewhere, and for other head dims, the pointer kernel's CONFIGS. About 2
 minutes on an H100 (more with --gqa).
 
-    python scripts/tune_prefill.py [--dims 64 128] [--seqlens 1024 4096 16384] [--heads 16] [--gqa 4]
+    python scripts/tune_prefill.py [--dims 64 128] [--seqlens 1024 4096 8192 16384] [--heads 16] [--gqa 4]
 """
 import argparse
-import contextlib
 import functools
 import importlib
+from unittest import mock
 
 import torch
 import triton
@@ -45,24 +45,14 @@ def tflops(batch, heads, seqlen, head_dim, causal, ms):
     return flops / ms * 1e-9
 
 
-@contextlib.contextmanager
 def tma_at_every_length():
     """The TMA path's length rule (``TMA_MIN_SEQLEN_Q``) off: its candidates are timed at every length."""
-    shortest, prefill_module.TMA_MIN_SEQLEN_Q = prefill_module.TMA_MIN_SEQLEN_Q, 1
-    try:
-        yield
-    finally:
-        prefill_module.TMA_MIN_SEQLEN_Q = shortest
+    return mock.patch.object(prefill_module, "TMA_MIN_SEQLEN_Q", 1)
 
 
-@contextlib.contextmanager
 def pointer_path():
     """Calls inside go to the pointer kernel whatever the GPU: no head dim qualifies for the TMA path."""
-    dims, prefill_module.TMA_HEAD_DIMS = prefill_module.TMA_HEAD_DIMS, ()
-    try:
-        yield
-    finally:
-        prefill_module.TMA_HEAD_DIMS = dims
+    return mock.patch.object(prefill_module, "TMA_HEAD_DIMS", ())
 
 
 def run_prefill(q, k, v, out, lse, causal, block_table=None, k_len=None):
@@ -109,7 +99,7 @@ def tuned_table(head_dim, major):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--gqa", type=int, default=1, help="query heads per KV head (default 1: MHA)")
     args = parser.parse_args()
