@@ -28,21 +28,37 @@ Shared conventions (the torch path in ``hf_flash.torch_backend`` implements the 
 """
 if __name__ != "hf_flash.kernels":
     # Loaded as a top-level `kernels`: from the repository root (python -m pytest, python -c there) this folder sits
-    # on sys.path under the name of Hugging Face's kernel hub. transformers (5.17 to 5.24) probes for the hub, when
-    # no distribution named `kernels` is installed, by importing `kernels` without catching ImportError, so refusing
-    # to load would break transformers' model code. This copy is a stand-in instead: without file and version it
-    # reads as "not installed" to transformers, and it leaves sys.modules at the first name looked up that it lacks
-    # (the probe's `__version__`), so no top-level `kernels` stays behind.
+    # on sys.path, ahead of site-packages, under the name of Hugging Face's kernel hub. transformers imports the hub
+    # (5.25 and newer require it and import it with the model code; 5.17 to 5.24 probe for it without catching
+    # ImportError), so this folder must never hide it. With the hub installed, the hub itself is loaded in this
+    # module's place. Without it, this copy is a stand-in: without file and version it reads as "not installed" to
+    # transformers, and it leaves sys.modules at the first name looked up that it lacks (the probe's `__version__`),
+    # so no top-level `kernels` stays behind.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
     import sys as _sys
 
-    del __file__
-
-    def __getattr__(name):
-        if getattr(_sys.modules.get(__name__), "__dict__", None) is globals():
+    _repository = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _hub = _machinery.PathFinder.find_spec(
+        __name__, [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _repository])
+    if _hub is not None:
+        # `import` hands out what sys.modules holds once this body has run: the hub's module.
+        _module = _util.module_from_spec(_hub)
+        _sys.modules[__name__] = _module
+        try:
+            _hub.loader.exec_module(_module)
+        except BaseException:
             del _sys.modules[__name__]
-        raise AttributeError(f"no {name!r}: this {__name__!r} is hf_flash's kernels/ folder seen from the repository "
-                             "root, not Hugging Face's kernel hub; import hf_flash.kernels")
+            raise
+    else:
+        del __file__
 
+        def __getattr__(name):
+            if getattr(_sys.modules.get(__name__), "__dict__", None) is globals():
+                del _sys.modules[__name__]
+            raise AttributeError(f"no {name!r}: this {__name__!r} is hf_flash's kernels/ folder seen from the "
+                                 "repository root, not Hugging Face's kernel hub; import hf_flash.kernels")
 
 import os
 

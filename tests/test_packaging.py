@@ -12,9 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_python(code, cwd):
-    """``python -c code`` in ``cwd``, which ``-c`` puts first on sys.path (unless PYTHONSAFEPATH says otherwise)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+def run_python(code, cwd, pythonpath=None):
+    """``python -c code`` in ``cwd``, which ``-c`` puts first on sys.path (unless PYTHONSAFEPATH says otherwise), then
+    ``pythonpath`` if given."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
     done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -37,7 +40,18 @@ def from_the_repository_root(editable_install):
         pytest.skip("hf_flash is not installed editable from this checkout: from its root, hf_flash does not import")
 
 
-@pytest.mark.usefixtures("from_the_repository_root")
+@pytest.fixture(scope="module")
+def no_kernel_hub(tmp_path_factory):
+    """Skips where Hugging Face's `kernels` is installed (transformers 5.25 and newer require it): from the repository
+    root the folder then loads the hub in its place and no stand-in exists; checked by
+    test_an_installed_kernel_hub_is_what_kernels_finds_from_the_repository_root."""
+    found = "import importlib.util as u; spec = u.find_spec('kernels'); print(spec and spec.origin)"
+    out = run_python(found, cwd=tmp_path_factory.mktemp("away"))
+    if out.strip() != "None":
+        pytest.skip(f"Hugging Face's kernels is installed ({out.strip()}): the folder hands the name over to it")
+
+
+@pytest.mark.usefixtures("from_the_repository_root", "no_kernel_hub")
 def test_no_top_level_kernels_or_patches_from_the_repository_root():
     run_python(
         """
@@ -64,7 +78,7 @@ assert not strays(), ("after import hf_flash.kernels", strays())
     )
 
 
-@pytest.mark.usefixtures("from_the_repository_root")
+@pytest.mark.usefixtures("from_the_repository_root", "no_kernel_hub")
 def test_top_level_imports_from_the_repository_root_say_what_to_import():
     run_python(
         """
@@ -86,6 +100,34 @@ else:
 assert "patches" not in sys.modules
 """,
         cwd=ROOT,
+    )
+
+
+def test_an_installed_kernel_hub_is_what_kernels_finds_from_the_repository_root(tmp_path):
+    # transformers 5.25 requires Hugging Face's `kernels` and imports names from it with its model code: from the
+    # repository root (python -m pytest) our folder, first on sys.path, must hand the name over to it.
+    hub = tmp_path / "kernels"
+    (hub / "layer").mkdir(parents=True)
+    (hub / "__init__.py").write_text("__version__ = '0.19.1'\ndef get_kernel(repo_id):\n    return repo_id\n")
+    (hub / "layer" / "__init__.py").write_text("")
+    (hub / "layer" / "mode.py").write_text("Mode = 'hub'\n")
+    (tmp_path / "kernels-0.19.1.dist-info").mkdir()
+    (tmp_path / "kernels-0.19.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\n"
+                                                                    "Version: 0.19.1\n")
+    run_python(
+        f"""
+import importlib.util, os, sys
+assert importlib.util.find_spec("kernels").origin == os.path.join(os.getcwd(), "kernels", "__init__.py")
+from kernels import get_kernel
+from kernels.layer.mode import Mode
+import kernels
+assert kernels.__file__ == {str(hub / "__init__.py")!r}, kernels.__file__
+assert sys.modules["kernels"] is kernels and get_kernel("x") == "x" and Mode == "hub"
+import transformers.utils.import_utils as import_utils
+assert import_utils._is_package_available("kernels", return_version=True) == (True, "0.19.1")
+""",
+        cwd=ROOT,
+        pythonpath=tmp_path,
     )
 
 
