@@ -179,8 +179,10 @@ def run_step(step, key, cache, plan, input_ids, position_ids=None):
 
 def _run(step, key, cache, plan, input_ids, position_ids):
     batch, device = input_ids.shape[0], input_ids.device
+    pools = cache.layers[0].keys
     # The pools' KV heads: under tensor parallelism this rank's share, which is what the decode kernel launches on.
-    splits = ops.choose_num_splits(batch, cache.num_kv_heads, plan.max_seqlen_k, device)
+    splits = ops.choose_num_splits(batch, cache.num_kv_heads, plan.max_seqlen_k, device, head_dim=pools.shape[-1],
+                                   dtype=pools.dtype)
     plan.num_splits = 1 << (splits.bit_length() - 1)
     # Bounds the host checks against and nothing else reads: at the pools' capacity they are the same at every step,
     # so the compiled step is not specialized to one step's lengths.

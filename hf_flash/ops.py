@@ -496,7 +496,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed)
     if max_q == 1 and not packed:
         if num_splits == 0:
-            num_splits = choose_num_splits(batch, k_cache.shape[-2], longest, q.device)
+            num_splits = choose_num_splits(batch, k_cache.shape[-2], longest, q.device, head_dim=q.shape[-1],
+                                           dtype=q.dtype)
         out = torch.empty_like(q)
         lse = torch.empty((batch, q.shape[2], 1), dtype=torch.float32, device=q.device)
         torch.ops.hf_flash.paged_decode(q[:, 0], pages_k, pages_v, table, k_len, out[:, 0], lse[:, :, 0],
@@ -602,13 +603,12 @@ def merge_state(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
-def choose_num_splits(batch, num_kv_heads, max_seqlen_k, device):
+def choose_num_splits(batch, num_kv_heads, max_seqlen_k, device, *, head_dim, dtype):
     """The split-KV factor ``attention_with_kvcache(num_splits=0)`` picks for single-token decode on ``device``."""
-    return _backend(device).choose_num_splits(batch, num_kv_heads, max_seqlen_k, _num_sms(device))
+    slots = _program_slots(head_dim, dtype, device)
+    return _backend(device).choose_num_splits(batch, num_kv_heads, max_seqlen_k, slots)
 
 
-@torch.compiler.assume_constant_result  # torch.compile asks it (a constant per device) rather than tracing it
-def _num_sms(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+@torch.compiler.assume_constant_result  # torch.compile asks it (a constant per device and tile) rather than tracing it
+def _program_slots(head_dim, dtype, device):
+    return _backend(device).program_slots(head_dim, dtype, device)

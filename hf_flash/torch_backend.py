@@ -176,6 +176,11 @@ def write_pages(k_new, v_new, k_pool, v_pool, slot_mapping):
     v_pool[pages, rows] = v_new[keep].to(v_pool.dtype)
 
 
-def choose_num_splits(batch, num_kv_heads, max_seqlen, num_sms):
+def program_slots(head_dim, dtype, device):
+    """The torch path attends each sequence whole: one program."""
+    return 1
+
+
+def choose_num_splits(batch, num_kv_heads, max_seqlen, slots):
     """The torch path attends each sequence whole: no split."""
     return 1

@@ -16,30 +16,33 @@ from . import INTERPRET, tile_config
 from .merge import merge_many, merge_outputs, merge_weights
 from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
 
-# (BLOCK_N, num_warps, num_stages) keyed by (head-dim bucket, fp32 inputs, GPU major version); the bucket is the padded
-# tile width. Missing arch -> the sm80 row. 16-bit: K and V tiles of 16 KiB each (64 x 128 bf16); num_stages 3 gives
-# the copies two buffers (~70 KiB of shared memory, three programs per SM), enough loads in flight for HBM. fp32
-# dots run on FMA units: 8 warps and short tiles keep them from spilling. Untuned guesses (checked for spills with
-# ptxas only); tune on the GPU with scripts/tune_decode.py.
+# (BLOCK_N, num_warps, num_stages, programs per SM) keyed by (head-dim bucket, fp32 inputs, GPU major version); the
+# bucket is the padded tile width. Missing arch -> the sm80 row. 16-bit: K and V tiles of 16 KiB each (64 x 128 bf16);
+# num_stages 3 gives the copies two buffers, enough loads in flight for HBM. fp32 dots run on FMA units: 8 warps and
+# short tiles keep them from spilling. Programs per SM: how many of the config's programs one SM holds at once, as
+# Triton 3.6 compiles them for sm90 (registers, shared memory and warps against the SM's: ``resident_programs``;
+# tests/test_kernel_decode.py checks it against the GPU at hand); the sm80 rows carry their sm90 figure, unmeasured on
+# an sm80 GPU. Read from the H200's compiled kernels (2026-12-02): the two sm90 rows and fp32 D128; the other figures
+# are estimates until that test runs there. The split count fills them (``program_slots``). Tune on the GPU with
+# scripts/tune_decode.py.
 CONFIGS = {
-    (64, False, 8): (128, 4, 3),
-    (128, False, 8): (64, 4, 3),
-    (256, False, 8): (32, 4, 3),
-    (64, True, 8): (32, 8, 3),
-    (128, True, 8): (16, 8, 3),
-    (256, True, 8): (16, 8, 3),
-    (64, False, 9): (64, 8, 3),  # H200, scripts/tune_decode.py --head-dim 64, 2026-12-02: best geomean
-    (128, False, 9): (32, 4, 3),  # H100, scripts/tune_decode.py 2026-11-23: best geomean, 95-99 % of copy at B>=64
+    (64, False, 8): (128, 4, 3, 2),
+    (128, False, 8): (64, 4, 3, 2),
+    (256, False, 8): (32, 4, 3, 2),
+    (64, True, 8): (32, 8, 3, 4),
+    (128, True, 8): (16, 8, 3, 4),
+    (256, True, 8): (16, 8, 3, 4),
+    (64, False, 9): (64, 8, 3, 4),  # H200, scripts/tune_decode.py --head-dim 64, 2026-12-02: best geomean
+    (128, False, 9): (32, 4, 3, 4),  # H100, scripts/tune_decode.py 2026-11-23: best geomean, 95-99 % of copy at B>=64
 }
 # The interpreter runs numpy per program: 16-key tiles give the tests' short sequences several tiles per split.
-INTERPRET_CONFIG = (16, 4, 1)
+INTERPRET_CONFIG = (16, 4, 1, 1)
 
 # choose_num_splits: each split streams at least MIN_SPLIT_KEYS keys (a few tiles; fewer would not amortise the
-# split's query load, partial write and merge), at most MAX_SPLITS splits, and enough programs for WAVES programs
-# per SM.
+# split's query load, partial write and merge) and at most MAX_SPLITS; together the programs fill the GPU's program
+# slots (``program_slots``) once.
 MIN_SPLIT_KEYS = 128
 MAX_SPLITS = 64
-WAVES = 2
 REDUCE_TILE = 4096  # elements of the reduce kernel's [splits, D] tile: 32 fp32 registers per thread at 4 warps
 
 
@@ -196,11 +199,49 @@ def _pdl(device):
     return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_seqlen: int, num_sms: int) -> int:
-    """Split-KV factor for ``paged_decode``: as many splits as keep about WAVES programs per SM, none shorter than
-    MIN_SPLIT_KEYS keys, at most MAX_SPLITS; 1 when the batch's (sequence, KV head) pairs fill the GPU already."""
+def _tile(head_dim, dtype, device):
+    """``(BLOCK_D, BLOCK_N, num_warps, num_stages, programs per SM)`` of the decode kernel for this head dim and
+    dtype."""
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
+    # Head dims <= 64 share the 64 row.
+    return (block_d, *tile_config(CONFIGS, INTERPRET_CONFIG, max(64, block_d), dtype, device))
+
+
+def program_slots(head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
+    """How many decode programs ``device`` runs at once for this head dim and dtype: its SMs times the programs of
+    the tile config that one SM holds. Interpreter: 1."""
+    if device.type != "cuda" or INTERPRET:
+        return 1
+    per_sm = _tile(head_dim, dtype, device)[-1]
+    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+
+
+def resident_programs(device: torch.device) -> int:
+    """Programs per SM of the decode kernels compiled so far on ``device`` (the fewest over them): registers
+    (allocated per warp, 256 at a time), shared memory (plus the 1 KiB each program reserves) and warps against the
+    SM's. What CONFIGS' last column must say; the tests and scripts/tune_decode.py clear
+    ``_decode_kernel.device_caches``, run one config and ask."""
+    props = torch.cuda.get_device_properties(device)
+    counts = []
+    for caches in _decode_kernel.device_caches.values():
+        for kernel in caches[0].values():
+            warps = kernel.metadata.num_warps
+            kernel._init_handles()  # loads the binary: n_regs is known from then on
+            regs_per_warp = -(-kernel.n_regs * 32 // 256) * 256
+            counts.append(min(props.regs_per_multiprocessor // (regs_per_warp * warps),
+                              props.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024),
+                              props.max_threads_per_multi_processor // (32 * warps)))
+    return min(counts)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_seqlen: int, slots: int) -> int:
+    """Split-KV factor for ``paged_decode``: as many splits as fill the GPU's ``slots`` (``program_slots``) once,
+    none shorter than MIN_SPLIT_KEYS keys, at most MAX_SPLITS; 1 when the batch's (sequence, KV head) pairs fill them
+    already. Filling the slots, no more, was the best split at every shape of an H200 sweep (GQA 32/8, D 64 and 128,
+    B x L from 1 x 4k to 256 x 1k, with 2 and 4 programs per SM): fewer programs leave loads out of flight, more
+    add a merge and a tail."""
     most = min(MAX_SPLITS, max_seqlen // MIN_SPLIT_KEYS)
-    return max(1, min(most, WAVES * num_sms // max(batch * num_kv_heads, 1)))
+    return max(1, min(most, slots // max(batch * num_kv_heads, 1)))
 
 
 def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_scale: float,
@@ -210,10 +251,8 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[2]
     group = num_heads // num_kv_heads
-    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
     block_g = max(16, triton.next_power_of_2(group))
-    # Head dims <= 64 share the 64 row.
-    block_n, num_warps, num_stages = tile_config(CONFIGS, INTERPRET_CONFIG, max(64, block_d), q.dtype, q.device)
+    block_d, block_n, num_warps, num_stages, _ = _tile(head_dim, q.dtype, q.device)
     split = num_splits > 1
     if split:
         out_part = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)

@@ -432,7 +432,8 @@ def bench_decode(args, results, flex):
         qt = q.transpose(1, 2)  # [B, Hq, 1, D]
         nbytes = 2 * k.numel() * k.element_size()
         expected = reference(qt, k, v, enable_gqa=True).transpose(1, 2)
-        splits = choose_num_splits(batch, kv_heads, seqlen, args.device)  # what num_splits=0 picks below
+        # What num_splits=0 picks below.
+        splits = choose_num_splits(batch, kv_heads, seqlen, args.device, head_dim=head_dim, dtype=DTYPES[dtype])
         tbps, diffs = {}, []
         for page_size in page_sizes:
             block_table, (k_pool, v_pool) = scatter_pages([t.transpose(1, 2) for t in (k, v)], page_size)

@@ -2,9 +2,9 @@
 64 with ``--head-dim 64``: Llama-3.2-1B's).
 
 For each (batch, context length) and page size (16, 64) every candidate (BLOCK_N, num_warps, num_stages) runs with
-the split count that ``choose_num_splits`` plans; the rate is the K+V bytes the sequence lengths cover (what must be
-read) over the median time (triton.testing.do_bench), beside the device's copy bandwidth (read + write of 1 GiB,
-``bench_common.copy_bandwidth``).
+the split count that ``choose_num_splits`` plans for it (the program slots depend on the config); the rate is the
+K+V bytes the sequence lengths cover (what must be read) over the median time (triton.testing.do_bench), beside the
+device's copy bandwidth (read + write of 1 GiB, ``bench_common.copy_bandwidth``).
 Then split counts are swept with the best config (and with every config where the batch leaves SMs idle), and at
 (1, 4k) torch SDPA's default backend on a contiguous cache is timed beside the kernel. Every time is a CUDA-graph
 replay (``bench_common.bench_graph_ms``), as in ``bench_kernels.py``: microsecond kernels, not launch overhead.
@@ -26,7 +26,7 @@ HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
 SHAPES = [(1, 4096), (1, 65536), (8, 16384), (32, 4096), (64, 8192), (128, 2048)]  # (batch, context length)
 PAGE_SIZES = (16, 64)
 CANDIDATES = list(itertools.product((32, 64, 128), (4, 8), (2, 3, 4)))  # (BLOCK_N, num_warps, num_stages)
-SPLITS = (1, 2, 4, 8, 16, 32, 64)
+SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 def bench(fn):
@@ -55,6 +55,22 @@ def run_fn(case, num_splits):
                                        num_splits=num_splits)
 
 
+def use_config(key, cfg, case):
+    """Puts ``cfg`` (BLOCK_N, num_warps, num_stages) into CONFIGS with the programs per SM that its compiled kernels
+    (unsplit and split) allow, measured by ``decode.resident_programs``."""
+    decode.CONFIGS[key] = (*cfg, 1)
+    decode._decode_kernel.device_caches.clear()
+    for splits in (1, 2):
+        run_fn(case, splits)()
+    decode.CONFIGS[key] = (*cfg, decode.resident_programs(torch.device("cuda")))
+    return decode.CONFIGS[key]
+
+
+def planned_splits(batch, seqlen, device):
+    """What ``num_splits=0`` picks with the config now in CONFIGS (its program slots depend on it)."""
+    return decode.choose_num_splits(batch, KV_HEADS, seqlen, decode.program_slots(HEAD_DIM, DTYPE, device))
+
+
 def kv_bytes(batch, seqlen):
     return 2 * batch * seqlen * KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
 
@@ -72,7 +88,7 @@ def main():
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     key = (HEAD_DIM, False, major)
     original = dict(decode.CONFIGS)
-    default = decode.CONFIGS.get(key, decode.CONFIGS[(HEAD_DIM, False, 8)])
+    default = decode.CONFIGS.get(key, decode.CONFIGS[(HEAD_DIM, False, 8)])[:3]  # without the programs per SM
     # As bench_kernels measures it (eager): the same copy replayed from a CUDA graph read 2.76 TB/s on the H200, the
     # eager one 4.25.
     copy_tbps = copy_bandwidth(device, 1 << 30)
@@ -80,21 +96,21 @@ def main():
           f"default config {default}")
 
     rates = {}  # (batch, seqlen, page_size) -> {config: TB/s}
+    rows = {}  # config -> its CONFIGS row (the config and its programs per SM)
     for batch, seqlen in shapes:
         for page_size in PAGE_SIZES:
             case = make_case(batch, seqlen, page_size)
-            splits = decode.choose_num_splits(batch, KV_HEADS, seqlen, sms)
             row = {}
             for cfg in CANDIDATES:
-                decode.CONFIGS[key] = cfg
                 try:
-                    ms = bench(run_fn(case, splits))
+                    rows[cfg] = use_config(key, cfg, case)
+                    ms = bench(run_fn(case, planned_splits(batch, seqlen, device)))
                 except triton.runtime.errors.OutOfResources:
                     continue  # too much shared memory for this GPU
                 row[cfg] = kv_bytes(batch, seqlen) / (ms * 1e-3) / 1e12
             rates[(batch, seqlen, page_size)] = row
             best = max(row, key=row.get)
-            print(f"B={batch:<4} L={seqlen:<6} page={page_size:<3} splits={splits:<3} "
+            print(f"B={batch:<4} L={seqlen:<6} page={page_size:<3} "
                   f"best {best}: {row[best]:.2f} TB/s ({100 * row[best] / copy_tbps:.0f}% of copy)  "
                   f"default {default}: {row.get(default, float('nan')):.2f} TB/s")
             del case
@@ -109,11 +125,11 @@ def main():
     for c in everywhere:
         print(f"{c!s:<16}" + "".join(f"{rates[k][c]:>12.2f}" for k in cases) + f"{score[c]:>10.2f}")
 
-    decode.CONFIGS[key] = best
-    print(f"\nsplit sweep with {best}, page 16 (TB/s; * = choose_num_splits)")
+    decode.CONFIGS[key] = rows[best]
+    print(f"\nsplit sweep with {rows[best]}, page 16 (TB/s; * = choose_num_splits)")
     for batch, seqlen in shapes:
         case = make_case(batch, seqlen, 16)
-        planned = decode.choose_num_splits(batch, KV_HEADS, seqlen, sms)
+        planned = planned_splits(batch, seqlen, device)
         cells = []
         for splits in sorted(set(SPLITS) | {planned}):
             tbps = kv_bytes(batch, seqlen) / (bench(run_fn(case, splits)) * 1e-3) / 1e12
@@ -122,12 +138,14 @@ def main():
         if batch * KV_HEADS < sms:  # SMs left idle without splits: the tile config and the split count go together
             grid = {}
             for cfg, splits in itertools.product(CANDIDATES, SPLITS):
-                decode.CONFIGS[key] = cfg
+                if cfg not in rows:
+                    continue  # out of resources on this GPU
+                decode.CONFIGS[key] = rows[cfg]
                 try:
                     grid[cfg, splits] = kv_bytes(batch, seqlen) / (bench(run_fn(case, splits)) * 1e-3) / 1e12
                 except triton.runtime.errors.OutOfResources:
                     continue
-            decode.CONFIGS[key] = best
+            decode.CONFIGS[key] = rows[best]
             top = sorted(grid, key=grid.get, reverse=True)[:6]
             print("    best (config, splits): " + "  ".join(f"{c} x{n}: {grid[c, n]:.2f}" for c, n in top))
         del case
@@ -139,7 +157,7 @@ def main():
     k = torch.randn(batch, KV_HEADS, seqlen, HEAD_DIM, device="cuda", dtype=DTYPE)
     v = torch.randn_like(k)
     sdpa_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-    splits = decode.choose_num_splits(batch, KV_HEADS, seqlen, sms)
+    splits = planned_splits(batch, seqlen, device)
     contiguous = (q[:, :, 0], k.transpose(1, 2), v.transpose(1, 2), torch.zeros(1, 1, dtype=torch.int32, device="cuda"),
                   torch.full((1,), seqlen, dtype=torch.int32, device="cuda"), torch.empty_like(q[:, :, 0]),
                   torch.empty(batch, HEADS, device="cuda"))
@@ -152,7 +170,7 @@ def main():
     decode.CONFIGS.clear()
     decode.CONFIGS.update(original)
     print(f"\nbest overall: {best} (geomean {score[best]:.2f} TB/s, {100 * score[best] / copy_tbps:.0f}% of copy); "
-          f"put CONFIGS[{key}] = {best} into hf_flash/kernels/decode.py")
+          f"put CONFIGS[{key}] = {rows[best]} into hf_flash/kernels/decode.py")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from hf_flash.kernels.decode import MAX_SPLITS, MIN_SPLIT_KEYS, WAVES, choose_num_splits, paged_decode
+from hf_flash.kernels import decode
+from hf_flash.kernels.decode import MAX_SPLITS, MIN_SPLIT_KEYS, choose_num_splits, paged_decode, program_slots
 from pages import scatter_to_pages
 from reference import attention_ref
 
@@ -107,20 +108,39 @@ def test_strided_and_empty_splits(device):
 
 
 def test_choose_num_splits():
-    sms = 132
-    assert choose_num_splits(1, 8, 100, sms) == 1  # short context: not worth a merge
-    assert choose_num_splits(128, 8, 2048, sms) == 1  # the batch fills the GPU already
-    assert choose_num_splits(64, 8, 8192, sms) == 1
-    assert choose_num_splits(1, 8, 4096, sms) > 1
-    assert choose_num_splits(1, 1, 1 << 20, sms) == MAX_SPLITS
+    slots = 4 * 132  # an H200 holding 4 programs per SM
+    assert choose_num_splits(1, 8, 100, slots) == 1  # short context: not worth a merge
+    assert choose_num_splits(128, 8, 2048, slots) == 1  # the batch fills the GPU already
+    assert choose_num_splits(64, 8, 8192, slots) == 1
+    assert choose_num_splits(32, 8, 4096, slots) == 2  # 256 pairs fill half the slots
+    assert choose_num_splits(1, 8, 4096, slots) == 4096 // MIN_SPLIT_KEYS
+    assert choose_num_splits(1, 1, 1 << 20, slots) == MAX_SPLITS
     for batch in (1, 2, 8, 32, 64):
         for max_seqlen in (1, 255, 256, 1000, 4096, 16384, 65536):
-            splits = choose_num_splits(batch, 8, max_seqlen, sms)
+            splits = choose_num_splits(batch, 8, max_seqlen, slots)
             assert 1 <= splits <= MAX_SPLITS
             assert splits == 1 or max_seqlen // splits >= MIN_SPLIT_KEYS  # every split streams a few tiles
-            assert splits == 1 or batch * 8 * splits <= WAVES * sms  # a few programs per SM at most
-    assert choose_num_splits(1, 8, 65536, 1) == 1  # CPU: one "SM"
-    assert choose_num_splits(0, 8, 4096, sms) >= 1
+            assert splits == 1 or batch * 8 * splits <= slots  # the programs fit the GPU at once
+    assert choose_num_splits(1, 8, 65536, 1) == 1  # CPU: one slot
+    assert choose_num_splits(0, 8, 4096, slots) >= 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_programs_per_sm_are_what_the_compiled_kernel_allows(head_dim, dtype, device):
+    # CONFIGS' programs per SM, which the split count relies on, against the kernel as this GPU's compiler built it.
+    device = torch.device(device)
+    decode._decode_kernel.device_caches.clear()  # only this config's kernels below
+    lens = [300, 17]
+    k_pool, v_pool, table, keys = scatter_to_pages(lens, 2, head_dim, 16, dtype, device)
+    q = torch.randn(len(lens), 4, head_dim, device=device).to(dtype)
+    for num_splits in (1, 3):  # both variants of the kernel
+        _run(q, k_pool, v_pool, table, lens, num_splits)
+    per_sm = decode._tile(head_dim, dtype, device)[-1]
+    assert per_sm == decode.resident_programs(device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    assert program_slots(head_dim, dtype, device) == sms * per_sm
 
 
 @pytest.mark.cuda
@@ -131,8 +151,8 @@ def test_large_bf16(page_size, device):
     hq, hkv, head_dim, dtype = 32, 8, 128, torch.bfloat16
     k_pool, v_pool, table, keys = scatter_to_pages(lens, hkv, head_dim, page_size, dtype, device)
     q = torch.randn(len(lens), hq, head_dim, device=device).to(dtype)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    for num_splits in (1, choose_num_splits(len(lens), hkv, max(lens), sms), MAX_SPLITS):
+    slots = program_slots(head_dim, dtype, torch.device(device))
+    for num_splits in (1, choose_num_splits(len(lens), hkv, max(lens), slots), MAX_SPLITS):
         out, lse = _run(q, k_pool, v_pool, table, lens, num_splits)
         _check(out, lse, q, keys)
         out, lse = _run(q, k_pool, v_pool, table, lens, num_splits, window_left=1000, softcap=30.0)
