@@ -22,16 +22,15 @@ from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores,
 # short tiles keep them from spilling. Programs per SM: how many of the config's programs one SM holds at once, as
 # Triton 3.6 compiles them for sm90 (registers, shared memory and warps against the SM's: ``resident_programs``;
 # tests/test_kernel_decode.py checks it against the GPU at hand); the sm80 rows carry their sm90 figure, unmeasured on
-# an sm80 GPU. Read from the H200's compiled kernels (2026-12-02): the two sm90 rows and fp32 D128; the other figures
-# are estimates until that test runs there. The split count fills them (``program_slots``). Tune on the GPU with
-# scripts/tune_decode.py.
+# an sm80 GPU. All read from the H200's compiled kernels, 2026-12-03 (the fewest over the unsplit and split variants).
+# The split count fills them (``program_slots``). Tune on the GPU with scripts/tune_decode.py.
 CONFIGS = {
-    (64, False, 8): (128, 4, 3, 2),
-    (128, False, 8): (64, 4, 3, 2),
-    (256, False, 8): (32, 4, 3, 2),
+    (64, False, 8): (128, 4, 3, 3),
+    (128, False, 8): (64, 4, 3, 3),
+    (256, False, 8): (32, 4, 3, 3),
     (64, True, 8): (32, 8, 3, 4),
-    (128, True, 8): (16, 8, 3, 4),
-    (256, True, 8): (16, 8, 3, 4),
+    (128, True, 8): (16, 8, 3, 3),
+    (256, True, 8): (16, 8, 3, 2),
     (64, False, 9): (64, 8, 3, 4),  # H200, scripts/tune_decode.py --head-dim 64, 2026-12-02: best geomean
     (128, False, 9): (32, 4, 3, 4),  # H100, scripts/tune_decode.py 2026-11-23: best geomean, 95-99 % of copy at B>=64
 }

@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_python(code, cwd, pythonpath=None):
     """``python -c code`` in ``cwd``, which ``-c`` puts first on sys.path (unless PYTHONSAFEPATH says otherwise), then
-    ``pythonpath`` if given."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    ``pythonpath`` if given, then the caller's PYTHONPATH (where an install may live: device_check.sh's --target)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
