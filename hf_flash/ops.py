@@ -606,7 +606,7 @@ def merge_state(out_a, lse_a, out_b, lse_b):
 def choose_num_splits(batch, num_kv_heads, max_seqlen_k, device, *, head_dim, dtype):
     """The split-KV factor ``attention_with_kvcache(num_splits=0)`` picks for single-token decode on ``device``."""
     slots = _program_slots(head_dim, dtype, device)
-    return _backend(device).choose_num_splits(batch, num_kv_heads, max_seqlen_k, slots)
+    return _backend(device).choose_num_splits(batch, num_kv_heads, max_seqlen_k, slots, head_dim)
 
 
 @torch.compiler.assume_constant_result  # torch.compile asks it (a constant per device and tile) rather than tracing it

@@ -181,6 +181,6 @@ def program_slots(head_dim, dtype, device):
     return 1
 
 
-def choose_num_splits(batch, num_kv_heads, max_seqlen, slots):
+def choose_num_splits(batch, num_kv_heads, max_seqlen, slots, head_dim):
     """The torch path attends each sequence whole: no split."""
     return 1

@@ -31,16 +31,21 @@ CONFIGS = {
     (64, True, 8): (32, 8, 3, 4),
     (128, True, 8): (16, 8, 3, 3),
     (256, True, 8): (16, 8, 3, 2),
-    (64, False, 9): (64, 8, 3, 4),  # H200, scripts/tune_decode.py --head-dim 64, 2026-12-02: best geomean
+    # H200, 2026-12-03 (head dim 64, bf16, GQA 32/8, pages of 16, planned splits, against (64, 8, 3; 4 per SM)):
+    # 1 x 576 0.110 TB/s vs 0.096; 8 x 8256 2.45 vs 2.40; 16 x 2112 1.87 vs 1.84; 128 x 576 2.72 vs 2.50 (1,024
+    # programs in one wave); 64 x 1088 2.51 vs 2.61 (two splits planned; the one loss).
+    (64, False, 9): (32, 4, 3, 8),
     (128, False, 9): (32, 4, 3, 4),  # H100, scripts/tune_decode.py 2026-11-23: best geomean, 95-99 % of copy at B>=64
 }
 # The interpreter runs numpy per program: 16-key tiles give the tests' short sequences several tiles per split.
 INTERPRET_CONFIG = (16, 4, 1, 1)
 
-# choose_num_splits: each split streams at least MIN_SPLIT_KEYS keys (a few tiles; fewer would not amortise the
+# choose_num_splits: each split streams at least MIN_SPLIT_KEYS[head-dim bucket] keys (fewer would not amortise the
 # split's query load, partial write and merge) and at most MAX_SPLITS; together the programs fill the GPU's program
-# slots (``program_slots``) once.
-MIN_SPLIT_KEYS = 128
+# slots (``program_slots``) once. The floors are measured (H200, bf16, GQA 32/8, 2026-12-03): head dim 128 at 1 x 4k,
+# 32 splits of 128 keys 0.97 TB/s, 64 of 64 keys 0.90; head dim 64 at 1 x 576 (generate()'s batch-1 step), 4 splits
+# of 144 keys 0.091 TB/s, 16 of 36 keys 0.110 (12.3 -> 10.7 us a layer).
+MIN_SPLIT_KEYS = {64: 32, 128: 128, 256: 128}
 MAX_SPLITS = 64
 REDUCE_TILE = 4096  # elements of the reduce kernel's [splits, D] tile: 32 fp32 registers per thread at 4 warps
 
@@ -198,12 +203,16 @@ def _pdl(device):
     return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def _bucket(head_dim):
+    """The head dim's row in CONFIGS and MIN_SPLIT_KEYS: the padded tile width; head dims <= 64 share the 64 row."""
+    return max(64, triton.next_power_of_2(head_dim))
+
+
 def _tile(head_dim, dtype, device):
     """``(BLOCK_D, BLOCK_N, num_warps, num_stages, programs per SM)`` of the decode kernel for this head dim and
     dtype."""
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
-    # Head dims <= 64 share the 64 row.
-    return (block_d, *tile_config(CONFIGS, INTERPRET_CONFIG, max(64, block_d), dtype, device))
+    return (block_d, *tile_config(CONFIGS, INTERPRET_CONFIG, _bucket(head_dim), dtype, device))
 
 
 def program_slots(head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -233,13 +242,13 @@ def resident_programs(device: torch.device) -> int:
     return min(counts)
 
 
-def choose_num_splits(batch: int, num_kv_heads: int, max_seqlen: int, slots: int) -> int:
+def choose_num_splits(batch: int, num_kv_heads: int, max_seqlen: int, slots: int, head_dim: int) -> int:
     """Split-KV factor for ``paged_decode``: as many splits as fill the GPU's ``slots`` (``program_slots``) once,
-    none shorter than MIN_SPLIT_KEYS keys, at most MAX_SPLITS; 1 when the batch's (sequence, KV head) pairs fill them
+    none shorter than the head dim's MIN_SPLIT_KEYS, at most MAX_SPLITS; 1 when the batch's (sequence, KV head) pairs fill them
     already. Filling the slots, no more, was the best split at every shape of an H200 sweep (GQA 32/8, D 64 and 128,
     B x L from 1 x 4k to 256 x 1k, with 2 and 4 programs per SM): fewer programs leave loads out of flight, more
     add a merge and a tail."""
-    most = min(MAX_SPLITS, max_seqlen // MIN_SPLIT_KEYS)
+    most = min(MAX_SPLITS, max_seqlen // MIN_SPLIT_KEYS[_bucket(head_dim)])
     return max(1, min(most, slots // max(batch * num_kv_heads, 1)))
 
 

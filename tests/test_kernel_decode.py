@@ -107,22 +107,26 @@ def test_strided_and_empty_splits(device):
     assert (out == 0).all() and (lse == float("-inf")).all()
 
 
-def test_choose_num_splits():
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_choose_num_splits(head_dim):
     slots = 4 * 132  # an H200 holding 4 programs per SM
-    assert choose_num_splits(1, 8, 100, slots) == 1  # short context: not worth a merge
-    assert choose_num_splits(128, 8, 2048, slots) == 1  # the batch fills the GPU already
-    assert choose_num_splits(64, 8, 8192, slots) == 1
-    assert choose_num_splits(32, 8, 4096, slots) == 2  # 256 pairs fill half the slots
-    assert choose_num_splits(1, 8, 4096, slots) == 4096 // MIN_SPLIT_KEYS
-    assert choose_num_splits(1, 1, 1 << 20, slots) == MAX_SPLITS
+    shortest = MIN_SPLIT_KEYS[head_dim]
+    assert choose_num_splits(1, 8, shortest - 1, slots, head_dim) == 1  # short context: not worth a merge
+    assert choose_num_splits(128, 8, 2048, slots, head_dim) == 1  # the batch fills the GPU already
+    assert choose_num_splits(64, 8, 8192, slots, head_dim) == 1
+    assert choose_num_splits(32, 8, 4096, slots, head_dim) == 2  # 256 pairs fill half the slots
+    assert choose_num_splits(1, 8, 1024, slots, head_dim) == 1024 // shortest
+    assert choose_num_splits(1, 1, 1 << 20, slots, head_dim) == MAX_SPLITS
     for batch in (1, 2, 8, 32, 64):
         for max_seqlen in (1, 255, 256, 1000, 4096, 16384, 65536):
-            splits = choose_num_splits(batch, 8, max_seqlen, slots)
+            splits = choose_num_splits(batch, 8, max_seqlen, slots, head_dim)
             assert 1 <= splits <= MAX_SPLITS
-            assert splits == 1 or max_seqlen // splits >= MIN_SPLIT_KEYS  # every split streams a few tiles
+            assert splits == 1 or max_seqlen // splits >= shortest  # every split streams its floor of keys
             assert splits == 1 or batch * 8 * splits <= slots  # the programs fit the GPU at once
-    assert choose_num_splits(1, 8, 65536, 1) == 1  # CPU: one slot
-    assert choose_num_splits(0, 8, 4096, slots) >= 1
+    assert choose_num_splits(1, 8, 65536, 1, head_dim) == 1  # CPU: one slot
+    assert choose_num_splits(0, 8, 4096, slots, head_dim) >= 1
+    # Head dims share the row of their padded tile width.
+    assert choose_num_splits(1, 8, 1024, slots, head_dim - 8) == choose_num_splits(1, 8, 1024, slots, head_dim)
 
 
 @pytest.mark.cuda
@@ -152,7 +156,7 @@ def test_large_bf16(page_size, device):
     k_pool, v_pool, table, keys = scatter_to_pages(lens, hkv, head_dim, page_size, dtype, device)
     q = torch.randn(len(lens), hq, head_dim, device=device).to(dtype)
     slots = program_slots(head_dim, dtype, torch.device(device))
-    for num_splits in (1, choose_num_splits(len(lens), hkv, max(lens), slots), MAX_SPLITS):
+    for num_splits in (1, choose_num_splits(len(lens), hkv, max(lens), slots, head_dim), MAX_SPLITS):
         out, lse = _run(q, k_pool, v_pool, table, lens, num_splits)
         _check(out, lse, q, keys)
         out, lse = _run(q, k_pool, v_pool, table, lens, num_splits, window_left=1000, softcap=30.0)
