@@ -244,10 +244,11 @@ def resident_programs(device: torch.device) -> int:
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seqlen: int, slots: int, head_dim: int) -> int:
     """Split-KV factor for ``paged_decode``: as many splits as fill the GPU's ``slots`` (``program_slots``) once,
-    none shorter than the head dim's MIN_SPLIT_KEYS, at most MAX_SPLITS; 1 when the batch's (sequence, KV head) pairs fill them
-    already. Filling the slots, no more, was the best split at every shape of an H200 sweep (GQA 32/8, D 64 and 128,
-    B x L from 1 x 4k to 256 x 1k, with 2 and 4 programs per SM): fewer programs leave loads out of flight, more
-    add a merge and a tail."""
+    none shorter than the head dim's MIN_SPLIT_KEYS, at most MAX_SPLITS; 1 when the batch's (sequence, KV head)
+    pairs fill them already. Filling the slots, no more, was the best split at every shape of an H200 sweep with 2
+    and 4 programs per SM (GQA 32/8, D 64 and 128, B x L from 1 x 4k to 256 x 1k): fewer programs leave loads out of
+    flight, more add a merge and a tail. With 8 per SM (D64) one case loses: 64 x 1088 plans 2 splits, 4 % slower
+    than 1."""
     most = min(MAX_SPLITS, max_seqlen // MIN_SPLIT_KEYS[_bucket(head_dim)])
     return max(1, min(most, slots // max(batch * num_kv_heads, 1)))
 

@@ -68,7 +68,8 @@ def use_config(key, cfg, case):
 
 def planned_splits(batch, seqlen, device):
     """What ``num_splits=0`` picks with the config now in CONFIGS (its program slots depend on it)."""
-    return decode.choose_num_splits(batch, KV_HEADS, seqlen, decode.program_slots(HEAD_DIM, DTYPE, device), HEAD_DIM)
+    slots = decode.program_slots(HEAD_DIM, DTYPE, device)
+    return decode.choose_num_splits(batch, KV_HEADS, seqlen, slots, HEAD_DIM)
 
 
 def kv_bytes(batch, seqlen):
