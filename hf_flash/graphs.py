@@ -17,6 +17,7 @@ longest sequence moves the split count into another bucket (powers of two). The 
 key runs the compiled function on the static buffers (compiling it, and the Triton kernels, for exactly those
 arguments); the second one captures it.
 """
+import contextlib
 import itertools
 import weakref
 
@@ -42,6 +43,13 @@ _STEP_ARGS = {"input_ids", "position_ids", "attention_mask", CACHE_NAME, "use_ca
 COMPILE_BACKENDS = {"cuda": "inductor"}
 _INDUCTOR_OPTIONS = {"fallback_random": True, "coordinate_descent_tuning": True}
 _compiled = {}  # compile settings (step function first) -> its torch.compile wrapper
+# The BLAS library of the step's matmuls (the projections and the MLP, at as many rows as the batch has sequences),
+# set while the step runs for the first time and while it is captured (the graph keeps the kernels chosen then), and
+# restored after. At those few rows cuBLASLt's kernels beat cuBLAS's (a 2026-12-02 profile had cuBLAS reading the
+# 1B-shaped k/v weights at ~0.4 TB/s at 64 rows): generate()'s 1B-shaped decode on the H200, two A/B runs,
+# +3.5 % to +5.4 % at B = 8, 64 and 128 (BENCHMARKS.md). At a batch of one inductor makes its own reductions of the
+# matmuls (above).
+STEP_BLAS_LIBRARY = "cublaslt"
 
 
 def forward_step(model, cache, input_ids, position_ids, logits_to_keep):
@@ -218,10 +226,21 @@ def _first_run(step, step_graph, device):
     # On a side stream, as torch.cuda.graph's documentation asks of the runs before a capture.
     main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
     side.wait_stream(main)
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), step_blas_library():
         output = step(step_graph.input_ids, step_graph.position_ids)
     main.wait_stream(side)
     return output
+
+
+@contextlib.contextmanager
+def step_blas_library():
+    """Torch's CUDA matmuls go to ``STEP_BLAS_LIBRARY`` inside, to the library preferred before after."""
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(STEP_BLAS_LIBRARY)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
 
 
 def _capture(step, step_graph, cache):
@@ -231,7 +250,7 @@ def _capture(step, step_graph, cache):
     pools = [g.graph.pool() for g in captured_graphs(cache).values() if g.graph is not None]
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, pool=pools[0] if pools else None):
+        with torch.cuda.graph(graph, pool=pools[0] if pools else None), step_blas_library():
             output = step(step_graph.input_ids, step_graph.position_ids)
     except Exception as e:
         raise RuntimeError(f"hf_flash could not capture this model's decode step as a CUDA graph "

@@ -46,6 +46,7 @@ def test_decode_graphs_match_sdpa(device, graphs_on_any_device, splits_growing_w
     model, reference = tiny_model("llama")
     model.to(device)
     ids, mask = (t.to(device) for t in left_padded_batch([17, 9, 4]))
+    blas_library = torch.backends.cuda.preferred_blas_library()
     with ops.use_backend("triton"):
         graphed = _generate(model, "hf_flash", ids, mask)
         eager = _generate(model, "hf_flash", ids, mask, disable_compile=True)
@@ -57,6 +58,24 @@ def test_decode_graphs_match_sdpa(device, graphs_on_any_device, splits_growing_w
     assert not captured_graphs(cache_of(eager))
     if device == "cuda":
         assert all(g.graph is not None for g in step_graphs.values())
+    assert torch.backends.cuda.preferred_blas_library() == blas_library  # the steps' library was set for them only
+
+
+@pytest.mark.cuda
+def test_the_step_blas_library_is_set_for_the_step_only():
+    """Inside ``step_blas_library`` matmuls go to the step's library; after it, also after an exception, to the one
+    preferred before (whatever the user chose)."""
+    original = torch.backends.cuda.preferred_blas_library()
+    before = torch.backends.cuda.preferred_blas_library("cublas")
+    try:
+        with graphs.step_blas_library():
+            assert torch.backends.cuda.preferred_blas_library().name.lower() == graphs.STEP_BLAS_LIBRARY
+        assert torch.backends.cuda.preferred_blas_library() == before
+        with pytest.raises(KeyboardInterrupt), graphs.step_blas_library():
+            raise KeyboardInterrupt
+        assert torch.backends.cuda.preferred_blas_library() == before
+    finally:
+        torch.backends.cuda.preferred_blas_library(original)
 
 
 def test_steps_that_graphs_do_not_cover_run_eagerly(graphs_on_any_device):
