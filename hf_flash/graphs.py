@@ -234,9 +234,13 @@ def _first_run(step, step_graph, device):
 
 @contextlib.contextmanager
 def step_blas_library():
-    """Torch's CUDA matmuls go to ``STEP_BLAS_LIBRARY`` inside, to the library preferred before after."""
+    """Torch's CUDA matmuls go to ``STEP_BLAS_LIBRARY`` inside, to the library preferred before after. A torch build
+    that refuses it (built without it) keeps its own, and says so once."""
     before = torch.backends.cuda.preferred_blas_library()
-    torch.backends.cuda.preferred_blas_library(STEP_BLAS_LIBRARY)
+    try:
+        torch.backends.cuda.preferred_blas_library(STEP_BLAS_LIBRARY)
+    except RuntimeError as e:
+        warn_once(f"decode steps keep torch's BLAS library ({before.name}), not {STEP_BLAS_LIBRARY}: {e}")
     try:
         yield
     finally:

@@ -2,6 +2,7 @@
 the same static buffers run eagerly, kernels in Triton's interpreter) and prompts prefilled in chunks, against
 transformers' sdpa + DynamicCache, fp32, token for token."""
 import gc
+import logging
 import os
 import subprocess
 import sys
@@ -76,6 +77,21 @@ def test_the_step_blas_library_is_set_for_the_step_only():
         assert torch.backends.cuda.preferred_blas_library() == before
     finally:
         torch.backends.cuda.preferred_blas_library(original)
+
+
+def test_a_torch_without_the_step_blas_library_keeps_its_own_and_says_so(caplog, monkeypatch):
+    """A build that refuses the library (as torch's CPU builds refuse cuBLASLt): the step runs on with the library
+    preferred before, and the reason is logged once."""
+    monkeypatch.setattr(graphs, "STEP_BLAS_LIBRARY", "no such library")
+    transformers.utils.logging.warning_once.cache_clear()
+    before = torch.backends.cuda.preferred_blas_library()
+    with caplog.at_level(logging.WARNING, logger="hf_flash"):
+        for _ in range(2):
+            with graphs.step_blas_library():
+                assert torch.backends.cuda.preferred_blas_library() == before
+    lines = [r.getMessage() for r in caplog.records if "no such library" in r.getMessage()]
+    assert len(lines) == 1 and before.name in lines[0], lines
+    assert torch.backends.cuda.preferred_blas_library() == before
 
 
 def test_steps_that_graphs_do_not_cover_run_eagerly(graphs_on_any_device):
