@@ -142,10 +142,11 @@ def _run_padded_batch(head_dim, causal, window, device):
     _check(out, lse, q, keys, args[0], args[1], causal=causal, window=window)
 
 
-@pytest.mark.parametrize("page_size", [1, 16, 24, 40])
+@pytest.mark.parametrize("page_size", [1, 16, 24, 32, 40, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def testscatter_to_pages(page_size, dtype, device):
-    # Chunked prefill / decode shapes over a paged cache: q_len <= k_len, causal, GQA 4:2.
+    # Chunked prefill / decode shapes over a paged cache: q_len <= k_len, causal, GQA 4:2. Pages of a multiple of the
+    # key tile (16 in the interpreter, 32 or 64 on a GPU) hold whole tiles (one page id per tile); the others gather.
     q_lens, k_lens = [11, 1, 30, 0], [40, 17, 30, 5]
     k_pool, v_pool, table, keys = scatter_to_pages(k_lens, 2, 64, page_size, dtype, device)
     q = torch.randn(len(q_lens), max(q_lens), 4, 64, device=device).to(dtype)
