@@ -121,7 +121,9 @@ class PagedCache(Cache):
 
     Args:
         config: the model's config (its text config is used): number of layers, KV heads and head dim.
-        page_size: tokens per page.
+        page_size: tokens per page. Prefill over the cache (chunked prefill, a chat's next turn) reads pages that
+            hold whole key tiles (a multiple of 64 tokens at 16-bit head dims up to 128) faster than smaller ones (see
+            BENCHMARKS.md); small pages waste less of each sequence's last page.
         num_pages: pages per layer pool. Default: from ``max_memory``, else 256 pages that grow on demand.
         max_memory: bytes for the K and V pools of all layers together, in this process (an alternative to
             ``num_pages``): under tensor parallelism each rank's cache holds its own heads within its own budget.
