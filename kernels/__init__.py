@@ -67,16 +67,22 @@ import os
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def tile_config(configs, interpret_config, head_dim_bucket, dtype, device):
-    """A kernel's tile config from its ``CONFIGS`` table, keyed by (head-dim bucket, fp32 inputs, GPU major version);
-    a GPU generation without a row gets sm80's. Under the interpreter: its ``interpret_config``."""
+def head_dim_bucket(head_dim):
+    """The row of the kernels' tables (tile configs, split floors) for ``head_dim``: its padded tile width, a power
+    of two; head dims <= 64 share the 64 row."""
+    return max(64, 1 << (head_dim - 1).bit_length())
+
+
+def tile_config(configs, interpret_config, head_dim, dtype, device):
+    """A kernel's tile config from its ``CONFIGS`` table, keyed by (``head_dim_bucket``, fp32 inputs, GPU major
+    version); a GPU generation without a row gets sm80's. Under the interpreter: its ``interpret_config``."""
     if INTERPRET:
         return interpret_config
     import torch
 
-    fp32 = dtype == torch.float32
+    fp32, bucket = dtype == torch.float32, head_dim_bucket(head_dim)
     major = torch.cuda.get_device_capability(device)[0]
-    return configs.get((head_dim_bucket, fp32, major), configs[(head_dim_bucket, fp32, 8)])
+    return configs.get((bucket, fp32, major), configs[(bucket, fp32, 8)])
 
 
 def backend():

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, tile_config
+from . import INTERPRET, head_dim_bucket, tile_config
 from .merge import merge_many, merge_outputs, merge_weights
 from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
 
@@ -203,16 +203,11 @@ def _pdl(device):
     return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _bucket(head_dim):
-    """The head dim's row in CONFIGS and MIN_SPLIT_KEYS: the padded tile width; head dims <= 64 share the 64 row."""
-    return max(64, triton.next_power_of_2(head_dim))
-
-
 def _tile(head_dim, dtype, device):
     """``(BLOCK_D, BLOCK_N, num_warps, num_stages, programs per SM)`` of the decode kernel for this head dim and
     dtype."""
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
-    return (block_d, *tile_config(CONFIGS, INTERPRET_CONFIG, _bucket(head_dim), dtype, device))
+    return (block_d, *tile_config(CONFIGS, INTERPRET_CONFIG, head_dim, dtype, device))
 
 
 def program_slots(head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -249,7 +244,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seqlen: int, slots: int
     and 4 programs per SM (GQA 32/8, D 64 and 128, B x L from 1 x 4k to 256 x 1k): fewer programs leave loads out of
     flight, more add a merge and a tail. With 8 per SM (D64) one case loses: 64 x 1088 plans 2 splits, 4 % slower
     than 1."""
-    most = min(MAX_SPLITS, max_seqlen // MIN_SPLIT_KEYS[_bucket(head_dim)])
+    most = min(MAX_SPLITS, max_seqlen // MIN_SPLIT_KEYS[head_dim_bucket(head_dim)])
     return max(1, min(most, slots // max(batch * num_kv_heads, 1)))
 
 

@@ -323,7 +323,7 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
         block_m, block_n, num_warps, num_stages, warp_specialize = (
             INTERPRET_TMA_CONFIG if INTERPRET else TMA_CONFIGS[head_dim])
     else:
-        block_m, block_n, num_warps, num_stages = tile_config(CONFIGS, INTERPRET_CONFIG, max(64, block_d), q.dtype,
+        block_m, block_n, num_warps, num_stages = tile_config(CONFIGS, INTERPRET_CONFIG, head_dim, q.dtype,
                                                               q.device)
         warp_specialize = False
     # Causal is a right window of 0 (causal with window_right > 0 still stops at the diagonal).

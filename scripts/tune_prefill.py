@@ -16,6 +16,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.runtime.errors import OutOfResources
 
+from hf_flash.kernels import head_dim_bucket
+
 prefill_module = importlib.import_module("hf_flash.kernels.prefill")
 
 TOKENS = 16384  # batch * seqlen, constant across shapes
@@ -92,7 +94,7 @@ def tuned_table(head_dim, major):
     """(the table its calls read, their key in it, the candidates, the label of its rows) for bf16 at ``head_dim``."""
     if major == 9 and head_dim in prefill_module.TMA_HEAD_DIMS:
         return prefill_module.TMA_CONFIGS, head_dim, TMA_CANDIDATES[head_dim], "TMA_CONFIGS"
-    bucket = max(64, triton.next_power_of_2(head_dim))
+    bucket = head_dim_bucket(head_dim)
     return prefill_module.CONFIGS, (bucket, False, major), CANDIDATES[bucket], "CONFIGS"
 
 
@@ -164,7 +166,7 @@ def main():
         k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device=dev, dtype=dtype) for _ in range(2))
         out, lse = torch.empty_like(q), torch.empty(batch, heads, seqlen, device=dev, dtype=torch.float32)
         dense = tflops(batch, heads, seqlen, head_dim, True, bench(run_prefill(q, k, v, out, lse, True)))
-        paged_key = (max(64, triton.next_power_of_2(head_dim)), False, major)
+        paged_key = (head_dim_bucket(head_dim), False, major)
         line = [f"D={head_dim:3d} causal S={seqlen} paged, config {prefill_module.CONFIGS.get(paged_key)}: "
                 f"dense {dense:6.1f}"]
         k_len = torch.full((batch,), seqlen, dtype=torch.int32, device=dev)
