@@ -78,6 +78,17 @@ def _kv_tile(ptrs, cols, k_len, offs_d, MASKED: tl.constexpr, PAD_D: tl.constexp
 
 
 @triton.jit
+def _page_ids(bt_row, start_n, offs_n, k_len, page_size, TILE_IN_PAGE: tl.constexpr):
+    """Page ids of the key tile at start_n: one when the tile lies in one page, else one per key (0 past k_len)."""
+    if TILE_IN_PAGE:
+        ids = tl.load(bt_row + start_n // page_size, mask=start_n < k_len, other=0)
+    else:
+        cols = start_n + offs_n
+        ids = tl.load(bt_row + cols // page_size, mask=cols < k_len, other=0)
+    return ids.to(tl.int64)
+
+
+@triton.jit
 def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, diag_right, diag_left,
                   stride_kn, stride_kp, stride_vn, stride_vp, page_size, qk_scale, cap_scale, cap_log2,
                   offs_n, offs_d, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
@@ -94,26 +105,27 @@ def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, d
     tl.static_assert(TMA or not WARP_SPECIALIZE, "warp specialization splits TMA producers from the math warps")
     # Unmasked, without soft-cap: the fold applies the scale in its exponent (qk * qk_scale - m, one fma per score).
     DEFER_SCALE: tl.constexpr = not MASKED and not HAS_SOFTCAP
+    # Paged: a tile's page ids are read one iteration ahead, so that no tile's addresses wait on a load of their own
+    # iteration; Triton's pipeliner then keeps num_stages tiles in flight as over a contiguous cache (read in the
+    # tile's own iteration, the copies of the next tile were issued after the math and awaited at once).
+    if PAGED:
+        next_page = _page_ids(bt_row, lo, offs_n, k_len, page_size, TILE_IN_PAGE)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
+        if PAGED:
+            page = next_page
+            next_page = _page_ids(bt_row, start_n + BLOCK_N, offs_n, k_len, page_size, TILE_IN_PAGE)
         if TMA:
             k = K.load([start_n, 0])
         else:
             if TILE_IN_PAGE:
-                # The tile is rows of one page: one page id, then the addressing of a contiguous cache (a gather of
-                # row pointers through per-key page ids ran paged prefill at 0.56-0.64x the contiguous kernel on the
-                # H200, with pages of 16 and of 64 alike).
-                page = tl.load(bt_row + start_n // page_size).to(tl.int64)
+                # The tile is rows of one page: the addressing of a contiguous cache from its base.
                 k_ptrs = (K + page * stride_kp + (start_n % page_size) * stride_kn + (offs_n * stride_kn)[:, None]
                           + offs_d[None, :])
                 v_ptrs = (V + page * stride_vp + (start_n % page_size) * stride_vn + (offs_n * stride_vn)[:, None]
                           + offs_d[None, :])
             elif PAGED:
                 # Gather BLOCK_N logical keys through the block table, whatever the page size.
-                if MASKED:
-                    page = tl.load(bt_row + cols // page_size, mask=cols < k_len, other=0).to(tl.int64)
-                else:
-                    page = tl.load(bt_row + cols // page_size).to(tl.int64)
                 slot = cols % page_size
                 k_ptrs = K + page[:, None] * stride_kp + (slot * stride_kn)[:, None] + offs_d[None, :]
                 v_ptrs = V + page[:, None] * stride_vp + (slot * stride_vn)[:, None] + offs_d[None, :]

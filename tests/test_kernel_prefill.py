@@ -144,7 +144,7 @@ def _run_padded_batch(head_dim, causal, window, device):
 
 @pytest.mark.parametrize("page_size", [1, 16, 24, 32, 40, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def testscatter_to_pages(page_size, dtype, device):
+def test_paged(page_size, dtype, device):
     # Chunked prefill / decode shapes over a paged cache: q_len <= k_len, causal, GQA 4:2. Pages of a multiple of the
     # key tile (16 in the interpreter, 32 or 64 on a GPU) hold whole tiles (one page id per tile); the others gather.
     q_lens, k_lens = [11, 1, 30, 0], [40, 17, 30, 5]
