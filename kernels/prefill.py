@@ -78,20 +78,20 @@ def _kv_tile(ptrs, cols, k_len, offs_d, MASKED: tl.constexpr, PAD_D: tl.constexp
 
 
 @triton.jit
-def _page_ids(bt_row, start_n, offs_n, k_len, page_size, TILE_IN_PAGE: tl.constexpr):
+def _page_ids(bt_row, start_n, offs_n, k_len, PAGE_SIZE: tl.constexpr, TILE_IN_PAGE: tl.constexpr):
     """Page ids of the key tile at start_n: one when the tile lies in one page, else one per key (0 past k_len)."""
     if TILE_IN_PAGE:
-        ids = tl.load(bt_row + start_n // page_size, mask=start_n < k_len, other=0)
+        ids = tl.load(bt_row + start_n // PAGE_SIZE, mask=start_n < k_len, other=0)
     else:
         cols = start_n + offs_n
-        ids = tl.load(bt_row + cols // page_size, mask=cols < k_len, other=0)
+        ids = tl.load(bt_row + cols // PAGE_SIZE, mask=cols < k_len, other=0)
     return ids.to(tl.int64)
 
 
 @triton.jit
 def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, diag_right, diag_left,
-                  stride_kn, stride_kp, stride_vn, stride_vp, page_size, qk_scale, cap_scale, cap_log2,
-                  offs_n, offs_d, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                  stride_kn, stride_kp, stride_vn, stride_vp, qk_scale, cap_scale, cap_log2, offs_n, offs_d,
+                  PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                   HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
                   TILE_IN_PAGE: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr,
                   DOT_PREC: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
@@ -99,7 +99,7 @@ def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, d
     unmasked tiles are known to be fully visible to every row of the tile and skip all mask arithmetic. TMA: K and V
     are tensor descriptors of this sequence's keys for the tile's KV head (see ``_prefill_kernel``), whose rows past
     k_len load as zeros; otherwise pointers (PAGED: page pools) and the loads mask those rows themselves.
-    TILE_IN_PAGE: pages hold whole key tiles (page_size a multiple of BLOCK_N)."""
+    TILE_IN_PAGE: pages hold whole key tiles (PAGE_SIZE a multiple of BLOCK_N)."""
     tl.static_assert(not (TMA and (PAGED or PAD_D)), "TMA tiles are whole rows of contiguous keys")
     tl.static_assert(PAGED or not TILE_IN_PAGE, "TILE_IN_PAGE describes page pools")
     tl.static_assert(TMA or not WARP_SPECIALIZE, "warp specialization splits TMA producers from the math warps")
@@ -109,24 +109,24 @@ def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, d
     # iteration; Triton's pipeliner then keeps num_stages tiles in flight as over a contiguous cache (read in the
     # tile's own iteration, the copies of the next tile were issued after the math and awaited at once).
     if PAGED:
-        next_page = _page_ids(bt_row, lo, offs_n, k_len, page_size, TILE_IN_PAGE)
+        next_page = _page_ids(bt_row, lo, offs_n, k_len, PAGE_SIZE, TILE_IN_PAGE)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
         if PAGED:
             page = next_page
-            next_page = _page_ids(bt_row, start_n + BLOCK_N, offs_n, k_len, page_size, TILE_IN_PAGE)
+            next_page = _page_ids(bt_row, start_n + BLOCK_N, offs_n, k_len, PAGE_SIZE, TILE_IN_PAGE)
         if TMA:
             k = K.load([start_n, 0])
         else:
             if TILE_IN_PAGE:
                 # The tile is rows of one page: the addressing of a contiguous cache from its base.
-                k_ptrs = (K + page * stride_kp + (start_n % page_size) * stride_kn + (offs_n * stride_kn)[:, None]
+                k_ptrs = (K + page * stride_kp + (start_n % PAGE_SIZE) * stride_kn + (offs_n * stride_kn)[:, None]
                           + offs_d[None, :])
-                v_ptrs = (V + page * stride_vp + (start_n % page_size) * stride_vn + (offs_n * stride_vn)[:, None]
+                v_ptrs = (V + page * stride_vp + (start_n % PAGE_SIZE) * stride_vn + (offs_n * stride_vn)[:, None]
                           + offs_d[None, :])
             elif PAGED:
                 # Gather BLOCK_N logical keys through the block table, whatever the page size.
-                slot = cols % page_size
+                slot = cols % PAGE_SIZE
                 k_ptrs = K + page[:, None] * stride_kp + (slot * stride_kn)[:, None] + offs_d[None, :]
                 v_ptrs = V + page[:, None] * stride_vp + (slot * stride_vn)[:, None] + offs_d[None, :]
             else:
@@ -157,16 +157,16 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
                     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                     stride_lb, stride_lh, stride_ls, stride_btb,
-                    num_heads, group, num_m_tiles, page_size, window_left, window_right,
+                    num_heads, group, num_m_tiles, window_left, window_right,
                     qk_scale, cap_scale, cap_log2,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    PAGE_SIZE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     PAGED: tl.constexpr, TILE_IN_PAGE: tl.constexpr, UPCAST_DOT: tl.constexpr,
                     DOT_PREC: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     # Layouts (element strides, last dim contiguous):
     #   Q / Out   [B, Sq, Hq, D]; sequence b owns rows q_start[b] .. q_start[b] + q_len[b] - 1 (batch stride may be 0)
-    #   K / V     [B, Sk, Hkv, D] rows k_start[b] ..; or, PAGED, pools [num_pages, page_size, Hkv, D] with logical
-    #             key j of sequence b at page BlockTable[b, j // page_size], row j % page_size
+    #   K / V     [B, Sk, Hkv, D] rows k_start[b] ..; or, PAGED, pools [num_pages, PAGE_SIZE, Hkv, D] with logical
+    #             key j of sequence b at page BlockTable[b, j // PAGE_SIZE], row j % PAGE_SIZE
     #   Lse       [B, Hq, Sq] float32, natural log
     # One program per (batch * head, query tile); tiles of one head are adjacent in launch order so concurrently
     # running programs share K/V in L2.
@@ -261,25 +261,25 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
         # masked; the tuner weighs that against the unspecialized loops below, which skip the masks where they can.
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, diag_right, diag_left, stride_ks, stride_kb,
-            stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
+            stride_vs, stride_vb, qk_scale, cap_scale, cap_log2, offs_n, offs_d, PAGE_SIZE, BLOCK_N,
             True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, TILE_IN_PAGE, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC, TMA,
             WARP_SPECIALIZE)
     else:
         if HAS_LEFT:  # window's left edge: masked
             acc, l_i, m_i = _attend_range(
                 acc, l_i, m_i, q, K, V, bt_row, lo, mid_lo, rows, k_len, k_row0, diag_right, diag_left, stride_ks,
-                stride_kb, stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
+                stride_kb, stride_vs, stride_vb, qk_scale, cap_scale, cap_log2, offs_n, offs_d, PAGE_SIZE, BLOCK_N,
                 True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, TILE_IN_PAGE, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC, TMA,
                 False)
         acc, l_i, m_i = _attend_range(  # fully visible tiles: no masks
             acc, l_i, m_i, q, K, V, bt_row, mid_lo, mid_hi, rows, k_len, k_row0, diag_right, diag_left, stride_ks,
-            stride_kb, stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
+            stride_kb, stride_vs, stride_vb, qk_scale, cap_scale, cap_log2, offs_n, offs_d, PAGE_SIZE, BLOCK_N,
             False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, TILE_IN_PAGE, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC, TMA,
             False)
         # Diagonal / window's right edge / ragged last key tile: masked.
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, K, V, bt_row, mid_hi, hi, rows, k_len, k_row0, diag_right, diag_left, stride_ks,
-            stride_kb, stride_vs, stride_vb, page_size, qk_scale, cap_scale, cap_log2, offs_n, offs_d, BLOCK_N,
+            stride_kb, stride_vs, stride_vb, qk_scale, cap_scale, cap_log2, offs_n, offs_d, PAGE_SIZE, BLOCK_N,
             True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, TILE_IN_PAGE, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC, TMA,
             False)
 
@@ -351,10 +351,13 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
         k.stride(2), v.stride(0) if paged else _batch_stride(v), v.stride(1), v.stride(2),
         _batch_stride(out), out.stride(1), out.stride(2), _batch_stride(lse), lse.stride(1), lse.stride(2),
         block_table.stride(0) if paged else 0,
-        num_heads, group, num_m_tiles, k.shape[1] if paged else 1, max(window_left, 0), max(right, 0),
+        num_heads, group, num_m_tiles, max(window_left, 0), max(right, 0),
         softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
         softcap * LOG2E if has_softcap else 1.0,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        # a constant page size: a key's page and row are shifts and masks (pages of 2^k) or a multiply, not a
+        # division per key and tile; one compile per page size in use
+        PAGE_SIZE=k.shape[1] if paged else 1,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=has_softcap, PAGED=paged,
         TILE_IN_PAGE=paged and k.shape[1] % block_n == 0,
         UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
