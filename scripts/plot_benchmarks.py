@@ -1,6 +1,10 @@
 """Charts of benchmark results: PNGs drawn from the JSON that ``bench_kernels.py`` and ``bench_generate.py`` write
 with ``--out``, for the sections the given files hold:
     prefill.png    TFLOP/s against sequence length, one panel per dtype, head dim, GQA or not, and masking
+    varlen.png     TFLOP/s of ragged batches packed without padding, beside the same batch padded and SDPA's nested
+                   tensors, per dtype and masking
+    append.png     TFLOP/s of paged prefill (new tokens over a paged cache), pages of 16 and 64, beside the same
+                   kernel over contiguous K/V
     decode.png     TB/s of K+V read per (batch, context length; dtype where several, and the split count hf_flash
                    chose), beside the copy bandwidth of the same run
     generate.png   decode as a share of the memory roofline (or, in results without one, end-to-end tokens/s) and
@@ -23,6 +27,8 @@ from bench_common import describe
 GIB = 2**30
 # (label, color): one color per backend in every chart; hf_flash in the warm colors.
 STYLE = {"ours": ("hf_flash", "C3"), "ours_p16": ("hf_flash page 16", "C3"), "ours_p64": ("hf_flash page 64", "C1"),
+         "ours_dense": ("hf_flash contiguous", "C5"), "ours_write": ("hf_flash page 16 + writing the new K/V", "C6"),
+         "ours_padded": ("hf_flash padded", "C1"),
          "flash": ("SDPA flash", "C0"), "cudnn": ("SDPA cuDNN", "C2"), "efficient": ("SDPA efficient", "C4"),
          "default": ("SDPA default", "C7"), "flex": ("FlexAttention", "C9"), "sdpa": ("sdpa + DynamicCache", "C0"),
          "hf_flash": ("hf_flash + PagedCache", "C3"), "static": ("sdpa + static (compiled)", "C2")}
@@ -91,6 +97,32 @@ def plot_prefill(records):
     return fig
 
 
+def plot_grouped(records, groups, title):
+    """TFLOP/s bars, one group per record (labelled by ``groups``), one bar per backend of the records."""
+    series = list(dict.fromkeys(name for r in records for name in r["tflops"]))
+    values = {name: [r["tflops"].get(name) for r in records] for name in series}
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.8 * len(groups)), 4.6))
+    bars(ax, groups, series, values, "TFLOP/s")
+    ax.set_ylim(top=1.3 * max(v for name in series for v in values[name] if v is not None))  # room for the legend
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2, loc="upper right")
+    return fig
+
+
+def plot_varlen(records):
+    r = records[0]
+    groups = [f"{dtype_of(r)}\n{'causal' if r['causal'] else 'no mask'}" for r in records]
+    return plot_grouped(records, groups, f"varlen: {len(r['lengths'])} sequences of {min(r['lengths'])}.."
+                        f"{max(r['lengths'])} tokens, {r['heads']} heads of {r['head_dim']}")
+
+
+def plot_append(records):
+    r = records[0]
+    groups = [f"{dtype_of(r)}\nB={r['batch']}\nL={r['cached']}\nN={r['new']}" for r in records]
+    return plot_grouped(records, groups, f"paged append: N new tokens over L cached, causal, GQA "
+                        f"{r['heads']}/{r['kv_heads']}, head dim {r['head_dim']}")
+
+
 def plot_decode(records, copy_tbps=None):
     dtypes = list(dict.fromkeys(map(dtype_of, records)))
     # dtype where the results hold several; the split count hf_flash chose where recorded
@@ -132,6 +164,10 @@ def plot_generate(records):
     return fig
 
 
+PLOTS = {"prefill": plot_prefill, "varlen": plot_varlen, "append": plot_append, "decode": plot_decode,
+         "generate": plot_generate}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="JSON files written by bench_kernels.py / bench_generate.py --out")
@@ -144,13 +180,13 @@ def main(argv=None):
     for results_path in args.results:
         with open(results_path) as f:
             data = json.load(f)
-        for section in ("prefill", "decode", "generate"):
+        for section in PLOTS:
             if data.get(section):
                 found = sections.setdefault(section, {"records": [], "environment": data["environment"],
                                                       "copy_tbps": data.get("copy_tbps")})
                 found["records"] += data[section]
     written = []
-    for section, plot in (("prefill", plot_prefill), ("decode", plot_decode), ("generate", plot_generate)):
+    for section, plot in PLOTS.items():
         if section not in sections:
             continue
         found = sections[section]
@@ -163,7 +199,7 @@ def main(argv=None):
         plt.close(fig)
         written.append(path)
     if not written:
-        print(f"no prefill, decode or generate results in {', '.join(args.results)}", file=sys.stderr)
+        print(f"no {', '.join(PLOTS)} results in {', '.join(args.results)}", file=sys.stderr)
         return 1
     print("wrote " + ", ".join(written))
     return 0

@@ -33,7 +33,7 @@ def test_benchmarks_write_results_and_plots(tmp_path):
     done = run("plot_benchmarks.py", str(kernels), str(generate), str(generate), "--out-dir", str(plots), cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("generate.png") == 1
-    for name in ("prefill", "decode", "generate"):
+    for name in ("prefill", "varlen", "append", "decode", "generate"):
         image = matplotlib.image.imread(plots / f"{name}.png")
         assert image.shape[0] >= 400 and image.std() > 0.05  # drawn, not blank
 
@@ -82,4 +82,4 @@ def test_plot_says_when_there_is_nothing_to_draw(tmp_path):
     empty.write_text(json.dumps({"environment": {}}))
     done = run("plot_benchmarks.py", str(empty), "--out-dir", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 1
-    assert "no prefill, decode or generate results" in done.stderr
+    assert "no prefill, varlen, append, decode, generate results" in done.stderr
