@@ -12,6 +12,7 @@ max_new_tokens=1 (the prefill: time to first token). Reported:
     decode tok/s        B * (new - 1) / (total - prefill)
     e2e tok/s           B * new / total, and as a multiple of sdpa's
     peak GiB            torch.cuda.max_memory_allocated during a full call (weights included)
+    vs sdpa MB          the peak over sdpa's at the same row, in MB (negative: under it)
     KV GiB              the cache's tensors after the call (PagedCache: its pools; StaticCache: its full-length
                         buffers); used: the pages holding tokens (PagedCache.memory_stats())
     roofline tok/s      B / (bytes a decode step must read / the copy bandwidth measured in this run): the weights
@@ -234,7 +235,7 @@ def main(argv=None):
     say(f"device-to-device copy {copy_tbps:.2f} TB/s (read + write): the roofline's bandwidth")
     table = Table([("model", 5), ("B", 3), ("prompt", 6), ("new", 4), ("impl", 8), ("prefill s", 9),
                    ("decode tok/s", 12), ("roofline", 8), ("% roof", 6), ("x static", 8), ("e2e tok/s", 9),
-                   ("peak GiB", 8), ("KV GiB", 6), ("used", 6), ("1st call +s", 11)])
+                   ("peak GiB", 8), ("vs sdpa MB", 10), ("KV GiB", 6), ("used", 6), ("1st call +s", 11)])
     failures = 0
     for name in dict.fromkeys(m for m, *_ in args.rows):
         model = build_model(name, args.device)
@@ -247,7 +248,7 @@ def main(argv=None):
             ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=args.device)
             inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             roofline = batch / (bytes_per_step(model, batch, prompt + new_tokens / 2) / (copy_tbps * 1e12))
-            static_decode = None
+            static_decode = sdpa_peak = None
             for impl in progress(args.impls, desc=f"{name} {batch}x{prompt}x{new_tokens}"):
                 config = None if impl == "sdpa" else args.compile_config  # sdpa's DynamicCache runs uncompiled
                 record = {"model": name, "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "impl": impl,
@@ -266,11 +267,17 @@ def main(argv=None):
                         static_decode = decode
                     record["roofline_fraction"] = decode / roofline if decode else None
                     record["decode_vs_static"] = decode / static_decode if decode and static_decode else None
+                    peak = record["peak_bytes"]
+                    if impl == "sdpa":
+                        sdpa_peak = peak
+                    record["peak_over_sdpa_bytes"] = peak - sdpa_peak if peak and sdpa_peak else None
                     table.row(name, batch, prompt, new_tokens, impl, cell(record["prefill_s"], ".3f"),
                               cell(decode, ".0f"), cell(roofline, ".0f"),
                               cell(None if decode is None else 100 * record["roofline_fraction"], ".0f"),
                               cell(record["decode_vs_static"], ".2f"), cell(record["e2e_tok_s"], ".0f"),
-                              cell(None if record["peak_bytes"] is None else record["peak_bytes"] / GIB, ".1f"),
+                              cell(None if peak is None else peak / GIB, ".1f"),
+                              cell(None if record["peak_over_sdpa_bytes"] is None
+                                   else record["peak_over_sdpa_bytes"] / 1e6, "+.1f"),
                               cell(record["kv_bytes"] / GIB, ".2f"),
                               cell(None if record["kv_bytes_used"] is None else record["kv_bytes_used"] / GIB, ".2f"),
                               cell(record["first_call_extra_s"], ".1f"))
@@ -289,7 +296,8 @@ def main(argv=None):
         free_memory(args.device)
     say("impl: sdpa = DynamicCache, static = cache_implementation='static' (torch.compile on CUDA), hf_flash = "
         "PagedCache (its decode loop compiled and graphed); roofline: B / (weights + KV read per step / copy "
-        "bandwidth); x static: decode tok/s over static's; KV GiB: the cache's tensors, used: pages holding tokens; "
+        "bandwidth); x static: decode tok/s over static's; vs sdpa MB: peak memory over sdpa's at the same row; "
+        "KV GiB: the cache's tensors, used: pages holding tokens; "
         "1st call +s: the warm-up call's time over a timed call's (compile and capture)")
     results.set("elapsed_s", time.perf_counter() - start)
     say(f"\ndone in {time.perf_counter() - start:.0f} s" + (f"; results in {args.out}" if args.out else ""))
