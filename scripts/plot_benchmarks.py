@@ -103,7 +103,9 @@ def plot_grouped(records, groups, title):
     values = {name: [r["tflops"].get(name) for r in records] for name in series}
     fig, ax = plt.subplots(figsize=(max(8.0, 1.8 * len(groups)), 4.6))
     bars(ax, groups, series, values, "TFLOP/s")
-    ax.set_ylim(top=1.3 * max(v for name in series for v in values[name] if v is not None))  # room for the legend
+    highest = max((v for name in series for v in values[name] if v is not None), default=None)
+    if highest:
+        ax.set_ylim(top=1.3 * highest)  # room for the legend above the bars
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=2, loc="upper right")
     return fig
