@@ -73,6 +73,12 @@ def head_dim_bucket(head_dim):
     return max(64, 1 << (head_dim - 1).bit_length())
 
 
+def dot_extent(size):
+    """The padded size of a ``tl.dot`` operand's dimension of ``size``: the next power of two, and at least 16, the
+    least that tl.dot takes."""
+    return max(16, 1 << (size - 1).bit_length())
+
+
 def tile_config(configs, interpret_config, head_dim, dtype, device):
     """A kernel's tile config from its ``CONFIGS`` table, keyed by (``head_dim_bucket``, fp32 inputs, GPU major
     version); a GPU generation without a row gets sm80's. Under the interpreter: its ``interpret_config``."""

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, head_dim_bucket, tile_config
+from . import INTERPRET, dot_extent, head_dim_bucket, tile_config
 from .merge import merge_many, merge_outputs, merge_weights
 from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
 
@@ -206,7 +206,7 @@ def _pdl(device):
 def _tile(head_dim, dtype, device):
     """``(BLOCK_D, BLOCK_N, num_warps, num_stages, programs per SM)`` of the decode kernel for this head dim and
     dtype."""
-    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
+    block_d = dot_extent(head_dim)
     return (block_d, *tile_config(CONFIGS, INTERPRET_CONFIG, head_dim, dtype, device))
 
 
@@ -255,7 +255,7 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[2]
     group = num_heads // num_kv_heads
-    block_g = max(16, triton.next_power_of_2(group))
+    block_g = dot_extent(group)
     block_d, block_n, num_warps, num_stages, _ = _tile(head_dim, q.dtype, q.device)
     split = num_splits > 1
     if split:

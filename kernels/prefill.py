@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, tile_config
+from . import INTERPRET, dot_extent, tile_config
 from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed by (head-dim bucket, fp32 inputs, GPU major version); the bucket is
@@ -329,7 +329,7 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
     ``[B, Hq, Sq]`` (see ``hf_flash.kernels`` for layouts and semantics)."""
     batch, (num_heads, head_dim) = q_len.shape[0], q.shape[2:]
     group = num_heads // k.shape[2]
-    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16
+    block_d = dot_extent(head_dim)
     tma = tma_path(q, k, v, out, max_seqlen_q, block_table)
     if tma:
         block_m, block_n, num_warps, num_stages, warp_specialize = (
