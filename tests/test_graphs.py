@@ -139,21 +139,40 @@ def test_a_step_that_cannot_be_captured_says_how_to_decode_eagerly():
     assert "lengths [] 0" in child.stdout, child.stdout
 
 
+def _generate_with_forward_widths(model, ids, mask, new):
+    """hf_flash's generate() on the torch backend, and the width of the input ids of each of its forward calls."""
+    widths = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        with ops.use_backend("torch"):
+            return _generate(model, "hf_flash", ids, mask, new=new), widths
+    finally:
+        hook.remove()
+
+
 def test_long_prompts_are_prefilled_in_chunks(monkeypatch):
     """A chunk budget of 48 tokens over 3 sequences prefills 16 columns at a time: left-padded prompts of 40, 23
     and 9 tokens take 3 forward calls (the first chunks are all padding for the short ones), tokens equal sdpa's."""
     monkeypatch.setattr(generate_patch, "PREFILL_CHUNK_TOKENS", 48)
     model, reference = tiny_model("qwen3")
     ids, mask = left_padded_batch([40, 23, 9])
-    widths = []
-    hook = model.model.register_forward_pre_hook(
-        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
-    with ops.use_backend("torch"):
-        got = _generate(model, "hf_flash", ids, mask, new=12)
-    hook.remove()
+    got, widths = _generate_with_forward_widths(model, ids, mask, new=12)
     assert widths[:4] == [16, 16, 8, 1]
     assert torch.equal(got.sequences, _generate(model, reference, ids, mask, new=12).sequences)
     assert cache_of(got).page_table.lengths == [40 + 11, 23 + 11, 9 + 11]
+
+
+@pytest.mark.parametrize("prompt, widths", [(40, [32, 8, 1]), (39, [39, 1])])
+def test_a_long_prompt_is_prefilled_in_two_chunks_at_least(monkeypatch, prompt, widths):
+    """From TWO_CHUNKS_FROM tokens over the batch (set to 40 here) a prompt that the budget would prefill whole takes
+    two chunks of whole pages: 40 tokens take 32 then 8, 39 tokens one call; tokens equal sdpa's."""
+    monkeypatch.setattr(generate_patch, "TWO_CHUNKS_FROM", 40)
+    model, reference = tiny_model("qwen3")
+    ids, mask = left_padded_batch([prompt])
+    got, seen = _generate_with_forward_widths(model, ids, mask, new=4)
+    assert seen[:len(widths)] == widths
+    assert torch.equal(got.sequences, _generate(model, reference, ids, mask, new=4).sequences)
 
 
 def test_compile_criteria_for_a_paged_cache():
