@@ -10,9 +10,10 @@ cd "$(dirname "$0")/.."
 out=${OUT:-device_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . >"$out/install.log" 2>&1 \
+# --upgrade: without it pip --target keeps what an earlier step or call on the same (warm) machine installed there.
+python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --target /tmp/site . >"$out/install.log" 2>&1 \
   || { cat "$out/install.log"; exit 1; }
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >>"$out/install.log" 2>&1
+[ -d .whl ] && python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl >>"$out/install.log" 2>&1
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
