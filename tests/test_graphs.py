@@ -163,13 +163,15 @@ def test_long_prompts_are_prefilled_in_chunks(monkeypatch):
     assert cache_of(got).page_table.lengths == [40 + 11, 23 + 11, 9 + 11]
 
 
-@pytest.mark.parametrize("prompt, widths", [(40, [32, 8, 1]), (39, [39, 1])])
-def test_a_long_prompt_is_prefilled_in_two_chunks_at_least(monkeypatch, prompt, widths):
-    """From TWO_CHUNKS_FROM tokens over the batch (set to 40 here) a prompt that the budget would prefill whole takes
-    two chunks of whole pages: 40 tokens take 32 then 8, 39 tokens one call; tokens equal sdpa's."""
+@pytest.mark.parametrize("lengths, widths", [([40], [32, 8, 1]), ([39], [39, 1]), ([20, 20], [16, 4, 1]),
+                                             ([19, 19], [19, 1])])
+def test_long_prompts_are_prefilled_in_two_chunks_at_least(monkeypatch, lengths, widths):
+    """From TWO_CHUNKS_FROM tokens over the batch (set to 40 here) prompts that the budget would prefill whole take
+    two chunks of whole pages: one prompt of 40 tokens takes 32 then 8, two of 20 take 16 then 4; 39 tokens over the
+    batch take one call. Tokens equal sdpa's."""
     monkeypatch.setattr(generate_patch, "TWO_CHUNKS_FROM", 40)
     model, reference = tiny_model("qwen3")
-    ids, mask = left_padded_batch([prompt])
+    ids, mask = left_padded_batch(lengths)
     got, seen = _generate_with_forward_widths(model, ids, mask, new=4)
     assert seen[:len(widths)] == widths
     assert torch.equal(got.sequences, _generate(model, reference, ids, mask, new=4).sequences)
