@@ -14,6 +14,16 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --target /tmp/site . >"$out/install.log" 2>&1 \
   || { cat "$out/install.log"; exit 1; }
 [ -d .whl ] && python3 -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl >>"$out/install.log" 2>&1
+# What runs must be this tree: every source file of the package, byte for byte, in the install.
+python3 - <<'PY' || exit 1
+import pathlib, sys
+folders = {"hf_flash": "hf_flash", "kernels": "hf_flash/kernels", "patches": "hf_flash/patches"}
+stale = [f"{dst}/{f.name}" for src, dst in folders.items() for f in pathlib.Path(src).glob("*.py")
+         if not (pathlib.Path("/tmp/site", dst, f.name).is_file()
+                 and pathlib.Path("/tmp/site", dst, f.name).read_bytes() == f.read_bytes())]
+if stale:
+    sys.exit(f"/tmp/site does not hold this tree's {', '.join(stale)}: not running stale code")
+PY
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
