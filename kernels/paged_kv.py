@@ -1,6 +1,5 @@
-"""Keys and values in cache pages. Writing: token i goes to page ``slot // page_size``, row ``slot % page_size`` of
-both pools, in one launch; a negative slot skips the token (padding). Reading: the ``@triton.jit`` helpers with which
-the prefill and decode kernels find a key tile's pages and load its K or V (the same masks in both)."""
+"""Writing new keys and values into their cache pages: token i goes to page ``slot // page_size``, row
+``slot % page_size`` of both pools, in one launch; a negative slot skips the token (padding)."""
 import contextlib
 
 import torch
@@ -8,29 +7,6 @@ import triton
 import triton.language as tl
 
 MAX_TILE = 2048  # elements of one program's [BLOCK_H, BLOCK_D] tile per pool: 16 per thread at 4 warps
-
-
-@triton.jit
-def page_ids(bt_row, cols, ok, stride_btp, PAGE_SIZE: tl.constexpr):
-    """The pages (int64: a page times the page stride passes 2^31 in large pools) of key positions ``cols``, a
-    scalar or a vector, through a block-table row of column stride ``stride_btp``; 0 where ``ok`` is false."""
-    return tl.load(bt_row + (cols // PAGE_SIZE) * stride_btp, mask=ok, other=0).to(tl.int64)
-
-
-@triton.jit
-def kv_tile(ptrs, cols, k_len, offs_d, MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """A K or V tile through pointers: masked tiles zero the keys at ``cols >= k_len``, padded head dims zero their
-    columns."""
-    d_ok = offs_d[None, :] < HEAD_DIM
-    if MASKED:
-        kv_ok = (cols < k_len)[:, None]
-        if PAD_D:
-            kv_ok = kv_ok & d_ok
-        return tl.load(ptrs, mask=kv_ok, other=0.0)
-    elif PAD_D:
-        return tl.load(ptrs, mask=d_ok, other=0.0)
-    else:
-        return tl.load(ptrs)
 
 
 @triton.jit

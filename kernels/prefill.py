@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, dot_extent, tile_config
-from .paged_kv import kv_tile, page_ids
 from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed by (head-dim bucket, fp32 inputs, GPU major version); the bucket is
@@ -64,14 +63,29 @@ TMA_ALIGN = 16  # bytes: TMA's rule for a descriptor's base address and every st
 
 
 @triton.jit
+def _kv_tile(ptrs, cols, k_len, offs_d, MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A K or V tile through pointers: masked tiles zero the keys past k_len, padded head dims zero their columns."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        kv_ok = (cols < k_len)[:, None]
+        if PAD_D:
+            kv_ok = kv_ok & d_ok
+        return tl.load(ptrs, mask=kv_ok, other=0.0)
+    elif PAD_D:
+        return tl.load(ptrs, mask=d_ok, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _page_ids(bt_row, start_n, offs_n, k_len, PAGE_SIZE: tl.constexpr, TILE_IN_PAGE: tl.constexpr):
-    """Pages of the key tile at start_n: one when the tile lies in one page, else one per key (0 past k_len)."""
+    """Page ids of the key tile at start_n: one when the tile lies in one page, else one per key (0 past k_len)."""
     if TILE_IN_PAGE:
-        ids = page_ids(bt_row, start_n, start_n < k_len, 1, PAGE_SIZE)
+        ids = tl.load(bt_row + start_n // PAGE_SIZE, mask=start_n < k_len, other=0)
     else:
         cols = start_n + offs_n
-        ids = page_ids(bt_row, cols, cols < k_len, 1, PAGE_SIZE)
-    return ids
+        ids = tl.load(bt_row + cols // PAGE_SIZE, mask=cols < k_len, other=0)
+    return ids.to(tl.int64)
 
 
 @triton.jit
@@ -119,7 +133,7 @@ def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, d
                 row = (k_row0 + start_n).to(tl.int64)  # int64: packed varlen rows times the row stride can pass 2^31
                 k_ptrs = K + row * stride_kn + (offs_n * stride_kn)[:, None] + offs_d[None, :]
                 v_ptrs = V + row * stride_vn + (offs_n * stride_vn)[:, None] + offs_d[None, :]
-            k = kv_tile(k_ptrs, cols, k_len, offs_d, MASKED, PAD_D, HEAD_DIM)
+            k = _kv_tile(k_ptrs, cols, k_len, offs_d, MASKED, PAD_D, HEAD_DIM)
         qk = qk_scores(q, k, qk_scale, cap_scale, cap_log2, HAS_SOFTCAP, DEFER_SCALE, UPCAST_DOT, DOT_PREC)
         if MASKED:
             keep = cols[None, :] < k_len  # TMA's zero keys past k_len score 0: they are masked here too
@@ -133,7 +147,7 @@ def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, d
         if TMA:
             v = V.load([start_n, 0])
         else:
-            v = kv_tile(v_ptrs, cols, k_len, offs_d, MASKED, PAD_D, HEAD_DIM)
+            v = _kv_tile(v_ptrs, cols, k_len, offs_d, MASKED, PAD_D, HEAD_DIM)
         acc = pv_accumulate(acc, p, v, UPCAST_DOT, DOT_PREC)
     return acc, l_i, m_i
 
