@@ -2,7 +2,8 @@
 
 One kernel family per module; each module holds its ``@triton.jit`` code and a launcher that only allocates
 scratch, computes the grid and launches. ``softmax_state`` has no launcher: it holds the online-softmax steps that
-prefill and decode share. No transformers import here; validation lives in ``hf_flash.ops``.
+prefill and decode share; ``paged_kv`` holds, beside its page-write kernel, the page-id and K/V-tile loads they share.
+No transformers import here; validation lives in ``hf_flash.ops``.
 
 Shared conventions (the torch path in ``hf_flash.torch_backend`` implements the same launchers):
 

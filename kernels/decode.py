@@ -14,6 +14,7 @@ import triton.language as tl
 
 from . import INTERPRET, dot_extent, head_dim_bucket, tile_config
 from .merge import merge_many, merge_outputs, merge_weights
+from .paged_kv import kv_tile, page_ids
 from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
 
 # (BLOCK_N, num_warps, num_stages, programs per SM) keyed by (head-dim bucket, fp32 inputs, GPU major version); the
@@ -22,19 +23,21 @@ from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores,
 # short tiles keep them from spilling. Programs per SM: how many of the config's programs one SM holds at once, as
 # Triton 3.6 compiles them for sm90 (registers, shared memory and warps against the SM's: ``resident_programs``;
 # tests/test_kernel_decode.py checks it against the GPU at hand); the sm80 rows carry their sm90 figure, unmeasured on
-# an sm80 GPU. All read from the H200's compiled kernels, 2026-12-03 (the fewest over the unsplit and split variants).
+# an sm80 GPU. All read from the H200's compiled kernels, 2026-12-03 (the fewest over the unsplit and split variants;
+# head dim 64 bf16 and 128 fp32 read again with the page size a compile-time constant and the page ids int64
+# loop-carried values: 8 -> 9 and 3 -> 4).
 # The split count fills them (``program_slots``). Tune on the GPU with scripts/tune_decode.py.
 CONFIGS = {
     (64, False, 8): (128, 4, 3, 3),
     (128, False, 8): (64, 4, 3, 3),
     (256, False, 8): (32, 4, 3, 3),
     (64, True, 8): (32, 8, 3, 4),
-    (128, True, 8): (16, 8, 3, 3),
+    (128, True, 8): (16, 8, 3, 4),
     (256, True, 8): (16, 8, 3, 2),
     # H200, 2026-12-03 (head dim 64, bf16, GQA 32/8, pages of 16, planned splits, against (64, 8, 3; 4 per SM)):
     # 1 x 576 0.110 TB/s vs 0.096; 8 x 8256 2.45 vs 2.40; 16 x 2112 1.87 vs 1.84; 128 x 576 2.72 vs 2.50 (1,024
     # programs in one wave); 64 x 1088 2.51 vs 2.61 (two splits planned; the one loss).
-    (64, False, 9): (32, 4, 3, 8),
+    (64, False, 9): (32, 4, 3, 9),
     (128, False, 9): (32, 4, 3, 4),  # H100, scripts/tune_decode.py 2026-11-23: best geomean, 95-99 % of copy at B>=64
 }
 # The interpreter runs numpy per program: 16-key tiles give the tests' short sequences several tiles per split.
@@ -51,48 +54,37 @@ REDUCE_TILE = 4096  # elements of the reduce kernel's [splits, D] tile: 32 fp32 
 
 
 @triton.jit
-def _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, max_pages, kv_lo, first, last, step, seqlen, page_size,
+def _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, max_pages, kv_lo, first, last, step, seqlen,
                   stride_kp, stride_kn, stride_vp, stride_vn, qk_scale, cap_scale, cap_log2, offs_n, offs_d,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAD_D: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+                  PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
     """Folds key tiles first, first + step, ... < last (tile t holds keys kv_lo + t * BLOCK_N + [0, BLOCK_N)) into
     the running (acc, l_i, m_i), in the log2 domain. MASKED: the tiles are ragged and keys past seqlen are hidden;
     otherwise every key of every tile is visible and nothing is masked."""
-    d_ok = offs_d[None, :] < HEAD_DIM
     # Keys are gathered BLOCK_N at a time through the block table, whatever the page size. The page ids of the next
     # tile are loaded one iteration ahead by hand: K/V addresses then come from a loop-carried value, not from a load
     # of the same iteration, and Triton's pipeliner gives the K/V copies num_stages - 1 buffers instead of one.
     # The page-id loads are bounded by the table's width, not by seqlen: without a window the first one does not
     # wait for the length load (one memory round trip less before the first K/V tile).
+    # Offsets are 64-bit whatever the pool's size (unlike prefill's): with 32-bit ones (H200, 2026-12-03) the head dim
+    # 128 bf16 kernel took fewer registers, an SM held 5 of its programs instead of 4, and with pages of 16 it lost
+    # where it ran more programs than slots: 128 x 2k 3.59 TB/s instead of 4.08, 256 x 1k 3.79 instead of 3.98.
     cols_next = kv_lo + first * BLOCK_N + offs_n
-    page_next = tl.load(bt_row + (cols_next // page_size) * stride_btp, mask=cols_next // page_size < max_pages,
-                        other=0)
+    page_next = page_ids(bt_row, cols_next, cols_next // PAGE_SIZE < max_pages, stride_btp, PAGE_SIZE, WIDE=True)
     for tile in range(first, last, step):
         cols = kv_lo + tile * BLOCK_N + offs_n
-        page = page_next.to(tl.int64)  # int64: page * page stride passes 2^31 in large pools
+        page = page_next
         cols_next = cols + step * BLOCK_N
-        page_next = tl.load(bt_row + (cols_next // page_size) * stride_btp, mask=cols_next // page_size < max_pages,
-                            other=0)
-        row = (cols % page_size).to(tl.int64)
+        page_next = page_ids(bt_row, cols_next, cols_next // PAGE_SIZE < max_pages, stride_btp, PAGE_SIZE, WIDE=True)
+        row = (cols % PAGE_SIZE).to(tl.int64)
         k_ptrs = K + (page * stride_kp + row * stride_kn)[:, None] + offs_d[None, :]
         v_ptrs = V + (page * stride_vp + row * stride_vn)[:, None] + offs_d[None, :]
-        if MASKED:
-            col_ok = cols < seqlen
-            kv_ok = col_ok[:, None]
-            if PAD_D:
-                kv_ok = kv_ok & d_ok
-            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
-        elif PAD_D:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = kv_tile(k_ptrs, cols, seqlen, offs_d, MASKED, PAD_D, HEAD_DIM)
+        v = kv_tile(v_ptrs, cols, seqlen, offs_d, MASKED, PAD_D, HEAD_DIM)
         qk = qk_scores(q, k, qk_scale, cap_scale, cap_log2, HAS_SOFTCAP, DEFER_SCALE=False, UPCAST_DOT=UPCAST_DOT,
                        DOT_PREC=DOT_PREC)
         if MASKED:
-            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+            qk = tl.where(cols[None, :] < seqlen, qk, float("-inf"))
         # Every tile holds at least one visible key, so the new maxima are finite: no -inf guard needed.
         acc, l_i, m_i, p = online_softmax_fold(acc, l_i, m_i, qk, qk_scale, DEFER_SCALE=False, GUARD_EMPTY=False)
         acc = pv_accumulate(acc, p, v, UPCAST_DOT, DOT_PREC)
@@ -103,15 +95,16 @@ def _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, max_pages, kv_lo, 
 def _decode_kernel(Q, K, V, BlockTable, Seqlens, Out, Lse, OutPart, LsePart,
                    stride_qb, stride_qh, stride_kp, stride_kn, stride_kh, stride_vp, stride_vn, stride_vh,
                    stride_btb, stride_btp, max_pages, stride_ob, stride_oh, stride_lb, stride_lh,
-                   num_heads, num_kv_heads, group, page_size, window_left, num_splits,
+                   num_heads, num_kv_heads, group, window_left, num_splits,
                    qk_scale, cap_scale, cap_log2,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PAGE_SIZE: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
                    UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):
     # Layouts (element strides, last dim contiguous):
     #   Q / Out      [B, Hq, D]; Lse [B, Hq] float32, natural log
-    #   K / V        pools [num_pages, page_size, Hkv, D]; key j of sequence b at page BlockTable[b, j // page_size],
-    #                row j % page_size; keys 0 .. Seqlens[b] - 1 exist and the query is the last of them
+    #   K / V        pools [num_pages, PAGE_SIZE, Hkv, D]; key j of sequence b at page BlockTable[b, j // PAGE_SIZE],
+    #                row j % PAGE_SIZE; keys 0 .. Seqlens[b] - 1 exist and the query is the last of them
     #   OutPart      [B, Hq, num_splits, HEAD_DIM] float32 and LsePart [B, Hq, num_splits] (SPLIT only), contiguous
     # Grid (B * Hkv, num_splits); query heads kv_head * group .. + group - 1 are the rows of the tile.
     if PDL:  # the reduce kernel may be scheduled now; it waits in gdc_wait for this grid's stores
@@ -150,13 +143,13 @@ def _decode_kernel(Q, K, V, BlockTable, Seqlens, Out, Lse, OutPart, LsePart,
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, max_pages, kv_lo, split, full_tiles,
-                                  num_splits, seqlen, page_size, stride_kp, stride_kn, stride_vp, stride_vn,
+                                  num_splits, seqlen, stride_kp, stride_kn, stride_vp, stride_vn,
                                   qk_scale, cap_scale, cap_log2, offs_n, offs_d,
-                                  BLOCK_N, False, HAS_SOFTCAP, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
+                                  PAGE_SIZE, BLOCK_N, False, HAS_SOFTCAP, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
     acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, K, V, bt_row, stride_btp, max_pages, kv_lo, ragged, all_tiles,
-                                  num_splits, seqlen, page_size, stride_kp, stride_kn, stride_vp, stride_vn,
+                                  num_splits, seqlen, stride_kp, stride_kn, stride_vp, stride_vn,
                                   qk_scale, cap_scale, cap_log2, offs_n, offs_d,
-                                  BLOCK_N, True, HAS_SOFTCAP, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
+                                  PAGE_SIZE, BLOCK_N, True, HAS_SOFTCAP, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC)
 
     out, lse = softmax_output(acc, l_i, m_i)  # an empty range leaves l = 0: out 0, lse -inf
     if SPLIT:
@@ -271,10 +264,10 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
             v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), block_table.stride(0), block_table.stride(1),
             block_table.shape[1], out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-            num_heads, num_kv_heads, group, k_pool.shape[1], max(window_left, 0), num_splits,
+            num_heads, num_kv_heads, group, max(window_left, 0), num_splits,
             softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,
             softcap * LOG2E if has_softcap else 1.0,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=block_n,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=block_n, PAGE_SIZE=k_pool.shape[1],
             HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=has_softcap, SPLIT=split,
             UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl,

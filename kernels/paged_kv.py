@@ -1,5 +1,6 @@
-"""Writing new keys and values into their cache pages: token i goes to page ``slot // page_size``, row
-``slot % page_size`` of both pools, in one launch; a negative slot skips the token (padding)."""
+"""Keys and values in cache pages. Writing: token i goes to page ``slot // page_size``, row ``slot % page_size`` of
+both pools, in one launch; a negative slot skips the token (padding). Reading: the ``@triton.jit`` helpers with which
+the prefill and decode kernels find a key tile's pages and load its K or V (the same masks in both)."""
 import contextlib
 
 import torch
@@ -7,6 +8,45 @@ import triton
 import triton.language as tl
 
 MAX_TILE = 2048  # elements of one program's [BLOCK_H, BLOCK_D] tile per pool: 16 per thread at 4 warps
+# Pools spanning at least this many elements from their base address their keys with 64-bit offsets, smaller ones
+# with 32-bit offsets (a gathered key's address is then a few integer instructions fewer). Tests lower it to check
+# the wide path.
+WIDE_POOL_ELEMENTS = 2**31
+
+
+def wide_offsets(*pools) -> bool:
+    """Whether a kernel reading these page pools needs 64-bit offsets (``page_ids``' WIDE): the farthest element from
+    a pool's base, through its strides (a view such as one half of an interleaved K/V pool spans more than its
+    numel), is ``WIDE_POOL_ELEMENTS`` or more away."""
+    return max(sum((n - 1) * s for n, s in zip(pool.shape, pool.stride())) + 1
+               for pool in pools) >= WIDE_POOL_ELEMENTS
+
+
+@triton.jit
+def page_ids(bt_row, cols, ok, stride_btp, PAGE_SIZE: tl.constexpr, WIDE: tl.constexpr):
+    """The pages of key positions ``cols``, a scalar or a vector, through a block-table row of column stride
+    ``stride_btp``; 0 where ``ok`` is false. int64 when WIDE (a page times the page stride passes 2^31 in pools of
+    ``WIDE_POOL_ELEMENTS``), else the table's int32."""
+    ids = tl.load(bt_row + (cols // PAGE_SIZE) * stride_btp, mask=ok, other=0)
+    if WIDE:
+        ids = ids.to(tl.int64)
+    return ids
+
+
+@triton.jit
+def kv_tile(ptrs, cols, k_len, offs_d, MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A K or V tile through pointers: masked tiles zero the keys at ``cols >= k_len``, padded head dims zero their
+    columns."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        kv_ok = (cols < k_len)[:, None]
+        if PAD_D:
+            kv_ok = kv_ok & d_ok
+        return tl.load(ptrs, mask=kv_ok, other=0.0)
+    elif PAD_D:
+        return tl.load(ptrs, mask=d_ok, other=0.0)
+    else:
+        return tl.load(ptrs)
 
 
 @triton.jit

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET, dot_extent, tile_config
+from .paged_kv import kv_tile, page_ids, wide_offsets
 from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) keyed by (head-dim bucket, fp32 inputs, GPU major version); the bucket is
@@ -63,36 +64,22 @@ TMA_ALIGN = 16  # bytes: TMA's rule for a descriptor's base address and every st
 
 
 @triton.jit
-def _kv_tile(ptrs, cols, k_len, offs_d, MASKED: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """A K or V tile through pointers: masked tiles zero the keys past k_len, padded head dims zero their columns."""
-    d_ok = offs_d[None, :] < HEAD_DIM
-    if MASKED:
-        kv_ok = (cols < k_len)[:, None]
-        if PAD_D:
-            kv_ok = kv_ok & d_ok
-        return tl.load(ptrs, mask=kv_ok, other=0.0)
-    elif PAD_D:
-        return tl.load(ptrs, mask=d_ok, other=0.0)
-    else:
-        return tl.load(ptrs)
-
-
-@triton.jit
-def _page_ids(bt_row, start_n, offs_n, k_len, PAGE_SIZE: tl.constexpr, TILE_IN_PAGE: tl.constexpr):
-    """Page ids of the key tile at start_n: one when the tile lies in one page, else one per key (0 past k_len)."""
+def _page_ids(bt_row, start_n, offs_n, k_len, PAGE_SIZE: tl.constexpr, WIDE: tl.constexpr,
+              TILE_IN_PAGE: tl.constexpr):
+    """Pages of the key tile at start_n: one when the tile lies in one page, else one per key (0 past k_len)."""
     if TILE_IN_PAGE:
-        ids = tl.load(bt_row + start_n // PAGE_SIZE, mask=start_n < k_len, other=0)
+        ids = page_ids(bt_row, start_n, start_n < k_len, 1, PAGE_SIZE, WIDE)
     else:
         cols = start_n + offs_n
-        ids = tl.load(bt_row + cols // PAGE_SIZE, mask=cols < k_len, other=0)
-    return ids.to(tl.int64)
+        ids = page_ids(bt_row, cols, cols < k_len, 1, PAGE_SIZE, WIDE)
+    return ids
 
 
 @triton.jit
 def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, diag_right, diag_left,
                   stride_kn, stride_kp, stride_vn, stride_vp, qk_scale, cap_scale, cap_log2, offs_n, offs_d,
-                  PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
-                  HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
+                  PAGE_SIZE: tl.constexpr, WIDE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr,
                   TILE_IN_PAGE: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST_DOT: tl.constexpr,
                   DOT_PREC: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """Folds keys [lo, hi) into the running (acc, l_i, m_i). MASKED tiles apply bounds, causal and window masks;
@@ -109,12 +96,12 @@ def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, d
     # iteration; Triton's pipeliner then keeps num_stages tiles in flight as over a contiguous cache (read in the
     # tile's own iteration, the copies of the next tile were issued after the math and awaited at once).
     if PAGED:
-        next_page = _page_ids(bt_row, lo, offs_n, k_len, PAGE_SIZE, TILE_IN_PAGE)
+        next_page = _page_ids(bt_row, lo, offs_n, k_len, PAGE_SIZE, WIDE, TILE_IN_PAGE)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
         if PAGED:
             page = next_page
-            next_page = _page_ids(bt_row, start_n + BLOCK_N, offs_n, k_len, PAGE_SIZE, TILE_IN_PAGE)
+            next_page = _page_ids(bt_row, start_n + BLOCK_N, offs_n, k_len, PAGE_SIZE, WIDE, TILE_IN_PAGE)
         if TMA:
             k = K.load([start_n, 0])
         else:
@@ -127,13 +114,13 @@ def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, d
             elif PAGED:
                 # Gather BLOCK_N logical keys through the block table, whatever the page size.
                 slot = cols % PAGE_SIZE
-                k_ptrs = K + page[:, None] * stride_kp + (slot * stride_kn)[:, None] + offs_d[None, :]
-                v_ptrs = V + page[:, None] * stride_vp + (slot * stride_vn)[:, None] + offs_d[None, :]
+                k_ptrs = K + (page * stride_kp + slot * stride_kn)[:, None] + offs_d[None, :]
+                v_ptrs = V + (page * stride_vp + slot * stride_vn)[:, None] + offs_d[None, :]
             else:
                 row = (k_row0 + start_n).to(tl.int64)  # int64: packed varlen rows times the row stride can pass 2^31
                 k_ptrs = K + row * stride_kn + (offs_n * stride_kn)[:, None] + offs_d[None, :]
                 v_ptrs = V + row * stride_vn + (offs_n * stride_vn)[:, None] + offs_d[None, :]
-            k = _kv_tile(k_ptrs, cols, k_len, offs_d, MASKED, PAD_D, HEAD_DIM)
+            k = kv_tile(k_ptrs, cols, k_len, offs_d, MASKED, PAD_D, HEAD_DIM)
         qk = qk_scores(q, k, qk_scale, cap_scale, cap_log2, HAS_SOFTCAP, DEFER_SCALE, UPCAST_DOT, DOT_PREC)
         if MASKED:
             keep = cols[None, :] < k_len  # TMA's zero keys past k_len score 0: they are masked here too
@@ -147,7 +134,7 @@ def _attend_range(acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, d
         if TMA:
             v = V.load([start_n, 0])
         else:
-            v = _kv_tile(v_ptrs, cols, k_len, offs_d, MASKED, PAD_D, HEAD_DIM)
+            v = kv_tile(v_ptrs, cols, k_len, offs_d, MASKED, PAD_D, HEAD_DIM)
         acc = pv_accumulate(acc, p, v, UPCAST_DOT, DOT_PREC)
     return acc, l_i, m_i
 
@@ -160,9 +147,9 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
                     num_heads, group, num_m_tiles, window_left, window_right,
                     qk_scale, cap_scale, cap_log2,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PAGE_SIZE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    PAGED: tl.constexpr, TILE_IN_PAGE: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                    DOT_PREC: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                    PAGE_SIZE: tl.constexpr, WIDE: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, TILE_IN_PAGE: tl.constexpr,
+                    UPCAST_DOT: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     # Layouts (element strides, last dim contiguous):
     #   Q / Out   [B, Sq, Hq, D]; sequence b owns rows q_start[b] .. q_start[b] + q_len[b] - 1 (batch stride may be 0)
     #   K / V     [B, Sk, Hkv, D] rows k_start[b] ..; or, PAGED, pools [num_pages, PAGE_SIZE, Hkv, D] with logical
@@ -261,25 +248,25 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
         # masked; the tuner weighs that against the unspecialized loops below, which skip the masks where they can.
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, K, V, bt_row, lo, hi, rows, k_len, k_row0, diag_right, diag_left, stride_ks, stride_kb,
-            stride_vs, stride_vb, qk_scale, cap_scale, cap_log2, offs_n, offs_d, PAGE_SIZE, BLOCK_N,
+            stride_vs, stride_vb, qk_scale, cap_scale, cap_log2, offs_n, offs_d, PAGE_SIZE, WIDE, BLOCK_N,
             True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, TILE_IN_PAGE, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC, TMA,
             WARP_SPECIALIZE)
     else:
         if HAS_LEFT:  # window's left edge: masked
             acc, l_i, m_i = _attend_range(
                 acc, l_i, m_i, q, K, V, bt_row, lo, mid_lo, rows, k_len, k_row0, diag_right, diag_left, stride_ks,
-                stride_kb, stride_vs, stride_vb, qk_scale, cap_scale, cap_log2, offs_n, offs_d, PAGE_SIZE, BLOCK_N,
-                True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, TILE_IN_PAGE, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC, TMA,
-                False)
+                stride_kb, stride_vs, stride_vb, qk_scale, cap_scale, cap_log2, offs_n, offs_d, PAGE_SIZE, WIDE,
+                BLOCK_N, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, TILE_IN_PAGE, PAD_D, HEAD_DIM, UPCAST_DOT,
+                DOT_PREC, TMA, False)
         acc, l_i, m_i = _attend_range(  # fully visible tiles: no masks
             acc, l_i, m_i, q, K, V, bt_row, mid_lo, mid_hi, rows, k_len, k_row0, diag_right, diag_left, stride_ks,
-            stride_kb, stride_vs, stride_vb, qk_scale, cap_scale, cap_log2, offs_n, offs_d, PAGE_SIZE, BLOCK_N,
+            stride_kb, stride_vs, stride_vb, qk_scale, cap_scale, cap_log2, offs_n, offs_d, PAGE_SIZE, WIDE, BLOCK_N,
             False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, TILE_IN_PAGE, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC, TMA,
             False)
         # Diagonal / window's right edge / ragged last key tile: masked.
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, K, V, bt_row, mid_hi, hi, rows, k_len, k_row0, diag_right, diag_left, stride_ks,
-            stride_kb, stride_vs, stride_vb, qk_scale, cap_scale, cap_log2, offs_n, offs_d, PAGE_SIZE, BLOCK_N,
+            stride_kb, stride_vs, stride_vb, qk_scale, cap_scale, cap_log2, offs_n, offs_d, PAGE_SIZE, WIDE, BLOCK_N,
             True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, PAGED, TILE_IN_PAGE, PAD_D, HEAD_DIM, UPCAST_DOT, DOT_PREC, TMA,
             False)
 
@@ -357,7 +344,7 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         # a constant page size: a key's page and row are shifts and masks (pages of 2^k) or a multiply, not a
         # division per key and tile; one compile per page size in use
-        PAGE_SIZE=k.shape[1] if paged else 1,
+        PAGE_SIZE=k.shape[1] if paged else 1, WIDE=paged and wide_offsets(k, v),
         HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=has_softcap, PAGED=paged,
         TILE_IN_PAGE=paged and k.shape[1] % block_n == 0,
         UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,

@@ -9,6 +9,7 @@ import torch
 from reference import attention_ref
 
 from hf_flash import ops
+from hf_flash.kernels import paged_kv
 
 GUARD_PAGES, PAGE, HKV, HQ, D = 2, 4, 2, 4, 32
 GARBAGE = (-1, 1 << 30)
@@ -80,3 +81,30 @@ def test_paged_prefill_and_page_writes_stay_inside_the_pools(backend, device):
     assert _guards_intact(k_buffer) and _guards_intact(v_buffer)
     ref, _ = attention_ref(q, k_new[:5], v_new[:5], causal=True)
     torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=0)
+
+
+@pytest.mark.cuda
+def test_pools_spanning_past_2_31_elements(device):
+    # Pools of 2^20 + 3 pages of 16 x 1 x 128 bf16 (2^31 + 6144 elements, 4.3 GB each) whose one sequence sits in the
+    # last three pages: a key's offset from the pool's base passes 2^31, where 32-bit offsets would wrap.
+    page, hkv, head_dim, dtype = 16, 1, 128, torch.bfloat16
+    num_pages = (1 << 31) // (page * hkv * head_dim) + 3
+    k_pool, v_pool = (torch.full((num_pages, page, hkv, head_dim), float("nan"), dtype=dtype, device=device)
+                      for _ in range(2))
+    assert paged_kv.wide_offsets(k_pool, v_pool)
+    n = 40
+    keys, values = (torch.randn(n, hkv, head_dim, device=device).to(dtype) for _ in range(2))
+    pages = list(range(num_pages - 3, num_pages))
+    for pos in range(n):
+        k_pool[pages[pos // page], pos % page], v_pool[pages[pos // page], pos % page] = keys[pos], values[pos]
+    table = torch.tensor([pages], dtype=torch.int32, device=device)
+    q = torch.randn(n, 4, head_dim, device=device).to(dtype)
+    with ops.use_backend("triton"):
+        decoded = ops.attention_with_kvcache(q[-1:][None], k_pool, v_pool, torch.tensor([n], dtype=torch.int32,
+                                             device=device), table, causal=True, num_splits=2)
+        prefilled = ops.attention_varlen(q, k_pool, v_pool, torch.tensor([0, n], dtype=torch.int32, device=device),
+                                         torch.tensor([0, n], dtype=torch.int32, device=device), block_table=table,
+                                         causal=True)
+    ref, _ = attention_ref(q, keys, values, causal=True)
+    torch.testing.assert_close(prefilled.double(), ref, atol=2e-2, rtol=0)  # bf16: P and out rounded to 2^-8
+    torch.testing.assert_close(decoded[0].double(), ref[-1:], atol=2e-2, rtol=0)

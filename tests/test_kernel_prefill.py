@@ -144,9 +144,12 @@ def _run_padded_batch(head_dim, causal, window, device):
 
 @pytest.mark.parametrize("page_size", [1, 16, 24, 32, 40, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged(page_size, dtype, device):
+@pytest.mark.parametrize("offsets", ["int32", "int64"])
+def test_paged(page_size, dtype, offsets, device, monkeypatch):
     # Chunked prefill / decode shapes over a paged cache: q_len <= k_len, causal, GQA 4:2. Pages of a multiple of the
     # key tile (16 in the interpreter, 32 or 64 on a GPU) hold whole tiles (one page id per tile); the others gather.
+    if offsets == "int64":  # as in pools spanning 2^31 elements or more (test_bounds.py has a real one, on a GPU)
+        monkeypatch.setattr(importlib.import_module("hf_flash.kernels.paged_kv"), "WIDE_POOL_ELEMENTS", 0)
     q_lens, k_lens = [11, 1, 30, 0], [40, 17, 30, 5]
     k_pool, v_pool, table, keys = scatter_to_pages(k_lens, 2, 64, page_size, dtype, device)
     q = torch.randn(len(q_lens), max(q_lens), 4, 64, device=device).to(dtype)
