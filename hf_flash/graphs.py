@@ -18,6 +18,7 @@ key runs the compiled function on the static buffers (compiling it, and the Trit
 arguments); the second one captures it.
 """
 import contextlib
+import functools
 import itertools
 import weakref
 
@@ -37,11 +38,17 @@ _STEP_ARGS = {"input_ids", "position_ids", "attention_mask", CACHE_NAME, "use_ca
 # coordinate_descent_tuning (gpt-fast's setting): inductor turns one-row matmuls (a decode step of one sequence) into
 # reductions it tunes, which read the weights faster than cuBLAS's GEMM there (measured on the H200: 8B-shaped model,
 # B=1, 196 tok/s instead of 176), at the price of a longer first compile.
+# triton.enable_pdl: inductor launches the step's kernels with programmatic dependent launch (on Hopper and newer;
+# inductor checks the GPU), so each is scheduled while the one before it finishes and reads what does not depend on
+# it (the weights) before waiting for it. A batch-1 step is about 180 small kernels, and the gaps between them were up
+# to a fifth of its time (H200, 1B-shaped, generate() at 1 x 512: 777 and 872 tok/s without, 977 and 951 with, two
+# alternating pairs; at 128 x 512, where the step is larger, -5 % and +6 %: no effect beyond the noise; BENCHMARKS.md).
+# A torch whose inductor lacks the option compiles without it, and says so once (``inductor_options``).
 # Compiled with dynamic shapes and ints from the start: one graph for every length, split count and pool size (a
 # static first compile would be followed by a recompile at the second step, whose lengths differ); a new batch size
 # compiles once more.
 COMPILE_BACKENDS = {"cuda": "inductor"}
-_INDUCTOR_OPTIONS = {"fallback_random": True, "coordinate_descent_tuning": True}
+_INDUCTOR_OPTIONS = {"fallback_random": True, "coordinate_descent_tuning": True, "triton.enable_pdl": True}
 _compiled = {}  # compile settings (step function first) -> its torch.compile wrapper
 # The BLAS library of the step's matmuls (the projections and the MLP, at as many rows as the batch has sequences),
 # set while the step runs for the first time and while it is captured (the graph keeps the kernels chosen then), and
@@ -81,12 +88,27 @@ def compiled(step_function, device, compile_config=None):
         from torch._inductor import list_mode_options
 
         mode = getattr(compile_config, "mode", None)
-        config["options"] = {**_INDUCTOR_OPTIONS, **(list_mode_options(mode) if mode else {}),
+        config["options"] = {**inductor_options(), **(list_mode_options(mode) if mode else {}),
                              **(config["options"] or {}), "triton.cudagraphs": False}
     key = (step_function, *(repr(sorted(v.items())) if isinstance(v, dict) else v for v in config.values()))
     if key not in _compiled:
         _compiled[key] = torch.compile(step_function, **config)
     return _compiled[key]
+
+
+def inductor_options():
+    """hf_flash's inductor options for the steps: ``_INDUCTOR_OPTIONS`` less those this torch's inductor lacks (each
+    said once)."""
+    from torch._inductor import config as inductor_config
+
+    options = {}
+    for name, value in _INDUCTOR_OPTIONS.items():
+        owner, _, leaf = name.rpartition(".")
+        if hasattr(functools.reduce(getattr, owner.split(".") if owner else [], inductor_config), leaf):
+            options[name] = value
+        else:
+            warn_once(f"this torch's inductor has no {name!r} option: decode steps are compiled without it (slower)")
+    return options
 
 
 # The step graphs captured over each set of pools, by (model, batch, splits, step, pool size), keyed by the first

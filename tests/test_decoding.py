@@ -302,4 +302,17 @@ def test_compile_config_reaches_torch_compile(monkeypatch, mode):
     assert options["fallback_random"] and not options["epilogue_fusion"] and not options["triton.cudagraphs"]
     assert options.get("max_autotune", False) == (mode == "max-autotune")
     assert default["options"] == {**graphs._INDUCTOR_OPTIONS, "triton.cudagraphs": False}
+    assert default["options"]["triton.enable_pdl"]  # this torch's inductor has the option
     assert not default["fullgraph"]
+
+
+def test_inductor_options_this_torch_lacks_are_left_out_and_said(caplog, monkeypatch):
+    """An option of hf_flash's that this torch's inductor does not know (an older release) would make torch.compile
+    raise: it is left out of the step's options, and the logger says so once."""
+    monkeypatch.setitem(graphs._INDUCTOR_OPTIONS, "triton.no_such_option", True)
+    transformers.utils.logging.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="hf_flash"):
+        options = [graphs.inductor_options() for _ in range(2)]
+    assert options[0] == options[1] == {k: v for k, v in graphs._INDUCTOR_OPTIONS.items() if "no_such" not in k}
+    lines = [r.getMessage() for r in caplog.records if "triton.no_such_option" in r.getMessage()]
+    assert len(lines) == 1, lines
