@@ -96,6 +96,7 @@ def compiled(step_function, device, compile_config=None):
     return _compiled[key]
 
 
+@functools.cache  # a process's torch does not change: asked once, not at every step of transformers' loop
 def inductor_options():
     """hf_flash's inductor options for the steps: ``_INDUCTOR_OPTIONS`` less those this torch's inductor lacks (each
     said once)."""
