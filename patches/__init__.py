@@ -5,6 +5,7 @@ above the glue (``hf_flash.integration``, which uses only transformers' public r
 * ``flash_loader``: transformers' flash-attention loader answers ``"hf_flash"`` with hf_flash's functions.
 * ``attn_implementation``: models that list their own flash kernels refuse ``"hf_flash"`` with a clear error.
 * ``generate``: ``generate()`` on a ``PagedCache`` by default, chunked prefill, CUDA-graph decode, transactions.
+* ``continuous_batching``: ``generate_batch`` on a GPU without transformers' asynchronous double-buffering.
 """
 if __name__ != "hf_flash.patches":
     # From the repository root (python -m pytest, python -c there) this folder is on sys.path as a top-level
@@ -14,7 +15,7 @@ if __name__ != "hf_flash.patches":
 
 import importlib
 
-_MODULES = ("flash_loader", "attn_implementation", "generate")
+_MODULES = ("flash_loader", "attn_implementation", "generate", "continuous_batching")
 
 
 def apply():

@@ -92,3 +92,55 @@ def test_no_flash_attn_casting_line_for_an_fp32_model(fresh_warnings):
     assert not any("back to torch.float32" in m for m in messages), messages
     assert any("back to torch.bfloat16" in m for m in messages)  # a real cast is still said
     assert model.dtype == torch.float32
+
+
+def test_continuous_batching_on_a_gpu_leaves_async_double_buffering_off(caplog, fresh_warnings, monkeypatch):
+    """``generate_batch`` with hf_flash on a GPU gets ``use_async_batching=False`` unless the caller set it (that mode
+    returned wrong tokens with any mask-free attention on transformers 5.17: ``patches/continuous_batching.py``); the
+    caller's config is never modified, and other implementations and devices get exactly what they passed."""
+    from types import SimpleNamespace
+
+    from transformers.generation import ContinuousMixin
+
+    from hf_flash.patches import continuous_batching as patch
+
+    assert ContinuousMixin.init_continuous_batching is patch.init_continuous_batching
+    passed = []
+    monkeypatch.setattr(patch, "_original_init", lambda model, generation, batching, *a, **k: passed.append(batching))
+
+    def model(implementation="hf_flash", device="cuda", generation_config=None):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=implementation), device=torch.device(device),
+                               generation_config=generation_config or transformers.GenerationConfig())
+
+    given = transformers.ContinuousBatchingConfig(num_blocks=16)
+    with caplog.at_level(logging.WARNING, logger="hf_flash"):
+        patch.init_continuous_batching(model(), None, given)
+        patch.init_continuous_batching(model("paged|hf_flash"), None, None)
+    assert passed[0].use_async_batching is False and passed[0].num_blocks == 16
+    assert given.use_async_batching is None and passed[0] is not given
+    assert passed[1].use_async_batching is False
+    assert len([r for r in caplog.records if "double-buffering" in r.getMessage()]) == 1
+
+    asked = transformers.ContinuousBatchingConfig(use_async_batching=True)
+    patch.init_continuous_batching(model(), None, asked)
+    assert passed[-1].use_async_batching is True
+    carried = transformers.GenerationConfig()  # the deprecated way: a config carried by the GenerationConfig
+    carried.continuous_batching_config = transformers.ContinuousBatchingConfig(num_blocks=8)
+    patch.init_continuous_batching(model(), carried, None)
+    assert passed[-1].num_blocks == 8 and passed[-1].use_async_batching is False
+    for other in (model("sdpa"), model(device="cpu")):
+        patch.init_continuous_batching(other, None, given)
+        assert passed[-1] is given
+
+
+def test_continuous_batching_patch_reverts():
+    from transformers.generation import ContinuousMixin
+
+    from hf_flash.patches import continuous_batching as patch
+
+    patch.revert()
+    try:
+        assert ContinuousMixin.init_continuous_batching is patch._original_init
+    finally:
+        patch.apply()
+    assert ContinuousMixin.init_continuous_batching is patch.init_continuous_batching
