@@ -92,6 +92,18 @@ def tile_config(configs, interpret_config, head_dim, dtype, device):
     return configs.get((bucket, fp32, major), configs[(bucket, fp32, 8)])
 
 
+def dependent_launch(device):
+    """Whether hf_flash's kernels launched now on ``device`` use programmatic dependent launch: on Hopper and newer
+    (not the interpreter), inside CUDA-graph capture (the decode step: some 180 short kernels at a batch of one).
+    Each kernel is then scheduled while the one before it finishes and waits in ``gdc_wait`` for its stores. Eager
+    launches keep stream order: with PDL they made the host-bound batch-one prefill slower on the H200 (1B-shaped
+    1 x 512: 20 -> 30 ms, BENCHMARKS.md 2026-12-04)."""
+    import torch
+
+    return (device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
+            and torch.cuda.is_current_stream_capturing())
+
+
 def backend():
     """The launchers as one module with the same names as ``hf_flash.torch_backend``."""
     from . import launchers

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, dot_extent, head_dim_bucket, tile_config
+from . import INTERPRET, dependent_launch, dot_extent, head_dim_bucket, tile_config
 from .merge import merge_many, merge_outputs, merge_weights
 from .paged_kv import kv_tile, page_ids
 from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
@@ -107,8 +107,9 @@ def _decode_kernel(Q, K, V, BlockTable, Seqlens, Out, Lse, OutPart, LsePart,
     #                row j % PAGE_SIZE; keys 0 .. Seqlens[b] - 1 exist and the query is the last of them
     #   OutPart      [B, Hq, num_splits, HEAD_DIM] float32 and LsePart [B, Hq, num_splits] (SPLIT only), contiguous
     # Grid (B * Hkv, num_splits); query heads kv_head * group .. + group - 1 are the rows of the tile.
-    if PDL:  # the reduce kernel may be scheduled now; it waits in gdc_wait for this grid's stores
-        tl.extra.cuda.gdc_launch_dependents()
+    if PDL:  # launched early (``dependent_launch``): q and the page just written must be stored first
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel waits in its gdc_wait for this grid's stores
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // num_kv_heads
@@ -167,8 +168,9 @@ def _reduce_kernel(OutPart, LsePart, Out, Lse, num_heads, num_splits, stride_ob,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     # One program per (sequence, query head): merges its num_splits partials BLOCK_S at a time, each chunk loaded as
     # one tile (all loads in flight together) and merged in one step.
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # launched early (programmatic dependent launch): the partials must be complete
+    if PDL:  # launched early (``dependent_launch``): the partials must be complete
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     b = pid // num_heads
     h = pid % num_heads
@@ -188,12 +190,6 @@ def _reduce_kernel(OutPart, LsePart, Out, Lse, num_heads, num_splits, stride_ob,
         out = merge_outputs(out, w_a, o_c, w_b)
     tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
     tl.store(Lse + b.to(tl.int64) * stride_lb + h * stride_lh, lse)
-
-
-def _pdl(device):
-    """Programmatic dependent launch of the reduce kernel (Hopper and newer, not the interpreter): it is scheduled
-    while the split kernel's last programs run, which hides the gap between the two launches."""
-    return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _tile(head_dim, dtype, device):
@@ -257,7 +253,7 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
     else:
         out_part, lse_part = out, lse  # unused
     has_softcap = softcap > 0
-    pdl = split and _pdl(q.device)
+    pdl = dependent_launch(q.device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         _decode_kernel[(batch * num_kv_heads, num_splits)](
             q, k_pool, v_pool, block_table, seqlens, out, lse, out_part, lse_part,
@@ -271,7 +267,7 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
             HAS_WINDOW=window_left >= 0, HAS_SOFTCAP=has_softcap, SPLIT=split,
             UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
             DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl,
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
         )
         if split:
             block_d_reduce = triton.next_power_of_2(head_dim)

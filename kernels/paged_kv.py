@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dependent_launch
+
 MAX_TILE = 2048  # elements of one program's [BLOCK_H, BLOCK_D] tile per pool: 16 per thread at 4 warps
 # Pools spanning at least this many elements from their base address their keys with 64-bit offsets, smaller ones
 # with 32-bit offsets (a gathered key's address is then a few integer instructions fewer). Tests lower it to check
@@ -53,9 +55,12 @@ def kv_tile(ptrs, cols, k_len, offs_d, MASKED: tl.constexpr, PAD_D: tl.constexpr
 def _write_pages_kernel(KNew, VNew, KPool, VPool, SlotMapping, num_heads, page_size,
                         stride_kn, stride_kh, stride_vn, stride_vh,
                         stride_kpp, stride_kps, stride_kph, stride_vpp, stride_vps, stride_vph,
-                        HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     # K/VNew [N, H, D], K/VPool [num_pages, page_size, H, D], all with unit last stride; SlotMapping int64 [N].
     # One program per (token, block of BLOCK_H heads).
+    if PDL:  # launched early (``dependent_launch``): the new keys and values must be stored
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     i = tl.program_id(0)
     slot = tl.load(SlotMapping + i)
     if slot < 0:
@@ -83,10 +88,11 @@ def write_pages(k_new, v_new, k_pool, v_pool, slot_mapping) -> None:
     block_d = triton.next_power_of_2(head_dim)
     block_h = min(triton.next_power_of_2(num_heads), max(1, MAX_TILE // block_d))
     grid = (tokens, triton.cdiv(num_heads, block_h))
+    pdl = dependent_launch(k_new.device)
     with torch.cuda.device(k_new.device) if k_new.is_cuda else contextlib.nullcontext():
         _write_pages_kernel[grid](
             k_new, v_new, k_pool, v_pool, slot_mapping, num_heads, k_pool.shape[1],
             k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
             k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
-            HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
