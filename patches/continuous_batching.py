@@ -28,7 +28,7 @@ def init_continuous_batching(self, generation_config=None, continuous_batching_c
         if given is None:
             given = getattr(generation_config or self.generation_config, "continuous_batching_config", None)
         batching = copy.deepcopy(given if isinstance(given, ContinuousBatchingConfig) else ContinuousBatchingConfig())
-        if batching.use_async_batching is None:
+        if getattr(batching, "use_async_batching", False) is None:  # unset (a release without the option: nothing to do)
             batching.use_async_batching = False
             internals.warn_once("continuous batching runs without transformers' asynchronous double-buffering, which "
                                 "returned wrong tokens on a GPU with any mask-free attention (transformers 5.17); "
