@@ -131,6 +131,10 @@ def continuous_batching_attention_forward(module, query, key, value, attention_m
     sequences back packed, attend varlen. (transformers' ``flash_paged`` would do the same but takes the window from
     a module attribute that Mistral lacks: Mistral would attend past its window.)"""
     _refuse_sinks(kwargs)
+    if kwargs.get("block_table") is not None:  # transformers' decode fast path, which leaves the indices unset
+        raise NotImplementedError("hf_flash's continuous-batching attention reads the cache through read_index and "
+                                  "write_index, but transformers passed a block table (its decode fast path): set "
+                                  "ContinuousBatchingConfig(max_blocks_per_request=0)")
     if isinstance(cu_seq_lens_k, dict):  # models with full and sliding layers keep one set of lengths per kind
         kind = "sliding_attention" if sliding_window else "full_attention"
         cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k[kind], max_seqlen_k[kind]

@@ -167,6 +167,25 @@ def test_attention_sinks_are_refused():
         hf_flash_attention_forward(attention, q, kv, kv, None, s_aux=torch.zeros(4))
 
 
+def test_a_block_table_from_continuous_batching_is_refused():
+    """transformers' decode fast path passes a block table and leaves the read/write indices unset; the attention of
+    "paged|hf_flash" reads through those indices, so it must refuse a block table before touching the cache."""
+    from hf_flash.integration import continuous_batching_attention_forward
+
+    class UntouchableCache:
+        def update(self, **kwargs):
+            raise AssertionError("the cache was written before the block table was refused")
+
+    model, _ = tiny_model("llama")
+    attention = model.model.layers[0].self_attn
+    q, kv = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="max_blocks_per_request=0"):
+        continuous_batching_attention_forward(attention, q, kv, kv, None, cache=UntouchableCache(), cu_seq_lens_q=cu,
+                                              cu_seq_lens_k=cu, max_seqlen_q=3, max_seqlen_k=3, read_index=[],
+                                              write_index=[], block_table=torch.zeros(1, 1, 1, dtype=torch.int32))
+
+
 def test_models_listing_their_flash_kernels_are_refused():
     """GPT-OSS lists the flash kernels it works with, and transformers would swap the first of them in for "hf_flash"
     without a word; hf_flash refuses such a model instead, naming what to use. Other models load as before."""
