@@ -1,7 +1,8 @@
 """Triton kernels of hf_flash, installed as ``hf_flash.kernels``.
 
 One kernel family per module; each module holds its ``@triton.jit`` code and a launcher that only allocates
-scratch, computes the grid and launches. ``softmax_state`` has no launcher: it holds the online-softmax steps that
+scratch, computes the grid and launches (``prefill_sm90``, the Hopper prefill in Gluon, is reached through
+``prefill``'s launcher). ``softmax_state`` has no launcher: it holds the online-softmax steps that
 prefill and decode share; ``paged_kv`` holds, beside its page-write kernel, the page-id and K/V-tile loads they share.
 No transformers import here; validation lives in ``hf_flash.ops``.
 
@@ -102,6 +103,21 @@ def dependent_launch(device):
 
     return (device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
             and torch.cuda.is_current_stream_capturing())
+
+
+TMA_ALIGN = 16  # bytes: TMA's rule for a tensor map's base address and every stride but the last
+
+
+def batch_stride(t):
+    """A batch of 1 is shared by every sequence (packed varlen): stride 0 makes each sequence's entry the same."""
+    return 0 if t.shape[0] == 1 else t.stride(0)
+
+
+def tma_aligned(t, strides):
+    """Whether a tensor map may cover ``t`` with these element ``strides`` (all but the last dimension's): a unit last
+    stride, and a base address and strides in bytes that are multiples of ``TMA_ALIGN``."""
+    return (t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGN == 0
+            and all(s * t.element_size() % TMA_ALIGN == 0 for s in strides))
 
 
 def backend():

@@ -3,10 +3,11 @@ GQA, paged K/V, log-sum-exp out. S x S is never materialised: each program owns 
 streams K/V tiles of BLOCK_N keys through an online softmax kept in float32, in the log2 domain (its steps, shared
 with decode, are in ``softmax_state``).
 
-On Hopper (sm90) the common dense case over long sequences (16-bit, contiguous K/V, head dim 64 or 128, TMA-aligned
-strides) runs the same kernel on its TMA path: tiles move through tensor descriptors (bulk copies into shared memory,
-no address arithmetic or load masks in registers), in larger tiles, with the key loop optionally warp-specialized
-(producer warps issue the copies, the others do the math). ``tma_path`` says which calls take it."""
+On Hopper (sm90) the dense 16-bit case of head dim 64 or 128 without window or soft-cap goes to ``prefill_sm90``
+(Gluon, asynchronous MMAs). Of the rest, the dense case over long sequences (16-bit, contiguous K/V, head dim 64 or
+128, TMA-aligned strides) runs the same kernel on its TMA path: tiles move through tensor descriptors (bulk copies
+into shared memory, no address arithmetic or load masks in registers), in larger tiles, with the key loop optionally
+warp-specialized (producer warps issue the copies, the others do the math). ``tma_path`` says which calls take it."""
 import contextlib
 import contextvars
 import functools
@@ -15,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, dot_extent, tile_config
+from . import INTERPRET, batch_stride, dot_extent, prefill_sm90, tile_config, tma_aligned
 from .paged_kv import kv_tile, page_ids, wide_offsets
 from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
 
@@ -60,7 +61,6 @@ TMA_DTYPES = (torch.float16, torch.bfloat16)
 INTERPRET_TMA_CONFIG = (32, 16, 4, 1, False)  # the interpreter ignores warp_specialize (tl.range's hints)
 # The interpreter runs no sm90: tests set this to send the calls that qualify down the TMA path there.
 INTERPRET_AS_SM90 = False
-TMA_ALIGN = 16  # bytes: TMA's rule for a descriptor's base address and every stride but the last
 
 
 @triton.jit
@@ -283,11 +283,6 @@ def _prefill_kernel(Q, K, V, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_sta
     tl.store(Lse + l_base + offs_m * stride_ls, lse, mask=row_ok)
 
 
-def _batch_stride(t):
-    """A batch of 1 is shared by every sequence (packed varlen): stride 0 makes each sequence's entry the same."""
-    return 0 if t.shape[0] == 1 else t.stride(0)
-
-
 def tma_path(q, k, v, out, max_seqlen_q, block_table=None):
     """Whether ``prefill`` takes the TMA path for these tensors: an sm90 GPU (or the interpreter with
     ``INTERPRET_AS_SM90``), 16-bit inputs, K/V not paged, a head dim of ``TMA_HEAD_DIMS``, a longest query sequence
@@ -298,9 +293,7 @@ def tma_path(q, k, v, out, max_seqlen_q, block_table=None):
         return False
     if not (INTERPRET_AS_SM90 if INTERPRET else torch.cuda.get_device_capability(q.device)[0] == 9):
         return False
-    return all(t.data_ptr() % TMA_ALIGN == 0 and t.stride(-1) == 1
-               and all(s * t.element_size() % TMA_ALIGN == 0 for s in (_batch_stride(t), *t.stride()[1:-1]))
-               for t in (q, k, v, out))
+    return all(tma_aligned(t, (batch_stride(t), *t.stride()[1:-1])) for t in (q, k, v, out))
 
 
 def _descriptor_scratch(device):
@@ -314,6 +307,10 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
             block_table=None) -> None:
     """Attention of every sequence's queries over its keys, written into ``out`` ``[B, Sq, Hq, D]`` and ``lse``
     ``[B, Hq, Sq]`` (see ``hf_flash.kernels`` for layouts and semantics)."""
+    if prefill_sm90.sm90_path(q, k, v, out, causal=causal, window_left=window_left, window_right=window_right,
+                              softcap=softcap, softmax_scale=softmax_scale, block_table=block_table):
+        return prefill_sm90.prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q,
+                                         softmax_scale=softmax_scale, causal=causal)
     batch, (num_heads, head_dim) = q_len.shape[0], q.shape[2:]
     group = num_heads // k.shape[2]
     block_d = dot_extent(head_dim)
@@ -334,9 +331,9 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
     launch = functools.partial(
         _prefill_kernel[grid],
         q, k, v, out, lse, block_table if paged else q_len, q_start, q_len, k_start, k_len,
-        _batch_stride(q), q.stride(1), q.stride(2), k.stride(0) if paged else _batch_stride(k), k.stride(1),
-        k.stride(2), v.stride(0) if paged else _batch_stride(v), v.stride(1), v.stride(2),
-        _batch_stride(out), out.stride(1), out.stride(2), _batch_stride(lse), lse.stride(1), lse.stride(2),
+        batch_stride(q), q.stride(1), q.stride(2), k.stride(0) if paged else batch_stride(k), k.stride(1),
+        k.stride(2), v.stride(0) if paged else batch_stride(v), v.stride(1), v.stride(2),
+        batch_stride(out), out.stride(1), out.stride(2), batch_stride(lse), lse.stride(1), lse.stride(2),
         block_table.stride(0) if paged else 0,
         num_heads, group, num_m_tiles, max(window_left, 0), max(right, 0),
         softmax_scale * LOG2E, softmax_scale / softcap if has_softcap else 1.0,

@@ -7,6 +7,7 @@ minutes on an H100 (more with --gqa).
     python scripts/tune_prefill.py [--dims 64 128] [--seqlens 1024 4096 8192 16384] [--heads 16] [--gqa 4]
 """
 import argparse
+import contextlib
 import functools
 import importlib
 from unittest import mock
@@ -48,8 +49,12 @@ def tflops(batch, heads, seqlen, head_dim, causal, ms):
 
 
 def tma_at_every_length():
-    """The TMA path's length rule (``TMA_MIN_SEQLEN_Q``) off: its candidates are timed at every length."""
-    return mock.patch.object(prefill_module, "TMA_MIN_SEQLEN_Q", 1)
+    """The Triton kernel's candidates at every length: its TMA path's length rule (``TMA_MIN_SEQLEN_Q``) off, and no
+    call handed to the Gluon kernel (``prefill_sm90``, which has its own table)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(prefill_module, "TMA_MIN_SEQLEN_Q", 1))
+    stack.enter_context(mock.patch.object(prefill_module.prefill_sm90, "sm90_path", lambda *args, **kwargs: False))
+    return stack
 
 
 def pointer_path():

@@ -105,19 +105,20 @@ def test_softcap(dtype, causal, window, device):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_packed(causal, device):
-    # cu_seqlens-style packing: [T, H, D] as [1, T, H, D], sequences at running offsets, one empty.
-    q_lens, k_lens = [13, 0, 41, 1, 7], [13, 5, 50, 9, 0]
-    hq, hkv, head_dim, dtype = 4, 2, 64, torch.bfloat16
+    _run_varlen_packed([13, 0, 41, 1, 7], [13, 5, 50, 9, 0], 64, causal, device)
+
+
+def _run_varlen_packed(q_lens, k_lens, head_dim, causal, device):
+    """cu_seqlens-style packing: [T, H, D] as [1, T, H, D], sequences at running offsets (bf16, GQA 4/2)."""
     q_starts = [sum(q_lens[:b]) for b in range(len(q_lens))]
     k_starts = [sum(k_lens[:b]) for b in range(len(k_lens))]
-    q = torch.randn(sum(q_lens), hq, head_dim, device=device).to(dtype)
-    k = torch.randn(sum(k_lens), hkv, head_dim, device=device).to(dtype)
-    v = torch.randn(sum(k_lens), hkv, head_dim, device=device).to(dtype)
-    q4, k4, v4 = (t[None] for t in (q, k, v))
+    q = torch.randn(1, sum(q_lens), 4, head_dim, device=device).to(torch.bfloat16)
+    k = torch.randn(1, sum(k_lens), 2, head_dim, device=device).to(torch.bfloat16)
+    v = torch.randn(1, sum(k_lens), 2, head_dim, device=device).to(torch.bfloat16)
     args = [_i32(x, device) for x in (q_starts, q_lens, k_starts, k_lens)]
-    out, lse = _run(q4, k4, v4, *args, causal=causal)
-    keys = [(k[s : s + n], v[s : s + n]) for s, n in zip(k_starts, k_lens)]
-    _check(out, lse, q4, keys, args[0], args[1], causal=causal)
+    out, lse = _run(q, k, v, *args, causal=causal)
+    keys = [(k[0, s : s + n], v[0, s : s + n]) for s, n in zip(k_starts, k_lens)]
+    _check(out, lse, q, keys, args[0], args[1], causal=causal)
 
 
 @pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (6, 6))])
@@ -174,9 +175,21 @@ def test_rows_that_see_nothing(device):
     _check_rows_that_see_nothing(device)
 
 
-def _check_rows_that_see_nothing(device):
-    """Causal with q_len > k_len, an empty key set, and a window that leaves trailing rows without keys: those rows
-    get out exactly 0 and lse -inf."""
+def test_an_empty_sequence_writes_nothing(device):
+    _check_an_empty_sequence_writes_nothing(device)
+
+
+def _check_an_empty_sequence_writes_nothing(device):
+    """A sequence of no queries whose start lies among rows no sequence owns (NaN-poisoned): they stay untouched."""
+    q, k, v = _dense(3, 30, 30, 2, 2, 64, torch.float16, device)
+    args = [_i32(x, device) for x in ([21, 7, 18], [9, 0, 12], [0, 0, 0], [30, 30, 30])]
+    out, lse = _run(q, k, v, *args, causal=True)
+    _check(out, lse, q, [(k[b], v[b]) for b in range(3)], args[0], args[1], causal=True)
+
+
+def _check_rows_that_see_nothing(device, window=True):
+    """Causal with q_len > k_len, an empty key set, and (``window``) a window that leaves trailing rows without keys:
+    those rows get out exactly 0 and lse -inf."""
     q, k, v = _dense(3, 40, 40, 2, 2, 64, torch.float16, device)
     zeros = _i32([0, 0, 0], device)
     q_len, k_len = _i32([40, 17, 40], device), _i32([10, 0, 40], device)
@@ -185,6 +198,8 @@ def _check_rows_that_see_nothing(device):
     assert (out[0, :30] == 0).all() and (lse[0, :, :30] == float("-inf")).all()
     assert (out[1, :17] == 0).all() and (lse[1, :, :17] == float("-inf")).all()
     assert torch.isfinite(out[0, 30:]).all() and torch.isfinite(lse[0, :, 30:]).all()
+    if not window:
+        return
     # Non-causal window (2, 3) on q_len 40 > k_len 25: row i sees keys i - 17 .. i - 12, none for rows 0 .. 11.
     out, lse = _run(q, k, v, zeros, _i32([40] * 3, device), zeros, _i32([25] * 3, device), window=(2, 3))
     assert (out[:, :12] == 0).all() and (lse[:, :, :12] == float("-inf")).all()

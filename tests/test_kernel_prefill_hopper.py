@@ -11,7 +11,8 @@ import pytest
 import torch
 from hf_flash.kernels import prefill as prefill_module
 from pages import scatter_to_pages
-from test_kernel_prefill import _check, _check_rows_that_see_nothing, _dense, _i32, _run, _run_dense, _run_padded_batch
+from test_kernel_prefill import (_check_an_empty_sequence_writes_nothing, _check_rows_that_see_nothing, _dense,
+                                 _i32, _run, _run_dense, _run_padded_batch, _run_varlen_packed)
 
 ON_GPU = torch.cuda.is_available()
 # Warp-specialized configs for the GPU runs (Triton 3.6 specializes at 4 warps on sm90: a producer warp group beside
@@ -48,6 +49,8 @@ def tma(request, monkeypatch, spy):
         pytest.skip("the TMA path is for sm90")
     warp_specialize = request.param
     monkeypatch.setattr(prefill_module, "INTERPRET_AS_SM90", True)
+    # the Gluon kernel serves the dense 16-bit calls first on an sm90 GPU (test_kernel_prefill_sm90.py)
+    monkeypatch.setattr(prefill_module.prefill_sm90, "sm90_path", lambda *args, **kwargs: False)
     monkeypatch.setattr(prefill_module, "TMA_MIN_SEQLEN_Q", 1)  # these tests' sequences are short
     monkeypatch.setattr(prefill_module, "INTERPRET_TMA_CONFIG", (32, 16, 4, 1, warp_specialize))
     if warp_specialize:
@@ -69,16 +72,7 @@ def test_dense(head_dim, dtype, causal, seq_q, seq_k, hq, hkv, tma, device):
 def test_varlen_packed(causal, tma, device):
     # One batch entry shared by every sequence: each descriptor starts at its sequence's row and ends at its length,
     # so no tile reads the next sequence's keys or writes its rows.
-    q_lens, k_lens = [13, 0, 41, 1, 7], [13, 5, 50, 9, 0]
-    q_starts = [sum(q_lens[:b]) for b in range(len(q_lens))]
-    k_starts = [sum(k_lens[:b]) for b in range(len(k_lens))]
-    q = torch.randn(1, sum(q_lens), 4, 64, device=device).to(torch.bfloat16)
-    k = torch.randn(1, sum(k_lens), 2, 64, device=device).to(torch.bfloat16)
-    v = torch.randn(1, sum(k_lens), 2, 64, device=device).to(torch.bfloat16)
-    args = [_i32(x, device) for x in (q_starts, q_lens, k_starts, k_lens)]
-    out, lse = _run(q, k, v, *args, causal=causal)
-    keys = [(k[0, s : s + n], v[0, s : s + n]) for s, n in zip(k_starts, k_lens)]
-    _check(out, lse, q, keys, args[0], args[1], causal=causal)
+    _run_varlen_packed([13, 0, 41, 1, 7], [13, 5, 50, 9, 0], 64, causal, device)
 
 
 @pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (6, 6))])
@@ -94,12 +88,8 @@ def test_window_softcap(causal, window, softcap, tma, device):
 
 
 def test_an_empty_sequence_writes_nothing(tma, device):
-    # A sequence of no queries whose start lies among rows no sequence owns (NaN-poisoned): they stay untouched. The
-    # warp-specialized kernel cannot return early: it runs the empty sequence's tiles, and a tensor map needs a row.
-    q, k, v = _dense(3, 30, 30, 2, 2, 64, torch.float16, device)
-    args = [_i32(x, device) for x in ([21, 7, 18], [9, 0, 12], [0, 0, 0], [30, 30, 30])]
-    out, lse = _run(q, k, v, *args, causal=True)
-    _check(out, lse, q, [(k[b], v[b]) for b in range(3)], args[0], args[1], causal=True)
+    # The warp-specialized kernel cannot return early: it runs the empty sequence's tiles, and a tensor map needs a row.
+    _check_an_empty_sequence_writes_nothing(device)
 
 
 def test_rows_that_see_nothing(tma, device):
@@ -126,6 +116,8 @@ def test_path_selection(monkeypatch, device):
     if ON_GPU and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA path is for sm90")
     monkeypatch.setattr(prefill_module, "INTERPRET_AS_SM90", True)
+    # the Gluon kernel serves the dense 16-bit calls first on an sm90 GPU (test_kernel_prefill_sm90.py)
+    monkeypatch.setattr(prefill_module.prefill_sm90, "sm90_path", lambda *args, **kwargs: False)
     monkeypatch.setattr(prefill_module, "TMA_MIN_SEQLEN_Q", 4)
 
     def takes(q, k, v, block_table=None):
@@ -155,6 +147,8 @@ def test_unaligned_falls_back(spy, monkeypatch, device):
     if ON_GPU and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the TMA path is for sm90")
     monkeypatch.setattr(prefill_module, "INTERPRET_AS_SM90", True)
+    # the Gluon kernel serves the dense 16-bit calls first on an sm90 GPU (test_kernel_prefill_sm90.py)
+    monkeypatch.setattr(prefill_module.prefill_sm90, "sm90_path", lambda *args, **kwargs: False)
     monkeypatch.setattr(prefill_module, "TMA_MIN_SEQLEN_Q", 1)
     q, k, v = _dense(2, 21, 29, 2, 1, 64, torch.bfloat16, device)
     q = torch.cat([q, q[..., :4]], dim=-1)[..., :64]  # rows 136 bytes apart

@@ -1,0 +1,280 @@
+"""Hopper (sm90) prefill in Gluon: FlashAttention-3's intra-warpgroup pipelining for the dense 16-bit case.
+
+Triton's ``tl.dot`` waits for a warpgroup MMA as soon as its result is next used, so the pointer kernel
+(``prefill``) runs each tile's softmax after its score MMA and before its value MMA, with the tensor cores idle
+meanwhile. Gluon exposes the asynchronous MMA and its wait: here each iteration issues the scores of the next key
+tile and the value product of this one, waits for the scores only (the older of the two MMA groups), folds them into
+the online softmax while the value MMA runs, and only then waits for it and rescales the accumulator. K and V tiles
+arrive by TMA into a ring of ``STAGES`` shared-memory slots, each with an mbarrier; a slot is refilled once every
+warpgroup is past the MMAs that read it. Q, K and V are 4-D tensor descriptors over ``[B, S, H, D]`` built on the
+host (no per-program descriptor writes), tiles ``[1, rows, 1, D]``; rows past a sequence belong to the next one or
+lie past the tensor (zero-filled), and are masked or not stored. The key loop has no branch inside (ptxas waits for
+every MMA in flight where control flow merges): fully visible tiles and masked tiles run in two loops of one step.
+
+The online-softmax steps mirror ``softmax_state``'s (log2 domain, scale in the exponent's fma, the -inf guard) in
+Gluon, which cannot call Triton's jit helpers. Scope: 16-bit inputs, head dim 64 or 128, dense K/V, causal (bottom-right) or full, no window, no soft-cap, a
+positive scale. ``sm90_path`` says which calls take it; the others keep ``prefill``."""
+import functools
+import logging
+
+import torch
+import triton
+
+from . import INTERPRET, batch_stride, tma_aligned
+from .softmax_state import LOG2E
+
+try:  # Gluon is Triton's experimental layer: its names may move between releases
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    GLUON_ERROR = None
+except (ImportError, AttributeError) as error:  # pragma: no cover - depends on the installed Triton
+    GLUON_ERROR = error
+
+# (BLOCK_M, BLOCK_N, STAGES, num_warps) by head dim (STAGES >= 2: the next key tile and this value tile are in
+# different slots). One warpgroup of 64 query rows per program and two or three programs per SM: their softmax and
+# MMA phases drift apart, so one's tensor-core work fills the other's softmax. H200, bf16, 16k tokens a call,
+# TFLOP/s at S = 1k / 4k / 16k causal, full (2026-12-04; BENCHMARKS.md): D128 (64, 64, 3, 4) 341 / 457 / 519,
+# 390 / 508 / 532 against (128, 128, 3, 8) with two warpgroups 286 / 454 / 541, 395 / 488 / 511; D64 (64, 64, 4, 4)
+# 282 / 362 / 418, 368 / 402 / 418 against (64, 128, 3, 4) 162 / 377 / 417, 368 / 414 / 437.
+SM90_CONFIGS = {
+    64: (64, 64, 4, 4),
+    128: (64, 64, 3, 4),
+}
+SM90_DTYPES = (torch.float16, torch.bfloat16)
+
+if GLUON_ERROR is None:
+    @gluon.jit
+    def _mask_scores(qk, tile, rows, offs_n, k_len, diag, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """Scores of key tile ``tile`` with the keys a row does not see at -inf: past k_len, and (causal) right of
+        the row's diagonal."""
+        cols = tile * BLOCK_N + offs_n
+        keep = cols[None, :] < k_len
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + diag)
+        return gl.where(keep, qk, float("-inf"))
+
+    @gluon.jit
+    def _fold(qk, m_i, l_i, qk_scale):
+        """The online-softmax fold of one tile's raw scores (log2 domain, scale applied in the exponent's fma):
+        returns (m, l, p, alpha); a row that has seen no key keeps m = -inf and gets p = alpha = 0."""
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+        m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(qk * qk_scale - m_sub[:, None])
+        alpha = gl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return m_new, l_i, p, alpha
+
+    @gluon.jit
+    def _step(j, acc, m_i, l_i, p, q_tile, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, kb, k_row0, kv_head,
+              n_tiles, rows, offs_n, k_len, diag, qk_scale, s_zero, MASKED: gl.constexpr, CAUSAL: gl.constexpr,
+              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, p_layout: gl.constexpr,
+              o_layout: gl.constexpr):
+        """One turn of the key loop: the value MMA of tile j (weights ``p``) beside the scores and softmax of tile
+        j + 1; returns the state with tile j folded in and tile j + 1's weights. Branch-free: ptxas waits for every
+        MMA in flight where control flow merges, so the masked and unmasked tiles run in separate loops."""
+        slot = j % STAGES
+        nxt = (j + 1) % STAGES
+        # The next tile's scores first, then this tile's values: MMA groups complete in issue order, so waiting for
+        # all but one returns the scores while the value MMA still runs.
+        mbarrier.wait(k_bar.index(nxt), ((j + 1) // STAGES) & 1)
+        qk = warpgroup_mma(q_tile, k_smem.index(nxt).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                           use_acc=False, is_async=True)
+        mbarrier.wait(v_bar.index(slot), (j // STAGES) & 1)
+        p_op = gl.convert_layout(p.to(k_desc.dtype), p_layout)
+        acc = warpgroup_mma(p_op, v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
+        if MASKED:
+            qk = _mask_scores(qk, j + 1, rows, offs_n, k_len, diag, BLOCK_N, CAUSAL)
+        m_i, l_i, p, alpha = _fold(qk, m_i, l_i, qk_scale)
+        # The fold's results pass through the wait as well: without that the compiler sank the exponentials below it.
+        acc, p, l_i, alpha = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p, l_i, alpha))
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        # Both warpgroups are past the MMAs that read this slot: refill it with tile j + STAGES.
+        gl.thread_barrier()
+        refill = j + STAGES < n_tiles
+        row = k_row0 + (j + STAGES) * BLOCK_N
+        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred=refill)
+        tma.async_copy_global_to_shared(k_desc, [kb, row, kv_head, 0], k_bar.index(slot), k_smem.index(slot),
+                                        pred=refill)
+        mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes, pred=refill)
+        tma.async_copy_global_to_shared(v_desc, [kb, row, kv_head, 0], v_bar.index(slot), v_smem.index(slot),
+                                        pred=refill)
+        return acc, m_i, l_i, p
+
+    @gluon.jit
+    def _prefill_sm90_kernel(q_desc, k_desc, v_desc, Out, Lse, q_start_ptr, q_len_ptr, k_start_ptr, k_len_ptr,
+                             stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+                             num_heads, group, num_m_tiles, q_batched, k_batched, qk_scale,
+                             CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        dtype: gl.constexpr = q_desc.dtype
+        pid = gl.program_id(0)
+        bh = pid // num_m_tiles
+        m_tile = pid % num_m_tiles
+        if CAUSAL:
+            m_tile = num_m_tiles - 1 - m_tile  # the longest tiles first, for a shorter tail
+        b = bh // num_heads
+        h = bh % num_heads
+        q_len = gl.load(q_len_ptr + b)
+        start_m = m_tile * BLOCK_M
+        if start_m >= q_len:
+            return
+        q_row0 = gl.load(q_start_ptr + b)
+        k_row0 = gl.load(k_start_ptr + b)
+        k_len = gl.load(k_len_ptr + b)
+        kv_head = h // group
+
+        # Warpgroup MMA layouts: warps stacked along M (16 rows each), one instruction spans the tile's N.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+        # Keys [0, hi) are seen by some row of the tile; tiles below n_full by every row (no mask).
+        diag = k_len - q_len  # query i sees key j iff j <= i + diag (causal)
+        hi = k_len
+        mid_hi = k_len
+        if CAUSAL:
+            hi = gl.minimum(k_len, gl.minimum(start_m + BLOCK_M, q_len) + diag)
+            mid_hi = gl.minimum(k_len, start_m + diag + 1)
+        n_tiles = gl.cdiv(gl.maximum(hi, 0), BLOCK_N)
+        n_full = gl.maximum(mid_hi, 0) // BLOCK_N
+
+        q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for s in gl.static_range(STAGES):
+            mbarrier.init(k_bar.index(s), count=1)
+            mbarrier.init(v_bar.index(s), count=1)
+
+        qb = b * q_batched  # a packed batch of one: every sequence is in batch entry 0
+        kb = b * k_batched
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [qb, q_row0 + start_m, h, 0], q_bar, q_smem)
+        for s in gl.static_range(STAGES):
+            issue = s < n_tiles
+            mbarrier.expect(k_bar.index(s), k_desc.block_type.nbytes, pred=issue)
+            tma.async_copy_global_to_shared(k_desc, [kb, k_row0 + s * BLOCK_N, kv_head, 0], k_bar.index(s),
+                                            k_smem.index(s), pred=issue)
+            mbarrier.expect(v_bar.index(s), v_desc.block_type.nbytes, pred=issue)
+            tma.async_copy_global_to_shared(v_desc, [kb, k_row0 + s * BLOCK_N, kv_head, 0], v_bar.index(s),
+                                            v_smem.index(s), pred=issue)
+
+        offs_m = gl.arange(0, BLOCK_M, layout=row_layout)
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        rows = start_m + offs_m
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_layout)
+        l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
+        mbarrier.wait(q_bar, 0)
+
+        if n_tiles > 0:
+            mbarrier.wait(k_bar.index(0), 0)
+            qk = warpgroup_mma(q_tile, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+                               use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+            if n_full == 0:
+                qk = _mask_scores(qk, 0, rows, offs_n, k_len, diag, BLOCK_N, CAUSAL)
+            m_i, l_i, p, alpha = _fold(qk, m_i, l_i, qk_scale)
+            # Tiles 1 .. n_full - 1 are seen whole by every row; the rest are masked.
+            for j in range(0, gl.minimum(n_full, n_tiles) - 1):
+                acc, m_i, l_i, p = _step(j, acc, m_i, l_i, p, q_tile, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc,
+                                         kb, k_row0, kv_head, n_tiles, rows, offs_n, k_len, diag, qk_scale, s_zero,
+                                         False, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, p_layout, o_layout)
+            for j in range(gl.maximum(n_full, 1) - 1, n_tiles - 1):
+                acc, m_i, l_i, p = _step(j, acc, m_i, l_i, p, q_tile, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc,
+                                         kb, k_row0, kv_head, n_tiles, rows, offs_n, k_len, diag, qk_scale, s_zero,
+                                         True, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, p_layout, o_layout)
+            last = n_tiles - 1
+            mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
+            v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
+            if (last + 1) * BLOCK_N > k_len:
+                # The last tile runs past the sequence's keys into rows of whatever follows (padding, the next
+                # sequence): zero their values, as weights of 0 times a NaN or inf there would still reach the sum.
+                v_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+                v_rows = last * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, v_layout))
+                v_tile = v_last.load(v_layout)
+                v_last.store(gl.where((v_rows < k_len)[:, None], v_tile, gl.zeros_like(v_tile)))
+                fence_async_shared()
+                gl.thread_barrier()
+            acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_last, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+
+        # out = acc / l and the natural-log lse; rows that saw no key: out 0, lse -inf.
+        empty = l_i == 0.0
+        l_safe = gl.where(empty, 1.0, l_i)
+        lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        inv = gl.convert_layout(gl.where(empty, 0.0, 1.0 / l_safe), o_rows)
+        out = (acc * inv[:, None]).to(Out.dtype.element_ty)
+        offs_mo = gl.arange(0, BLOCK_M, layout=o_rows)
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        o_base = (b.to(gl.int64) * stride_ob + (q_row0 + start_m).to(gl.int64) * stride_os
+                  + h.to(gl.int64) * stride_oh)
+        o_ptrs = Out + o_base + (offs_mo.to(gl.int64) * stride_os)[:, None] + offs_d[None, :]
+        gl.store(o_ptrs, out, mask=((start_m + offs_mo) < q_len)[:, None])
+        l_base = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + (q_row0 + start_m).to(gl.int64) * stride_ls
+        gl.store(Lse + l_base + offs_m * stride_ls, lse, mask=rows < q_len)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bar.index(s))
+            mbarrier.invalidate(v_bar.index(s))
+        mbarrier.invalidate(q_bar)
+
+
+@functools.cache
+def _say_gluon_missing():
+    logging.getLogger("hf_flash").warning(
+        "hf_flash: this Triton has no usable Gluon (%s); Hopper prefill runs the Triton kernel instead", GLUON_ERROR)
+
+
+def sm90_path(q, k, v, out, *, causal, window_left, window_right, softcap, softmax_scale, block_table=None):
+    """Whether ``prefill_sm90`` serves this call: Gluon importable, an sm90 GPU (not the interpreter), 16-bit Q/K/V,
+    head dim in ``SM90_CONFIGS``, dense K/V, causal or full (no window), no soft-cap, a positive scale, and Q, K, V
+    at 16-byte aligned addresses with 16-byte aligned strides (TMA's rule)."""
+    if (INTERPRET or not q.is_cuda or block_table is not None or q.dtype not in SM90_DTYPES
+            or q.shape[-1] not in SM90_CONFIGS or softcap > 0 or softmax_scale <= 0):
+        return False
+    if window_left >= 0 or (window_right >= 0 and not causal):
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    if GLUON_ERROR is not None:
+        _say_gluon_missing()
+        return False
+    return all(tma_aligned(t, t.stride()[:-1]) for t in (q, k, v))
+
+
+def prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *, softmax_scale: float,
+                 causal: bool) -> None:
+    """``prefill`` for the calls ``sm90_path`` accepts: same tensors, layouts and results."""
+    batch, (num_heads, head_dim) = q_len.shape[0], q.shape[2:]
+    block_m, block_n, stages, num_warps = SM90_CONFIGS[head_dim]
+    element = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+
+    def descriptor(t, rows):
+        block = [1, rows, 1, head_dim]
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
+                                gl.NVMMASharedLayout.get_default_for(block, element))
+
+    num_m_tiles = triton.cdiv(max_seqlen_q, block_m)
+    grid = (batch * num_heads * num_m_tiles,)
+    with torch.cuda.device(q.device):
+        _prefill_sm90_kernel[grid](
+            descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), out, lse,
+            q_start, q_len, k_start, k_len,
+            batch_stride(out), out.stride(1), out.stride(2), batch_stride(lse), lse.stride(1), lse.stride(2),
+            num_heads, num_heads // k.shape[2], num_m_tiles, int(q.shape[0] > 1), int(k.shape[0] > 1),
+            softmax_scale * LOG2E,
+            CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+            num_warps=num_warps)
