@@ -4,7 +4,10 @@ Triton's ``tl.dot`` waits for a warpgroup MMA as soon as its result is next used
 (``prefill``) runs each tile's softmax after its score MMA and before its value MMA, with the tensor cores idle
 meanwhile. Gluon exposes the asynchronous MMA and its wait: here each iteration issues the scores of the next key
 tile and the value product of this one, waits for the scores only (the older of the two MMA groups), folds them into
-the online softmax while the value MMA runs, and only then waits for it and rescales the accumulator. K and V tiles
+the online softmax, and only then waits for the value MMA and rescales the accumulator. (ptxas of Triton 3.6 still
+moves that last wait ahead of the exponentials, whatever the order written: in the SASS the value MMA overlaps the
+row maximum only. What overlaps a program's softmax is another program's MMAs: one warpgroup per program, two or
+three programs per SM.) K and V tiles
 arrive by TMA into a ring of ``STAGES`` shared-memory slots, each with an mbarrier; a slot is refilled once every
 warpgroup is past the MMAs that read it. Q, K and V are 4-D tensor descriptors over ``[B, S, H, D]`` built on the
 host (no per-program descriptor writes), tiles ``[1, rows, 1, D]``; rows past a sequence belong to the next one or
@@ -89,8 +92,7 @@ if GLUON_ERROR is None:
         if MASKED:
             qk = _mask_scores(qk, j + 1, rows, offs_n, k_len, diag, BLOCK_N, CAUSAL)
         m_i, l_i, p, alpha = _fold(qk, m_i, l_i, qk_scale)
-        # The fold's results pass through the wait as well: without that the compiler sank the exponentials below it.
-        acc, p, l_i, alpha = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p, l_i, alpha))
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         # Both warpgroups are past the MMAs that read this slot: refill it with tile j + STAGES.
         gl.thread_barrier()
@@ -217,9 +219,12 @@ if GLUON_ERROR is None:
         lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
         o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
         inv = gl.convert_layout(gl.where(empty, 0.0, 1.0 / l_safe), o_rows)
-        out = (acc * inv[:, None]).to(Out.dtype.element_ty)
-        offs_mo = gl.arange(0, BLOCK_M, layout=o_rows)
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        # Through a layout of 16-byte rows per thread: the accumulator's layout stores 4 bytes at a time.
+        store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // HEAD_DIM, HEAD_DIM // 8], [num_warps, 1],
+                                                      [1, 0])
+        out = gl.convert_layout((acc * inv[:, None]).to(Out.dtype.element_ty), store_layout)
+        offs_mo = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, store_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, store_layout))
         o_base = (b.to(gl.int64) * stride_ob + (q_row0 + start_m).to(gl.int64) * stride_os
                   + h.to(gl.int64) * stride_oh)
         o_ptrs = Out + o_base + (offs_mo.to(gl.int64) * stride_os)[:, None] + offs_d[None, :]
