@@ -307,10 +307,11 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
             block_table=None) -> None:
     """Attention of every sequence's queries over its keys, written into ``out`` ``[B, Sq, Hq, D]`` and ``lse``
     ``[B, Hq, Sq]`` (see ``hf_flash.kernels`` for layouts and semantics)."""
-    if prefill_sm90.sm90_path(q, k, v, out, causal=causal, window_left=window_left, window_right=window_right,
-                              softcap=softcap, softmax_scale=softmax_scale, block_table=block_table):
-        return prefill_sm90.prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q,
-                                         softmax_scale=softmax_scale, causal=causal)
+    sm90 = prefill_sm90.sm90_path(q, k, v, out, causal=causal, window_left=window_left, window_right=window_right,
+                                  softcap=softcap, softmax_scale=softmax_scale, block_table=block_table)
+    if sm90 and prefill_sm90.prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q,
+                                          softmax_scale=softmax_scale, causal=causal):
+        return  # (False: this Triton could not compile it, which it said)
     batch, (num_heads, head_dim) = q_len.shape[0], q.shape[2:]
     group = num_heads // k.shape[2]
     block_d = dot_extent(head_dim)

@@ -17,11 +17,13 @@ every MMA in flight where control flow merges): fully visible tiles and masked t
 The online-softmax steps mirror ``softmax_state``'s (log2 domain, scale in the exponent's fma, the -inf guard) in
 Gluon, which cannot call Triton's jit helpers. Scope: 16-bit inputs, head dim 64 or 128, dense K/V, causal (bottom-right) or full, no window, no soft-cap, a
 positive scale. ``sm90_path`` says which calls take it; the others keep ``prefill``."""
+import contextlib
 import functools
 import logging
 
 import torch
 import triton
+from triton.compiler.errors import CompilationError
 
 from . import INTERPRET, batch_stride, tma_aligned
 from .softmax_state import LOG2E
@@ -32,6 +34,9 @@ try:  # Gluon is Triton's experimental layer: its names may move between release
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                    warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # Triton 3.7 renamed the TMA load (3.6 has only the old name; 3.9's old name raises)
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # likewise renamed (3.9 has no thread_barrier)
     GLUON_ERROR = None
 except (ImportError, AttributeError) as error:  # pragma: no cover - depends on the installed Triton
     GLUON_ERROR = error
@@ -47,6 +52,7 @@ SM90_CONFIGS = {
     128: (64, 64, 3, 4),
 }
 SM90_DTYPES = (torch.float16, torch.bfloat16)
+COMPILE_ERROR = None  # set by the first launch that failed to compile: then no call takes this kernel
 
 if GLUON_ERROR is None:
     @gluon.jit
@@ -95,14 +101,14 @@ if GLUON_ERROR is None:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         # Both warpgroups are past the MMAs that read this slot: refill it with tile j + STAGES.
-        gl.thread_barrier()
+        cta_barrier()
         refill = j + STAGES < n_tiles
         row = k_row0 + (j + STAGES) * BLOCK_N
         mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred=refill)
-        tma.async_copy_global_to_shared(k_desc, [kb, row, kv_head, 0], k_bar.index(slot), k_smem.index(slot),
+        tma_load(k_desc, [kb, row, kv_head, 0], k_bar.index(slot), k_smem.index(slot),
                                         pred=refill)
         mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes, pred=refill)
-        tma.async_copy_global_to_shared(v_desc, [kb, row, kv_head, 0], v_bar.index(slot), v_smem.index(slot),
+        tma_load(v_desc, [kb, row, kv_head, 0], v_bar.index(slot), v_smem.index(slot),
                                         pred=refill)
         return acc, m_i, l_i, p
 
@@ -161,14 +167,14 @@ if GLUON_ERROR is None:
         qb = b * q_batched  # a packed batch of one: every sequence is in batch entry 0
         kb = b * k_batched
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [qb, q_row0 + start_m, h, 0], q_bar, q_smem)
+        tma_load(q_desc, [qb, q_row0 + start_m, h, 0], q_bar, q_smem)
         for s in gl.static_range(STAGES):
             issue = s < n_tiles
             mbarrier.expect(k_bar.index(s), k_desc.block_type.nbytes, pred=issue)
-            tma.async_copy_global_to_shared(k_desc, [kb, k_row0 + s * BLOCK_N, kv_head, 0], k_bar.index(s),
+            tma_load(k_desc, [kb, k_row0 + s * BLOCK_N, kv_head, 0], k_bar.index(s),
                                             k_smem.index(s), pred=issue)
             mbarrier.expect(v_bar.index(s), v_desc.block_type.nbytes, pred=issue)
-            tma.async_copy_global_to_shared(v_desc, [kb, k_row0 + s * BLOCK_N, kv_head, 0], v_bar.index(s),
+            tma_load(v_desc, [kb, k_row0 + s * BLOCK_N, kv_head, 0], v_bar.index(s),
                                             v_smem.index(s), pred=issue)
 
         offs_m = gl.arange(0, BLOCK_M, layout=row_layout)
@@ -209,7 +215,7 @@ if GLUON_ERROR is None:
                 v_tile = v_last.load(v_layout)
                 v_last.store(gl.where((v_rows < k_len)[:, None], v_tile, gl.zeros_like(v_tile)))
                 fence_async_shared()
-                gl.thread_barrier()
+                cta_barrier()
             acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_last, acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
 
@@ -238,9 +244,9 @@ if GLUON_ERROR is None:
 
 
 @functools.cache
-def _say_gluon_missing():
+def _say_unusable(reason):
     logging.getLogger("hf_flash").warning(
-        "hf_flash: this Triton has no usable Gluon (%s); Hopper prefill runs the Triton kernel instead", GLUON_ERROR)
+        "hf_flash: with this Triton (%s) %s; Hopper prefill runs the Triton kernel instead", triton.__version__, reason)
 
 
 def sm90_path(q, k, v, out, *, causal, window_left, window_right, softcap, softmax_scale, block_table=None):
@@ -255,14 +261,19 @@ def sm90_path(q, k, v, out, *, causal, window_left, window_right, softcap, softm
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     if GLUON_ERROR is not None:
-        _say_gluon_missing()
+        _say_unusable(f"Gluon does not import ({GLUON_ERROR})")
+        return False
+    if COMPILE_ERROR is not None:  # said by prefill_sm90
         return False
     return all(tma_aligned(t, t.stride()[:-1]) for t in (q, k, v))
 
 
 def prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *, softmax_scale: float,
-                 causal: bool) -> None:
-    """``prefill`` for the calls ``sm90_path`` accepts: same tensors, layouts and results."""
+                 causal: bool) -> bool:
+    """``prefill`` for the calls ``sm90_path`` accepts: same tensors, layouts and results. Returns False, having
+    launched nothing, when this Triton cannot compile the kernel (Gluon's names move between releases): it says why
+    once, and ``sm90_path`` turns every later call away."""
+    global COMPILE_ERROR
     batch, (num_heads, head_dim) = q_len.shape[0], q.shape[2:]
     block_m, block_n, stages, num_warps = SM90_CONFIGS[head_dim]
     element = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
@@ -274,12 +285,18 @@ def prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q
 
     num_m_tiles = triton.cdiv(max_seqlen_q, block_m)
     grid = (batch * num_heads * num_m_tiles,)
-    with torch.cuda.device(q.device):
-        _prefill_sm90_kernel[grid](
-            descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), out, lse,
-            q_start, q_len, k_start, k_len,
-            batch_stride(out), out.stride(1), out.stride(2), batch_stride(lse), lse.stride(1), lse.stride(2),
-            num_heads, num_heads // k.shape[2], num_m_tiles, int(q.shape[0] > 1), int(k.shape[0] > 1),
-            softmax_scale * LOG2E,
-            CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-            num_warps=num_warps)
+    try:
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            _prefill_sm90_kernel[grid](
+                descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), out, lse,
+                q_start, q_len, k_start, k_len,
+                batch_stride(out), out.stride(1), out.stride(2), batch_stride(lse), lse.stride(1), lse.stride(2),
+                num_heads, num_heads // k.shape[2], num_m_tiles, int(q.shape[0] > 1), int(k.shape[0] > 1),
+                softmax_scale * LOG2E,
+                CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+                num_warps=num_warps)
+    except CompilationError as error:
+        COMPILE_ERROR = error
+        _say_unusable(f"its Gluon kernel does not compile ({str(error).strip().splitlines()[-1]})")
+        return False
+    return True
