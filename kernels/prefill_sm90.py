@@ -15,8 +15,9 @@ lie past the tensor (zero-filled), and are masked or not stored. The key loop ha
 every MMA in flight where control flow merges): fully visible tiles and masked tiles run in two loops of one step.
 
 The online-softmax steps mirror ``softmax_state``'s (log2 domain, scale in the exponent's fma, the -inf guard) in
-Gluon, which cannot call Triton's jit helpers. Scope: 16-bit inputs, head dim 64 or 128, dense K/V, causal (bottom-right) or full, no window, no soft-cap, a
-positive scale. ``sm90_path`` says which calls take it; the others keep ``prefill``."""
+Gluon, which cannot call Triton's jit helpers. Scope: 16-bit inputs, head dim 64 or 128, dense K/V, causal
+(bottom-right) or full, no window, no soft-cap, a positive scale. ``sm90_path`` says which calls take it; the others
+keep ``prefill``."""
 import contextlib
 import functools
 import logging
@@ -105,11 +106,9 @@ if GLUON_ERROR is None:
         refill = j + STAGES < n_tiles
         row = k_row0 + (j + STAGES) * BLOCK_N
         mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred=refill)
-        tma_load(k_desc, [kb, row, kv_head, 0], k_bar.index(slot), k_smem.index(slot),
-                                        pred=refill)
+        tma_load(k_desc, [kb, row, kv_head, 0], k_bar.index(slot), k_smem.index(slot), pred=refill)
         mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes, pred=refill)
-        tma_load(v_desc, [kb, row, kv_head, 0], v_bar.index(slot), v_smem.index(slot),
-                                        pred=refill)
+        tma_load(v_desc, [kb, row, kv_head, 0], v_bar.index(slot), v_smem.index(slot), pred=refill)
         return acc, m_i, l_i, p
 
     @gluon.jit
@@ -171,11 +170,9 @@ if GLUON_ERROR is None:
         for s in gl.static_range(STAGES):
             issue = s < n_tiles
             mbarrier.expect(k_bar.index(s), k_desc.block_type.nbytes, pred=issue)
-            tma_load(k_desc, [kb, k_row0 + s * BLOCK_N, kv_head, 0], k_bar.index(s),
-                                            k_smem.index(s), pred=issue)
+            tma_load(k_desc, [kb, k_row0 + s * BLOCK_N, kv_head, 0], k_bar.index(s), k_smem.index(s), pred=issue)
             mbarrier.expect(v_bar.index(s), v_desc.block_type.nbytes, pred=issue)
-            tma_load(v_desc, [kb, k_row0 + s * BLOCK_N, kv_head, 0], v_bar.index(s),
-                                            v_smem.index(s), pred=issue)
+            tma_load(v_desc, [kb, k_row0 + s * BLOCK_N, kv_head, 0], v_bar.index(s), v_smem.index(s), pred=issue)
 
         offs_m = gl.arange(0, BLOCK_M, layout=row_layout)
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
