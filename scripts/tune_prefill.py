@@ -1,10 +1,11 @@
 """Time the Triton prefill kernel's candidate tile configs against SDPA (flash, and cuDNN where available) on a CUDA
 GPU; prints TFLOP/s per shape and the best config per shape, then the rows to paste into kernels/prefill.py. On sm90
 the head dims of its TMA path are tuned there (TMA_CONFIGS, warp specialization on and off), with the pointer
-kernel's current config timed beside them; elsewhere, and for other head dims, the pointer kernel's CONFIGS. About 2
-minutes on an H100 (more with --gqa).
+kernel's current config timed beside them; elsewhere, and for other head dims, the pointer kernel's CONFIGS. With
+--gluon (sm90), the Gluon kernel's SM90_CONFIGS (kernels/prefill_sm90.py) instead, the Triton kernel timed beside
+them. About 2 minutes on an H100 (more with --gqa).
 
-    python scripts/tune_prefill.py [--dims 64 128] [--seqlens 1024 4096 8192 16384] [--heads 16] [--gqa 4]
+    python scripts/tune_prefill.py [--dims 64 128] [--seqlens 1024 4096 8192 16384] [--heads 16] [--gqa 4] [--gluon]
 """
 import argparse
 import contextlib
@@ -20,6 +21,7 @@ from triton.runtime.errors import OutOfResources
 from hf_flash.kernels import head_dim_bucket
 
 prefill_module = importlib.import_module("hf_flash.kernels.prefill")
+prefill_sm90 = prefill_module.prefill_sm90
 
 TOKENS = 16384  # batch * seqlen, constant across shapes
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; pre-filtered for register spills on sm90 / sm80.
@@ -38,6 +40,13 @@ TMA_CANDIDATES = {
           (128, 64, 4, 2, True), (128, 64, 4, 3, True), (128, 128, 4, 2, True)],
 }
 
+# The Gluon kernel's (BLOCK_M, BLOCK_N, STAGES, num_warps) per head dim (--gluon). Compiled for sm90 with Triton 3.6
+# offline: none spills; the 4-warp ones leave room for two programs per SM (three for D64 (64, 64, 4, 4)).
+SM90_CANDIDATES = {
+    64: [(64, 64, 4, 4), (64, 64, 3, 4), (64, 128, 3, 4), (128, 128, 3, 8)],
+    128: [(64, 64, 3, 4), (64, 64, 2, 4), (128, 64, 3, 8), (128, 128, 3, 8)],
+}
+
 
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")  # ms
@@ -48,12 +57,17 @@ def tflops(batch, heads, seqlen, head_dim, causal, ms):
     return flops / ms * 1e-9
 
 
+def triton_kernel():
+    """Calls inside go to the Triton kernel as shipped: none is handed to the Gluon kernel (``prefill_sm90``)."""
+    return mock.patch.object(prefill_sm90, "sm90_path", lambda *args, **kwargs: False)
+
+
 def tma_at_every_length():
     """The Triton kernel's candidates at every length: its TMA path's length rule (``TMA_MIN_SEQLEN_Q``) off, and no
-    call handed to the Gluon kernel (``prefill_sm90``, which has its own table)."""
+    call handed to the Gluon kernel (which has its own table)."""
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(prefill_module, "TMA_MIN_SEQLEN_Q", 1))
-    stack.enter_context(mock.patch.object(prefill_module.prefill_sm90, "sm90_path", lambda *args, **kwargs: False))
+    stack.enter_context(triton_kernel())
     return stack
 
 
@@ -95,8 +109,10 @@ def paged_copy(k, v, page_size):
     return k_pool, v_pool, table
 
 
-def tuned_table(head_dim, major):
+def tuned_table(head_dim, major, gluon=False):
     """(the table its calls read, their key in it, the candidates, the label of its rows) for bf16 at ``head_dim``."""
+    if gluon:
+        return prefill_sm90.SM90_CONFIGS, head_dim, SM90_CANDIDATES[head_dim], "SM90_CONFIGS"
     if major == 9 and head_dim in prefill_module.TMA_HEAD_DIMS:
         return prefill_module.TMA_CONFIGS, head_dim, TMA_CANDIDATES[head_dim], "TMA_CONFIGS"
     bucket = head_dim_bucket(head_dim)
@@ -109,19 +125,23 @@ def main():
     parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 8192, 16384])
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--gqa", type=int, default=1, help="query heads per KV head (default 1: MHA)")
+    parser.add_argument("--gluon", action="store_true", help="tune the Gluon kernel's SM90_CONFIGS (sm90 only)")
     args = parser.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
     major = torch.cuda.get_device_capability(dev)[0]
+    if args.gluon and (major != 9 or not set(args.dims) <= set(SM90_CANDIDATES)):
+        parser.error(f"--gluon tunes head dims {sorted(SM90_CANDIDATES)} on an sm90 GPU")
     print(f"{torch.cuda.get_device_name(dev)}  torch {torch.__version__}  triton {triton.__version__}")
     dtype, heads, kv_heads = torch.bfloat16, args.heads, args.heads // args.gqa
     best, labels = {}, {}
     shipped_min_seqlen = prefill_module.TMA_MIN_SEQLEN_Q
     for head_dim in args.dims:
-        table, key, candidates, labels[head_dim] = tuned_table(head_dim, major)
+        table, key, candidates, labels[head_dim] = tuned_table(head_dim, major, args.gluon)
         default = table.get(key)
         tma = table is prefill_module.TMA_CONFIGS
-        with tma_at_every_length():  # the candidates at every length, whatever the shipped rule says
+        # the Triton kernel's candidates at every length, whatever the shipped rule says; the Gluon kernel's as shipped
+        with contextlib.nullcontext() if args.gluon else tma_at_every_length():
             for causal in (False, True):
                 for seqlen in args.seqlens:
                     batch = max(1, TOKENS // seqlen)
@@ -129,7 +149,10 @@ def main():
                     k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device=dev, dtype=dtype) for _ in range(2))
                     out = torch.empty_like(q)
                     lse = torch.empty(batch, heads, seqlen, device=dev, dtype=torch.float32)
-                    assert prefill_module.tma_path(q, k, v, out, seqlen) == tma, "the calls must take the tuned path"
+                    takes = (prefill_sm90.sm90_path(q, k, v, out, causal=causal, window_left=-1, window_right=-1,
+                                                    softcap=0.0, softmax_scale=1.0) if args.gluon
+                             else prefill_module.tma_path(q, k, v, out, seqlen) == tma)
+                    assert takes, "the calls must take the tuned path"
                     rate = functools.partial(tflops, batch, heads, seqlen, head_dim, causal)
                     ref = sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION)()
                     line = [f"D={head_dim:3d} {'causal' if causal else 'full  '} S={seqlen:5d} B={batch:2d}"]
@@ -141,6 +164,9 @@ def main():
                     if tma:  # what these calls ran before the TMA path: the pointer kernel's config
                         with pointer_path():
                             line.append(f"pointer {rate(bench(run_prefill(q, k, v, out, lse, causal))):6.1f}")
+                    if args.gluon:  # what these calls run without the Gluon kernel
+                        with triton_kernel():
+                            line.append(f"triton {rate(bench(run_prefill(q, k, v, out, lse, causal))):6.1f}")
                     results = []
                     for cfg in candidates:
                         table[key] = cfg
@@ -149,6 +175,10 @@ def main():
                             fn()
                         except (OutOfResources, RuntimeError) as exc:  # too much shared memory for this GPU: skip it
                             print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
+                            continue
+                        if prefill_sm90.COMPILE_ERROR is not None:  # the call fell back to the Triton kernel
+                            print(f"  {cfg}: does not compile: {str(prefill_sm90.COMPILE_ERROR)[-100:]}")
+                            prefill_sm90.COMPILE_ERROR = None
                             continue
                         err = (out.float() - ref.transpose(1, 2).float()).abs().max().item()
                         if err > 3e-2:
@@ -193,7 +223,7 @@ def main():
                 merged.setdefault(cfg, []).extend(r)
         if merged:
             cfg = max(merged, key=lambda c: sum(merged[c]) / len(merged[c]))
-            _, key, _, label = tuned_table(head_dim, major)
+            _, key, _, label = tuned_table(head_dim, major, args.gluon)
             print(f"    {label}: {key}: {cfg},")
 
 
