@@ -101,8 +101,9 @@ def dependent_launch(device):
     1 x 512: 20 -> 30 ms, BENCHMARKS.md 2026-12-04)."""
     import torch
 
-    return (device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
-            and torch.cuda.is_current_stream_capturing())
+    # capture first: eager launches (the prefill's page writes) stop at it without asking for the device's properties
+    return (device.type == "cuda" and not INTERPRET and torch.cuda.is_current_stream_capturing()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 TMA_ALIGN = 16  # bytes: TMA's rule for a tensor map's base address and every stride but the last

@@ -7,9 +7,8 @@ tile and the value product of this one, waits for the scores only (the older of 
 the online softmax, and only then waits for the value MMA and rescales the accumulator. (ptxas of Triton 3.6 still
 moves that last wait ahead of the exponentials, whatever the order written: in the SASS the value MMA overlaps the
 row maximum only. What overlaps a program's softmax is another program's MMAs: one warpgroup per program, two or
-three programs per SM.) K and V tiles
-arrive by TMA into a ring of ``STAGES`` shared-memory slots, each with an mbarrier; a slot is refilled once every
-warpgroup is past the MMAs that read it. Q, K and V are 4-D tensor descriptors over ``[B, S, H, D]`` built on the
+three programs per SM.) K and V tiles arrive by TMA into a ring of ``STAGES`` shared-memory slots, each with an
+mbarrier; a slot is refilled once every warpgroup is past the MMAs that read it. Q, K and V are 4-D tensor descriptors over ``[B, S, H, D]`` built on the
 host (no per-program descriptor writes), tiles ``[1, rows, 1, D]``; rows past a sequence belong to the next one or
 lie past the tensor (zero-filled), and are masked or not stored. The key loop has no branch inside (ptxas waits for
 every MMA in flight where control flow merges): fully visible tiles and masked tiles run in two loops of one step.
@@ -101,7 +100,7 @@ if GLUON_ERROR is None:
         m_i, l_i, p, alpha = _fold(qk, m_i, l_i, qk_scale)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        # Both warpgroups are past the MMAs that read this slot: refill it with tile j + STAGES.
+        # Every warpgroup is past the MMAs that read this slot: refill it with tile j + STAGES.
         cta_barrier()
         refill = j + STAGES < n_tiles
         row = k_row0 + (j + STAGES) * BLOCK_N
