@@ -20,10 +20,13 @@ def sm90(request, monkeypatch):
     every prefill call took the Gluon kernel."""
     for head_dim in prefill_sm90.SM90_CONFIGS:
         monkeypatch.setitem(prefill_sm90.SM90_CONFIGS, head_dim, request.param)
-    taken = []
-    path = prefill_sm90.sm90_path
-    monkeypatch.setattr(prefill_sm90, "sm90_path", lambda *args, **kwargs: taken.append(path(*args, **kwargs))
-                        or taken[-1])
+    taken, path = [], prefill_sm90.sm90_path
+
+    def recorded(*args, **kwargs):
+        taken.append(path(*args, **kwargs))
+        return taken[-1]
+
+    monkeypatch.setattr(prefill_sm90, "sm90_path", recorded)
     yield
     assert taken and all(taken), taken
 
