@@ -3,11 +3,12 @@ GQA, paged K/V, log-sum-exp out. S x S is never materialised: each program owns 
 streams K/V tiles of BLOCK_N keys through an online softmax kept in float32, in the log2 domain (its steps, shared
 with decode, are in ``softmax_state``).
 
-On Hopper (sm90) the dense 16-bit case of head dim 64 or 128 without window or soft-cap goes to ``prefill_sm90``
-(Gluon, asynchronous MMAs). Of the rest, the dense case over long sequences (16-bit, contiguous K/V, head dim 64 or
-128, TMA-aligned strides) runs the same kernel on its TMA path: tiles move through tensor descriptors (bulk copies
-into shared memory, no address arithmetic or load masks in registers), in larger tiles, with the key loop optionally
-warp-specialized (producer warps issue the copies, the others do the math). ``tma_path`` says which calls take it."""
+On Hopper (sm90) the 16-bit case of head dim 64 or 128 without window or soft-cap goes to ``prefill_sm90`` (Gluon,
+asynchronous MMAs; dense K/V, or pages of 32 keys or more that split its key tiles evenly or hold whole ones). Of the
+rest, the dense case over long sequences (16-bit, contiguous K/V, head dim 64 or 128, TMA-aligned strides) runs the
+same kernel on its TMA path: tiles move through tensor descriptors (bulk copies into shared memory, no address
+arithmetic or load masks in registers), in larger tiles, with the key loop optionally warp-specialized (producer warps
+issue the copies, the others do the math). ``tma_path`` says which calls take it."""
 import contextlib
 import contextvars
 import functools
@@ -310,7 +311,7 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
     sm90 = prefill_sm90.sm90_path(q, k, v, out, causal=causal, window_left=window_left, window_right=window_right,
                                   softcap=softcap, softmax_scale=softmax_scale, block_table=block_table)
     if sm90 and prefill_sm90.prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q,
-                                          softmax_scale=softmax_scale, causal=causal):
+                                          softmax_scale=softmax_scale, causal=causal, block_table=block_table):
         return  # (False: this Triton could not compile it, which it said)
     batch, (num_heads, head_dim) = q_len.shape[0], q.shape[2:]
     group = num_heads // k.shape[2]

@@ -1,4 +1,4 @@
-"""Hopper (sm90) prefill in Gluon: FlashAttention-3's intra-warpgroup pipelining for the dense 16-bit case.
+"""Hopper (sm90) prefill in Gluon: FlashAttention-3's intra-warpgroup pipelining for the 16-bit case.
 
 Triton's ``tl.dot`` waits for a warpgroup MMA as soon as its result is next used, so the pointer kernel
 (``prefill``) runs each tile's softmax after its score MMA and before its value MMA, with the tensor cores idle
@@ -7,16 +7,19 @@ tile and the value product of this one, waits for the scores only (the older of 
 the online softmax, and only then waits for the value MMA and rescales the accumulator. (ptxas of Triton 3.6 still
 moves that last wait ahead of the exponentials, whatever the order written: in the SASS the value MMA overlaps the
 row maximum only. What overlaps a program's softmax is another program's MMAs: one warpgroup per program, two or
-three programs per SM.) K and V tiles arrive by TMA into a ring of ``STAGES`` shared-memory slots, each with an
-mbarrier; a slot is refilled once every warpgroup is past the MMAs that read it. Q, K and V are 4-D tensor descriptors over ``[B, S, H, D]`` built on the
-host (no per-program descriptor writes), tiles ``[1, rows, 1, D]``; rows past a sequence belong to the next one or
-lie past the tensor (zero-filled), and are masked or not stored. The key loop has no branch inside (ptxas waits for
-every MMA in flight where control flow merges): fully visible tiles and masked tiles run in two loops of one step.
+three programs per SM.)
+
+K and V tiles arrive by TMA into a ring of ``STAGES`` shared-memory slots, each with an mbarrier; a slot is refilled
+once every warpgroup is past the MMAs that read it. Q, K and V are 4-D tensor descriptors over ``[B, S, H, D]`` built
+on the host (no per-program descriptor writes); rows past a sequence belong to the next one or lie past the tensor
+(zero-filled), and are masked or not stored. Paged K/V (pools ``[pages, page_size, H, D]``) load the same way, one
+box per page a key tile spans, the page read from the block table. The key loop has no branch inside (ptxas waits
+for every MMA in flight where control flow merges): fully visible tiles and masked tiles run in two loops of one step.
 
 The online-softmax steps mirror ``softmax_state``'s (log2 domain, scale in the exponent's fma, the -inf guard) in
-Gluon, which cannot call Triton's jit helpers. Scope: 16-bit inputs, head dim 64 or 128, dense K/V, causal
-(bottom-right) or full, no window, no soft-cap, a positive scale. ``sm90_path`` says which calls take it; the others
-keep ``prefill``."""
+Gluon, which cannot call Triton's jit helpers. Scope: 16-bit inputs, head dim 64 or 128, dense K/V or pages that
+hold whole key tiles or split them evenly, causal (bottom-right) or full, no window, no soft-cap, a positive scale.
+``sm90_path`` says which calls take it; the others keep ``prefill``."""
 import contextlib
 import functools
 import logging
@@ -37,22 +40,37 @@ try:  # Gluon is Triton's experimental layer: its names may move between release
     # Triton 3.7 renamed the TMA load (3.6 has only the old name; 3.9's old name raises)
     tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # likewise renamed (3.9 has no thread_barrier)
+    smem_reinterpret = (getattr(gl.shared_memory_descriptor, "reinterpret", None)  # 3.9; 3.6 has only the old name
+                        or gl.shared_memory_descriptor._reinterpret)
     GLUON_ERROR = None
 except (ImportError, AttributeError) as error:  # pragma: no cover - depends on the installed Triton
     GLUON_ERROR = error
 
-# (BLOCK_M, BLOCK_N, STAGES, num_warps) by head dim (STAGES >= 2: the next key tile and this value tile are in
-# different slots). One warpgroup of 64 query rows per program and two or three programs per SM: their softmax and
-# MMA phases drift apart, so one's tensor-core work fills the other's softmax. H200, bf16, 16k tokens a call,
-# TFLOP/s at S = 1k / 4k / 16k causal, full (2026-12-04; BENCHMARKS.md): D128 (64, 64, 3, 4) 341 / 457 / 519,
-# 390 / 508 / 532 against (128, 128, 3, 8) with two warpgroups 286 / 454 / 541, 395 / 488 / 511; D64 (64, 64, 4, 4)
-# 282 / 362 / 418, 368 / 402 / 418 against (64, 128, 3, 4) 162 / 377 / 417, 368 / 414 / 437.
+# (BLOCK_M, BLOCK_N, STAGES, num_warps, Q in registers) by (head dim, max_seqlen_q >= SM90_LONG_SEQLEN). STAGES >= 2:
+# the next key tile and this value tile are in different slots. Q in registers: the score MMA reads only K from shared
+# memory. One warpgroup of 64 query rows per program and two or three programs per SM: their softmax and MMA phases
+# drift apart, so one's tensor-core work fills the other's softmax (two warpgroups sharing K/V tiles lost at every
+# length). H200, bf16, 16k tokens a call, TFLOP/s at S = 1k / 4k / 16k, causal and full (2026-12-04 19:04 UTC,
+# BENCHMARKS.md): D128 (64, 64, 3, 4) 380 / 503 / 571, 485 / 550 / 580, with Q in registers 388 / 468 / 541,
+# 495 / 515 / 546; D64 (64, 64, 4, 4) 295 / 382 / 432, 382 / 417 / 435, (64, 128, 3, 4) with Q in registers
+# 258 / 388 / 462, 334 / 432 / 451 (it won at 4k and 16k in the sweep before too, without Q in registers).
 SM90_CONFIGS = {
-    64: (64, 64, 4, 4),
-    128: (64, 64, 3, 4),
+    (64, False): (64, 64, 4, 4, False),
+    (64, True): (64, 128, 3, 4, True),
+    (128, False): (64, 64, 3, 4, False),
+    (128, True): (64, 64, 3, 4, False),
 }
+SM90_HEAD_DIMS = (64, 128)
+SM90_LONG_SEQLEN = 4096
 SM90_DTYPES = (torch.float16, torch.bfloat16)
 COMPILE_ERROR = None  # set by the first launch that failed to compile: then no call takes this kernel
+# Boxes of part of a key tile (pages smaller than a tile) are 128 bytes wide, the swizzle's width: the widest box TMA
+# writes as one column block of the tile.
+KV_BOX_COLS = 64
+# Paged K/V: the fewest rows a box may carry. Boxes of 16 rows (pages of 16) give correct results but lose to the Triton
+# kernel's gathered loads: H200, bf16, GQA 32/8, D128, append of N over L cached keys (2026-12-04 19:25 UTC), TFLOP/s
+# Gluon / Triton, pages of 16: 304-354 / 403-464; of 32: 417-465 / 383-451; of 64: 480-510 / 406-490.
+MIN_BOX_ROWS = 32
 
 if GLUON_ERROR is None:
     @gluon.jit
@@ -77,9 +95,42 @@ if GLUON_ERROR is None:
         return m_new, l_i, p, alpha
 
     @gluon.jit
+    def _load_kv_tile(tile, slot, issue, k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, kb, k_row0, kv_head, bt_row,
+                      k_len, BLOCK_N: gl.constexpr, BOX: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr):
+        """Issues the TMA copies of key tile ``tile`` (K and V) into ring slot ``slot``, each signalling the slot's
+        mbarrier: boxes of the sequence's rows, or (PAGED) of each page the tile spans, through the block table (keys
+        past k_len read page 0: their scores are masked and the last tile's values zeroed). A box is BOX rows by
+        COLS columns, 128 bytes: a tile's shared memory holds its 128-byte column blocks one after the other (the
+        swizzle's width), each BLOCK_N rows, so each box lands at its rows within its column block."""
+        HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        box: gl.constexpr = k_desc.block_type.shape
+        COLS: gl.constexpr = box[3]
+        NUM_BOXES: gl.constexpr = BLOCK_N // BOX
+        NUM_COL_BLOCKS: gl.constexpr = HEAD_DIM // COLS
+        blocks_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, COLS], k_desc.dtype)
+        k_blocks = smem_reinterpret(k_smem.index(slot), k_desc.dtype, [NUM_COL_BLOCKS * BLOCK_N, COLS], blocks_layout)
+        v_blocks = smem_reinterpret(v_smem.index(slot), v_desc.dtype, [NUM_COL_BLOCKS * BLOCK_N, COLS], blocks_layout)
+        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes * NUM_BOXES * NUM_COL_BLOCKS, pred=issue)
+        mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes * NUM_BOXES * NUM_COL_BLOCKS, pred=issue)
+        for i in gl.static_range(NUM_BOXES):
+            key = tile * BLOCK_N + i * BOX
+            if PAGED:
+                page = gl.load(bt_row + key // PAGE_SIZE, mask=issue & (key < k_len), other=0)
+                row = key % PAGE_SIZE
+            else:
+                page = kb
+                row = k_row0 + key
+            for c in gl.static_range(NUM_COL_BLOCKS):
+                k_box = smem_reinterpret(k_blocks.slice(c * BLOCK_N + i * BOX, BOX), k_desc.dtype, box, k_desc.layout)
+                v_box = smem_reinterpret(v_blocks.slice(c * BLOCK_N + i * BOX, BOX), v_desc.dtype, box, v_desc.layout)
+                tma_load(k_desc, [page, row, kv_head, c * COLS], k_bar.index(slot), k_box, pred=issue)
+                tma_load(v_desc, [page, row, kv_head, c * COLS], v_bar.index(slot), v_box, pred=issue)
+
+    @gluon.jit
     def _step(j, acc, m_i, l_i, p, q_tile, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, kb, k_row0, kv_head,
-              n_tiles, rows, offs_n, k_len, diag, qk_scale, s_zero, MASKED: gl.constexpr, CAUSAL: gl.constexpr,
-              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, p_layout: gl.constexpr,
+              bt_row, n_tiles, rows, offs_n, k_len, diag, qk_scale, s_zero, MASKED: gl.constexpr,
+              CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              BOX: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr, p_layout: gl.constexpr,
               o_layout: gl.constexpr):
         """One turn of the key loop: the value MMA of tile j (weights ``p``) beside the scores and softmax of tile
         j + 1; returns the state with tile j folded in and tile j + 1's weights. Branch-free: ptxas waits for every
@@ -89,11 +140,11 @@ if GLUON_ERROR is None:
         # The next tile's scores first, then this tile's values: MMA groups complete in issue order, so waiting for
         # all but one returns the scores while the value MMA still runs.
         mbarrier.wait(k_bar.index(nxt), ((j + 1) // STAGES) & 1)
-        qk = warpgroup_mma(q_tile, k_smem.index(nxt).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+        qk = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), s_zero,
                            use_acc=False, is_async=True)
         mbarrier.wait(v_bar.index(slot), (j // STAGES) & 1)
         p_op = gl.convert_layout(p.to(k_desc.dtype), p_layout)
-        acc = warpgroup_mma(p_op, v_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        acc = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
         qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
         if MASKED:
             qk = _mask_scores(qk, j + 1, rows, offs_n, k_len, diag, BLOCK_N, CAUSAL)
@@ -102,20 +153,17 @@ if GLUON_ERROR is None:
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         # Every warpgroup is past the MMAs that read this slot: refill it with tile j + STAGES.
         cta_barrier()
-        refill = j + STAGES < n_tiles
-        row = k_row0 + (j + STAGES) * BLOCK_N
-        mbarrier.expect(k_bar.index(slot), k_desc.block_type.nbytes, pred=refill)
-        tma_load(k_desc, [kb, row, kv_head, 0], k_bar.index(slot), k_smem.index(slot), pred=refill)
-        mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes, pred=refill)
-        tma_load(v_desc, [kb, row, kv_head, 0], v_bar.index(slot), v_smem.index(slot), pred=refill)
+        _load_kv_tile(j + STAGES, slot, j + STAGES < n_tiles, k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, kb,
+                      k_row0, kv_head, bt_row, k_len, BLOCK_N, BOX, PAGE_SIZE, PAGED)
         return acc, m_i, l_i, p
 
     @gluon.jit
-    def _prefill_sm90_kernel(q_desc, k_desc, v_desc, Out, Lse, q_start_ptr, q_len_ptr, k_start_ptr, k_len_ptr,
-                             stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+    def _prefill_sm90_kernel(q_desc, k_desc, v_desc, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_start_ptr,
+                             k_len_ptr, stride_btb, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
                              num_heads, group, num_m_tiles, q_batched, k_batched, qk_scale,
                              CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_IN_REGISTERS: gl.constexpr,
+                             PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = q_desc.dtype
         pid = gl.program_id(0)
         bh = pid // num_m_tiles
@@ -152,8 +200,12 @@ if GLUON_ERROR is None:
         n_full = gl.maximum(mid_hi, 0) // BLOCK_N
 
         q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        # A slot holds one [BLOCK_N, HEAD_DIM] tile, which TMA fills as BLOCK_N // BOX boxes of the descriptors' BOX
+        # rows, one after the other (a swizzle pattern spans 8 rows: boxes of 16 rows or more stack into the tile's).
+        BOX: gl.constexpr = k_desc.block_type.shape[1]
+        kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -166,12 +218,10 @@ if GLUON_ERROR is None:
         kb = b * k_batched
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma_load(q_desc, [qb, q_row0 + start_m, h, 0], q_bar, q_smem)
+        bt_row = BlockTable + b.to(gl.int64) * stride_btb
         for s in gl.static_range(STAGES):
-            issue = s < n_tiles
-            mbarrier.expect(k_bar.index(s), k_desc.block_type.nbytes, pred=issue)
-            tma_load(k_desc, [kb, k_row0 + s * BLOCK_N, kv_head, 0], k_bar.index(s), k_smem.index(s), pred=issue)
-            mbarrier.expect(v_bar.index(s), v_desc.block_type.nbytes, pred=issue)
-            tma_load(v_desc, [kb, k_row0 + s * BLOCK_N, kv_head, 0], v_bar.index(s), v_smem.index(s), pred=issue)
+            _load_kv_tile(s, s, s < n_tiles, k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, kb, k_row0, kv_head,
+                          bt_row, k_len, BLOCK_N, BOX, PAGE_SIZE, PAGED)
 
         offs_m = gl.arange(0, BLOCK_M, layout=row_layout)
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -180,12 +230,14 @@ if GLUON_ERROR is None:
         l_i = gl.zeros([BLOCK_M], gl.float32, row_layout)
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-        q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
         mbarrier.wait(q_bar, 0)
+        q_tile = q_smem.reshape([BLOCK_M, HEAD_DIM])
+        if Q_IN_REGISTERS:
+            q_tile = q_tile.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
 
         if n_tiles > 0:
             mbarrier.wait(k_bar.index(0), 0)
-            qk = warpgroup_mma(q_tile, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+            qk = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), s_zero,
                                use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
             if n_full == 0:
@@ -193,16 +245,18 @@ if GLUON_ERROR is None:
             m_i, l_i, p, alpha = _fold(qk, m_i, l_i, qk_scale)
             # Tiles 1 .. n_full - 1 are seen whole by every row; the rest are masked.
             for j in range(0, gl.minimum(n_full, n_tiles) - 1):
-                acc, m_i, l_i, p = _step(j, acc, m_i, l_i, p, q_tile, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc,
-                                         kb, k_row0, kv_head, n_tiles, rows, offs_n, k_len, diag, qk_scale, s_zero,
-                                         False, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, p_layout, o_layout)
+                acc, m_i, l_i, p = _step(j, acc, m_i, l_i, p, q_tile, k_smem, v_smem, k_bar, v_bar,
+                                         k_desc, v_desc, kb, k_row0, kv_head, bt_row, n_tiles, rows, offs_n, k_len,
+                                         diag, qk_scale, s_zero, False, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, BOX,
+                                         PAGE_SIZE, PAGED, p_layout, o_layout)
             for j in range(gl.maximum(n_full, 1) - 1, n_tiles - 1):
-                acc, m_i, l_i, p = _step(j, acc, m_i, l_i, p, q_tile, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc,
-                                         kb, k_row0, kv_head, n_tiles, rows, offs_n, k_len, diag, qk_scale, s_zero,
-                                         True, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, p_layout, o_layout)
+                acc, m_i, l_i, p = _step(j, acc, m_i, l_i, p, q_tile, k_smem, v_smem, k_bar, v_bar,
+                                         k_desc, v_desc, kb, k_row0, kv_head, bt_row, n_tiles, rows, offs_n, k_len,
+                                         diag, qk_scale, s_zero, True, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, BOX,
+                                         PAGE_SIZE, PAGED, p_layout, o_layout)
             last = n_tiles - 1
             mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
-            v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
+            v_last = v_smem.index(last % STAGES)
             if (last + 1) * BLOCK_N > k_len:
                 # The last tile runs past the sequence's keys into rows of whatever follows (padding, the next
                 # sequence): zero their values, as weights of 0 times a NaN or inf there would still reach the sum.
@@ -245,14 +299,28 @@ def _say_unusable(reason):
         "hf_flash: with this Triton (%s) %s; Hopper prefill runs the Triton kernel instead", triton.__version__, reason)
 
 
+def _box_rows(block_n, k, block_table):
+    """Rows of K/V one TMA box carries: a whole key tile, or (paged) the part of it in one page; 0 if the pages
+    neither hold whole tiles nor split them evenly (or are too small for a swizzled box)."""
+    if block_table is None:
+        return block_n
+    page_size = k.shape[1]
+    if page_size % block_n == 0:
+        return block_n
+    return page_size if block_n % page_size == 0 and page_size >= MIN_BOX_ROWS else 0
+
+
 def sm90_path(q, k, v, out, *, causal, window_left, window_right, softcap, softmax_scale, block_table=None):
     """Whether ``prefill_sm90`` serves this call: Gluon importable, an sm90 GPU (not the interpreter), 16-bit Q/K/V,
-    head dim in ``SM90_CONFIGS``, dense K/V, causal or full (no window), no soft-cap, a positive scale, and Q, K, V
-    at 16-byte aligned addresses with 16-byte aligned strides (TMA's rule)."""
-    if (INTERPRET or not q.is_cuda or block_table is not None or q.dtype not in SM90_DTYPES
-            or q.shape[-1] not in SM90_CONFIGS or softcap > 0 or softmax_scale <= 0):
+    head dim in ``SM90_HEAD_DIMS``, causal or full (no window), no soft-cap, a positive scale, K/V dense or in pages
+    that hold whole key tiles or split them evenly (at least ``MIN_BOX_ROWS`` rows), and Q, K, V at 16-byte aligned
+    addresses with 16-byte aligned strides (TMA's rule)."""
+    if (INTERPRET or not q.is_cuda or q.dtype not in SM90_DTYPES or q.shape[-1] not in SM90_HEAD_DIMS or softcap > 0
+            or softmax_scale <= 0):
         return False
     if window_left >= 0 or (window_right >= 0 and not causal):
+        return False
+    if not all(_box_rows(SM90_CONFIGS[q.shape[-1], long][1], k, block_table) for long in (False, True)):
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
@@ -265,32 +333,36 @@ def sm90_path(q, k, v, out, *, causal, window_left, window_right, softcap, softm
 
 
 def prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *, softmax_scale: float,
-                 causal: bool) -> bool:
+                 causal: bool, block_table=None) -> bool:
     """``prefill`` for the calls ``sm90_path`` accepts: same tensors, layouts and results. Returns False, having
     launched nothing, when this Triton cannot compile the kernel (Gluon's names move between releases): it says why
     once, and ``sm90_path`` turns every later call away."""
     global COMPILE_ERROR
     batch, (num_heads, head_dim) = q_len.shape[0], q.shape[2:]
-    block_m, block_n, stages, num_warps = SM90_CONFIGS[head_dim]
+    block_m, block_n, stages, num_warps, q_in_registers = SM90_CONFIGS[head_dim, max_seqlen_q >= SM90_LONG_SEQLEN]
     element = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    paged = block_table is not None
 
-    def descriptor(t, rows):
-        block = [1, rows, 1, head_dim]
+    def descriptor(t, rows, cols=head_dim):
+        block = [1, rows, 1, cols]
         return TensorDescriptor(t, list(t.shape), list(t.stride()), block,
                                 gl.NVMMASharedLayout.get_default_for(block, element))
 
+    box = _box_rows(block_n, k, block_table)
+    cols = head_dim if box == block_n else KV_BOX_COLS  # whole-tile boxes as one copy: 2-5 % faster at D128 than two
     num_m_tiles = triton.cdiv(max_seqlen_q, block_m)
     grid = (batch * num_heads * num_m_tiles,)
     try:
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             _prefill_sm90_kernel[grid](
-                descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), out, lse,
-                q_start, q_len, k_start, k_len,
+                descriptor(q, block_m), descriptor(k, box, cols), descriptor(v, box, cols), out, lse,
+                block_table if paged else q_len, q_start, q_len, k_start, k_len, block_table.stride(0) if paged else 0,
                 batch_stride(out), out.stride(1), out.stride(2), batch_stride(lse), lse.stride(1), lse.stride(2),
-                num_heads, num_heads // k.shape[2], num_m_tiles, int(q.shape[0] > 1), int(k.shape[0] > 1),
+                num_heads, num_heads // k.shape[2], num_m_tiles, int(q.shape[0] > 1), int(k.shape[0] > 1 and not paged),
                 softmax_scale * LOG2E,
                 CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-                num_warps=num_warps)
+                Q_IN_REGISTERS=q_in_registers,
+                PAGE_SIZE=k.shape[1] if paged else 1, PAGED=paged, num_warps=num_warps)
     except CompilationError as error:
         COMPILE_ERROR = error
         _say_unusable(f"its Gluon kernel does not compile ({str(error).strip().splitlines()[-1]})")

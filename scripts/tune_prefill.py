@@ -40,11 +40,14 @@ TMA_CANDIDATES = {
           (128, 64, 4, 2, True), (128, 64, 4, 3, True), (128, 128, 4, 2, True)],
 }
 
-# The Gluon kernel's (BLOCK_M, BLOCK_N, STAGES, num_warps) per head dim (--gluon). Compiled for sm90 with Triton 3.6
-# offline: none spills; the 4-warp ones leave room for two programs per SM (three for D64 (64, 64, 4, 4)).
+# The Gluon kernel's (BLOCK_M, BLOCK_N, STAGES, num_warps, Q in registers) per head dim (--gluon). Compiled for sm90
+# with Triton 3.6 offline: none spills (BLOCK_N 128 with Q in registers does, at D128); the 4-warp ones leave room for
+# two programs per SM (three at D64), the 8-warp ones (two warpgroups sharing the K/V tiles) for one.
 SM90_CANDIDATES = {
-    64: [(64, 64, 4, 4), (64, 64, 3, 4), (64, 128, 3, 4), (128, 128, 3, 8)],
-    128: [(64, 64, 3, 4), (64, 64, 2, 4), (128, 64, 3, 8), (128, 128, 3, 8)],
+    64: [(64, 64, 4, 4, False), (64, 64, 4, 4, True), (64, 64, 3, 4, True), (64, 128, 3, 4, True),
+         (128, 64, 3, 8, True), (128, 128, 2, 8, True), (128, 128, 3, 8, True)],
+    128: [(64, 64, 3, 4, False), (64, 64, 3, 4, True), (64, 64, 2, 4, True), (128, 64, 3, 8, True),
+          (128, 64, 2, 8, True), (128, 128, 2, 8, False), (128, 128, 3, 8, False)],
 }
 
 
@@ -109,10 +112,12 @@ def paged_copy(k, v, page_size):
     return k_pool, v_pool, table
 
 
-def tuned_table(head_dim, major, gluon=False):
-    """(the table its calls read, their key in it, the candidates, the label of its rows) for bf16 at ``head_dim``."""
+def tuned_table(head_dim, major, gluon=False, seqlen=0):
+    """(the table its calls read, their key in it, the candidates, the label of its rows) for bf16 at ``head_dim`` (and,
+    for the Gluon kernel, whose table has a row for long sequences, at ``seqlen``)."""
     if gluon:
-        return prefill_sm90.SM90_CONFIGS, head_dim, SM90_CANDIDATES[head_dim], "SM90_CONFIGS"
+        key = (head_dim, seqlen >= prefill_sm90.SM90_LONG_SEQLEN)
+        return prefill_sm90.SM90_CONFIGS, key, SM90_CANDIDATES[head_dim], "SM90_CONFIGS"
     if major == 9 and head_dim in prefill_module.TMA_HEAD_DIMS:
         return prefill_module.TMA_CONFIGS, head_dim, TMA_CANDIDATES[head_dim], "TMA_CONFIGS"
     bucket = head_dim_bucket(head_dim)
@@ -134,16 +139,19 @@ def main():
         parser.error(f"--gluon tunes head dims {sorted(SM90_CANDIDATES)} on an sm90 GPU")
     print(f"{torch.cuda.get_device_name(dev)}  torch {torch.__version__}  triton {triton.__version__}")
     dtype, heads, kv_heads = torch.bfloat16, args.heads, args.heads // args.gqa
-    best, labels = {}, {}
+    best = {}  # (label of the table, key in it, causal) -> {config: [TFLOP/s per length]}
     shipped_min_seqlen = prefill_module.TMA_MIN_SEQLEN_Q
     for head_dim in args.dims:
-        table, key, candidates, labels[head_dim] = tuned_table(head_dim, major, args.gluon)
+        table, key, candidates, label = tuned_table(head_dim, major, args.gluon)
         default = table.get(key)
         tma = table is prefill_module.TMA_CONFIGS
         # the Triton kernel's candidates at every length, whatever the shipped rule says; the Gluon kernel's as shipped
         with contextlib.nullcontext() if args.gluon else tma_at_every_length():
             for causal in (False, True):
                 for seqlen in args.seqlens:
+                    if args.gluon:
+                        table, key, candidates, _ = tuned_table(head_dim, major, True, seqlen)
+                        default = table.get(key)
                     batch = max(1, TOKENS // seqlen)
                     q = torch.randn(batch, seqlen, heads, head_dim, device=dev, dtype=dtype)
                     k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device=dev, dtype=dtype) for _ in range(2))
@@ -192,7 +200,7 @@ def main():
                         print(f"    best {top[1]} {top[0]:.1f} TFLOP/s", flush=True)
                         for r, cfg in results:
                             if not tma or seqlen >= shipped_min_seqlen:  # the lengths the shipped rule sends there
-                                best.setdefault((head_dim, causal), {}).setdefault(cfg, []).append(r)
+                                best.setdefault((label, key, causal), {}).setdefault(cfg, []).append(r)
         # Paged K/V at S=4k, causal (the pointer kernel's default config): the cost of gathering through the block
         # table, beside the same call on dense K/V (whichever path that takes).
         seqlen = 4096 if 4096 in args.seqlens else args.seqlens[0]
@@ -201,31 +209,28 @@ def main():
         k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device=dev, dtype=dtype) for _ in range(2))
         out, lse = torch.empty_like(q), torch.empty(batch, heads, seqlen, device=dev, dtype=torch.float32)
         dense = tflops(batch, heads, seqlen, head_dim, True, bench(run_prefill(q, k, v, out, lse, True)))
-        paged_key = (head_dim_bucket(head_dim), False, major)
-        line = [f"D={head_dim:3d} causal S={seqlen} paged, config {prefill_module.CONFIGS.get(paged_key)}: "
-                f"dense {dense:6.1f}"]
+        line = [f"D={head_dim:3d} causal S={seqlen} paged: dense {dense:6.1f}"]
         k_len = torch.full((batch,), seqlen, dtype=torch.int32, device=dev)
         for page_size in (16, 64, 256):
             k_pool, v_pool, table = paged_copy(k, v, page_size)
             fn = run_prefill(q, k_pool, v_pool, out, lse, True, block_table=table, k_len=k_len)
-            line.append(f"page {page_size}: {tflops(batch, heads, seqlen, head_dim, True, bench(fn)):6.1f}")
+            gluon = prefill_sm90.sm90_path(q, k_pool, v_pool, out, causal=True, window_left=-1, window_right=-1,
+                                           softcap=0.0, softmax_scale=1.0, block_table=table)
+            line.append(f"page {page_size} ({'gluon' if gluon else 'triton'}): "
+                        f"{tflops(batch, heads, seqlen, head_dim, True, bench(fn)):6.1f}")
         print("  ".join(line), flush=True)
     print(f"\nmean TFLOP/s over sequence lengths per config (TMA rows: over S >= {shipped_min_seqlen}, the lengths "
           f"that take that path; pick per head dim; causal matters most):")
-    for (head_dim, causal), per_cfg in best.items():
+    for (label, key, causal), per_cfg in best.items():
         ranked = sorted(((sum(r) / len(r), cfg) for cfg, r in per_cfg.items()), reverse=True)
-        print(f"  D={head_dim} {'causal' if causal else 'full'}: " + "  ".join(f"{c}:{r:.1f}" for r, c in ranked))
+        print(f"  {key} {'causal' if causal else 'full'}: " + "  ".join(f"{c}:{r:.1f}" for r, c in ranked))
     print("\nsuggested rows (best mean over causal and full):")
-    for head_dim in args.dims:
+    for label, key in dict.fromkeys((label, key) for label, key, _ in best):
         merged = {}
         for causal in (False, True):
-            for cfg, r in best.get((head_dim, causal), {}).items():
+            for cfg, r in best.get((label, key, causal), {}).items():
                 merged.setdefault(cfg, []).extend(r)
-        if merged:
-            cfg = max(merged, key=lambda c: sum(merged[c]) / len(merged[c]))
-            _, key, _, label = tuned_table(head_dim, major, args.gluon)
-            print(f"    {label}: {key}: {cfg},")
-
+        print(f"    {label}: {key}: {max(merged, key=lambda c: sum(merged[c]) / len(merged[c]))},")
 
 if __name__ == "__main__":
     main()
