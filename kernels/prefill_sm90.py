@@ -13,8 +13,9 @@ K and V tiles arrive by TMA into a ring of ``STAGES`` shared-memory slots, each 
 once every warpgroup is past the MMAs that read it. Q, K and V are 4-D tensor descriptors over ``[B, S, H, D]`` built
 on the host (no per-program descriptor writes); rows past a sequence belong to the next one or lie past the tensor
 (zero-filled), and are masked or not stored. Paged K/V (pools ``[pages, page_size, H, D]``) load the same way, one
-box per page a key tile spans, the page read from the block table. The key loop has no branch inside (ptxas waits
-for every MMA in flight where control flow merges): fully visible tiles and masked tiles run in two loops of one step.
+box per page a key tile spans, its page read from the block table a step before the copy. The key loop has no branch
+inside (ptxas waits for every MMA in flight where control flow merges): fully visible tiles and masked tiles run in
+two loops of one step.
 
 The online-softmax steps mirror ``softmax_state``'s (log2 domain, scale in the exponent's fma, the -inf guard) in
 Gluon, which cannot call Triton's jit helpers. Scope: 16-bit inputs, head dim 64 or 128, dense K/V or pages that
@@ -68,8 +69,10 @@ COMPILE_ERROR = None  # set by the first launch that failed to compile: then no 
 # writes as one column block of the tile.
 KV_BOX_COLS = 64
 # Paged K/V: the fewest rows a box may carry. Boxes of 16 rows (pages of 16) give correct results but lose to the Triton
-# kernel's gathered loads: H200, bf16, GQA 32/8, D128, append of N over L cached keys (2026-12-04 19:25 UTC), TFLOP/s
-# Gluon / Triton, pages of 16: 304-354 / 403-464; of 32: 417-465 / 383-451; of 64: 480-510 / 406-490.
+# kernel's gathered loads (each box's copy is separated from the next by a CTA barrier, which Triton's shared-memory
+# analysis puts between writes to views of one buffer). H100, bf16, append of N over L cached keys (2026-12-05,
+# BENCHMARKS.md), TFLOP/s Gluon / Triton: D128 GQA 32/8, pages of 16: 344-389 / 420-466; of 32: 427-501 / 370-462;
+# of 64: 456-577 / 434-502; D64 GQA 16/4, pages of 16: 254-326 / 293-357; of 32: 305-385 / 304-355.
 MIN_BOX_ROWS = 32
 
 if GLUON_ERROR is None:
@@ -95,13 +98,26 @@ if GLUON_ERROR is None:
         return m_new, l_i, p, alpha
 
     @gluon.jit
-    def _load_kv_tile(tile, slot, issue, k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, kb, k_row0, kv_head, bt_row,
-                      k_len, BLOCK_N: gl.constexpr, BOX: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr):
+    def _tile_pages(tile, bt_row, k_len, issue, BLOCK_N: gl.constexpr, BOX: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                    PAGED: gl.constexpr, pages_layout: gl.constexpr):
+        """(PAGED) The page of each of key tile ``tile``'s boxes, from the block table; keys past k_len read page 0
+        (their scores are masked and the last tile's values zeroed). Loaded a step before the copies that need it:
+        issued beside them, the load's latency stalled the warpgroup once a tile."""
+        keys = tile * BLOCK_N + gl.arange(0, BLOCK_N // BOX, layout=pages_layout) * BOX
+        if PAGED:
+            pages = gl.load(bt_row + keys // PAGE_SIZE, mask=issue & (keys < k_len), other=0)
+        else:
+            pages = gl.zeros_like(keys)
+        return pages
+
+    @gluon.jit
+    def _load_kv_tile(tile, slot, issue, pages, k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, kb, k_row0, kv_head,
+                      BLOCK_N: gl.constexpr, BOX: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr):
         """Issues the TMA copies of key tile ``tile`` (K and V) into ring slot ``slot``, each signalling the slot's
-        mbarrier: boxes of the sequence's rows, or (PAGED) of each page the tile spans, through the block table (keys
-        past k_len read page 0: their scores are masked and the last tile's values zeroed). A box is BOX rows by
-        COLS columns, 128 bytes: a tile's shared memory holds its 128-byte column blocks one after the other (the
-        swizzle's width), each BLOCK_N rows, so each box lands at its rows within its column block."""
+        mbarrier: boxes of the sequence's rows, or (PAGED) of each page the tile spans (``pages``, from
+        ``_tile_pages``). A box is BOX rows by COLS columns, 128 bytes: a tile's shared memory holds its 128-byte
+        column blocks one after the other (the swizzle's width), each BLOCK_N rows, so each box lands at its rows
+        within its column block."""
         HEAD_DIM: gl.constexpr = k_smem.shape[2]
         box: gl.constexpr = k_desc.block_type.shape
         COLS: gl.constexpr = box[3]
@@ -114,8 +130,8 @@ if GLUON_ERROR is None:
         mbarrier.expect(v_bar.index(slot), v_desc.block_type.nbytes * NUM_BOXES * NUM_COL_BLOCKS, pred=issue)
         for i in gl.static_range(NUM_BOXES):
             key = tile * BLOCK_N + i * BOX
-            if PAGED:
-                page = gl.load(bt_row + key // PAGE_SIZE, mask=issue & (key < k_len), other=0)
+            if PAGED:  # the box's entry of ``pages`` (each thread holds them all: no exchange)
+                page = gl.sum(gl.where(gl.arange(0, NUM_BOXES, layout=pages.type.layout) == i, pages, 0), axis=0)
                 row = key % PAGE_SIZE
             else:
                 page = kb
@@ -130,13 +146,15 @@ if GLUON_ERROR is None:
     def _step(j, acc, m_i, l_i, p, q_tile, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, kb, k_row0, kv_head,
               bt_row, n_tiles, rows, offs_n, k_len, diag, qk_scale, s_zero, MASKED: gl.constexpr,
               CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              BOX: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr, p_layout: gl.constexpr,
-              o_layout: gl.constexpr):
+              BOX: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr, pages_layout: gl.constexpr,
+              p_layout: gl.constexpr, o_layout: gl.constexpr):
         """One turn of the key loop: the value MMA of tile j (weights ``p``) beside the scores and softmax of tile
         j + 1; returns the state with tile j folded in and tile j + 1's weights. Branch-free: ptxas waits for every
         MMA in flight where control flow merges, so the masked and unmasked tiles run in separate loops."""
         slot = j % STAGES
         nxt = (j + 1) % STAGES
+        refill = j + STAGES < n_tiles
+        pages = _tile_pages(j + STAGES, bt_row, k_len, refill, BLOCK_N, BOX, PAGE_SIZE, PAGED, pages_layout)
         # The next tile's scores first, then this tile's values: MMA groups complete in issue order, so waiting for
         # all but one returns the scores while the value MMA still runs.
         mbarrier.wait(k_bar.index(nxt), ((j + 1) // STAGES) & 1)
@@ -153,8 +171,8 @@ if GLUON_ERROR is None:
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         # Every warpgroup is past the MMAs that read this slot: refill it with tile j + STAGES.
         cta_barrier()
-        _load_kv_tile(j + STAGES, slot, j + STAGES < n_tiles, k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, kb,
-                      k_row0, kv_head, bt_row, k_len, BLOCK_N, BOX, PAGE_SIZE, PAGED)
+        _load_kv_tile(j + STAGES, slot, refill, pages, k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, kb, k_row0,
+                      kv_head, BLOCK_N, BOX, PAGE_SIZE, PAGED)
         return acc, m_i, l_i, p
 
     @gluon.jit
@@ -219,9 +237,11 @@ if GLUON_ERROR is None:
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma_load(q_desc, [qb, q_row0 + start_m, h, 0], q_bar, q_smem)
         bt_row = BlockTable + b.to(gl.int64) * stride_btb
+        pages_layout: gl.constexpr = gl.BlockedLayout([BLOCK_N // BOX], [32], [num_warps], [0])
         for s in gl.static_range(STAGES):
-            _load_kv_tile(s, s, s < n_tiles, k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, kb, k_row0, kv_head,
-                          bt_row, k_len, BLOCK_N, BOX, PAGE_SIZE, PAGED)
+            pages = _tile_pages(s, bt_row, k_len, s < n_tiles, BLOCK_N, BOX, PAGE_SIZE, PAGED, pages_layout)
+            _load_kv_tile(s, s, s < n_tiles, pages, k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, kb, k_row0, kv_head,
+                          BLOCK_N, BOX, PAGE_SIZE, PAGED)
 
         offs_m = gl.arange(0, BLOCK_M, layout=row_layout)
         offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -248,12 +268,12 @@ if GLUON_ERROR is None:
                 acc, m_i, l_i, p = _step(j, acc, m_i, l_i, p, q_tile, k_smem, v_smem, k_bar, v_bar,
                                          k_desc, v_desc, kb, k_row0, kv_head, bt_row, n_tiles, rows, offs_n, k_len,
                                          diag, qk_scale, s_zero, False, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, BOX,
-                                         PAGE_SIZE, PAGED, p_layout, o_layout)
+                                         PAGE_SIZE, PAGED, pages_layout, p_layout, o_layout)
             for j in range(gl.maximum(n_full, 1) - 1, n_tiles - 1):
                 acc, m_i, l_i, p = _step(j, acc, m_i, l_i, p, q_tile, k_smem, v_smem, k_bar, v_bar,
                                          k_desc, v_desc, kb, k_row0, kv_head, bt_row, n_tiles, rows, offs_n, k_len,
                                          diag, qk_scale, s_zero, True, CAUSAL, BLOCK_N, HEAD_DIM, STAGES, BOX,
-                                         PAGE_SIZE, PAGED, p_layout, o_layout)
+                                         PAGE_SIZE, PAGED, pages_layout, p_layout, o_layout)
             last = n_tiles - 1
             mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
             v_last = v_smem.index(last % STAGES)
