@@ -24,11 +24,13 @@ _original_init = ContinuousMixin.init_continuous_batching
 @functools.wraps(_original_init)
 def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, *args, **kwargs):
     if asks_for_hf_flash(self.config._attn_implementation) and self.device.type == "cuda":
-        given = continuous_batching_config  # or the one a GenerationConfig carries (deprecated), as transformers reads it
+        # The caller's config, or the one its GenerationConfig carries (deprecated), as transformers reads it.
+        given = continuous_batching_config
         if given is None:
             given = getattr(generation_config or self.generation_config, "continuous_batching_config", None)
         batching = copy.deepcopy(given if isinstance(given, ContinuousBatchingConfig) else ContinuousBatchingConfig())
-        if getattr(batching, "use_async_batching", False) is None:  # unset (a release without the option: nothing to do)
+        # Left unset: off (a release without the option has no attribute, and nothing to turn off).
+        if getattr(batching, "use_async_batching", False) is None:
             batching.use_async_batching = False
             internals.warn_once("continuous batching runs without transformers' asynchronous double-buffering, which "
                                 "returned wrong tokens on a GPU with any mask-free attention (transformers 5.17); "

@@ -123,8 +123,8 @@ def environment(device):
         info["triton"] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, sms=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda)
+        info.update(gpu=props.name, sms=props.multi_processor_count,
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
     else:
         info.update(gpu=None, cpu=platform.processor() or platform.machine())
     return info

@@ -47,7 +47,8 @@ import hf_flash
 GIB = 2**30
 LLAMA3 = {"vocab_size": 128256, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072}
 MODELS = {  # LlamaConfig arguments
-    "1b": {**LLAMA3, "hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192, "tie_word_embeddings": True},
+    "1b": {**LLAMA3, "hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192,
+           "tie_word_embeddings": True},
     "8b": {**LLAMA3, "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
            "tie_word_embeddings": False},
     "tiny": {"vocab_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,

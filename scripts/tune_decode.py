@@ -166,7 +166,8 @@ def main():
     paged_ms = bench(run_fn(make_case(batch, seqlen, 16), splits))
     nbytes = kv_bytes(batch, seqlen)
     print(f"\n(1, 4k) SDPA default: {1e3 * sdpa_ms:.1f} us ({nbytes / (sdpa_ms * 1e-3) / 1e12:.2f} TB/s); "
-          f"hf_flash contiguous, {splits} splits: {1e3 * ours_ms:.1f} us ({nbytes / (ours_ms * 1e-3) / 1e12:.2f} TB/s); "
+          f"hf_flash contiguous, {splits} splits: {1e3 * ours_ms:.1f} us "
+          f"({nbytes / (ours_ms * 1e-3) / 1e12:.2f} TB/s); "
           f"paged 16: {1e3 * paged_ms:.1f} us")
     decode.CONFIGS.clear()
     decode.CONFIGS.update(original)

@@ -135,7 +135,8 @@ def test_every_shipped_config_compiles_for_sm90_with_this_triton():
     # Gluon builtin or a broken edit fails here, not as a silent fall-back to the Triton kernel on the GPU.
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     script = "import test_kernel_prefill_sm90 as t; t._compile_every_shipped_config()"
-    done = subprocess.run([sys.executable, "-c", script], cwd=pathlib.Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], cwd=pathlib.Path(__file__).parent, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = done.stdout.splitlines()
     assert len(compiled) == 2 * len(prefill_sm90.SM90_CONFIGS), compiled

@@ -9,8 +9,8 @@ from hf_flash import ops, patches
 from hf_flash.patches import attn_implementation as attn_implementation_patch
 from hf_flash.internals import CACHE_NAME
 
-_COMMON = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "max_position_embeddings": 256, "pad_token_id": 0}
+_COMMON = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "pad_token_id": 0}
 
 # family -> (config class, extra config, reference implementation)
 FAMILIES = {
