@@ -232,5 +232,6 @@ def main():
                 merged.setdefault(cfg, []).extend(r)
         print(f"    {label}: {key}: {max(merged, key=lambda c: sum(merged[c]) / len(merged[c]))},")
 
+
 if __name__ == "__main__":
     main()
