@@ -199,7 +199,6 @@ def test_small_pages_and_pages_that_split_tiles_unevenly_keep_the_triton_kernel(
     _check(out, lse, q, keys, zeros, _i32([20], device), causal=True)
 
 
-
 def _logit_errors(dtype, page_size, device):
     """Mean |logits - float32 logits| of a Llama of head dim 64 in ``dtype``, through hf_flash and through sdpa, on
     two prompts of 300 tokens: one forward without a cache (page_size 0), or the last 100 tokens prefilled over a
