@@ -142,16 +142,13 @@ def main():
     best = {}  # (label of the table, key in it, causal) -> {config: [TFLOP/s per length]}
     shipped_min_seqlen = prefill_module.TMA_MIN_SEQLEN_Q
     for head_dim in args.dims:
-        table, key, candidates, label = tuned_table(head_dim, major, args.gluon)
-        default = table.get(key)
-        tma = table is prefill_module.TMA_CONFIGS
+        tma = tuned_table(head_dim, major, args.gluon)[0] is prefill_module.TMA_CONFIGS
         # the Triton kernel's candidates at every length, whatever the shipped rule says; the Gluon kernel's as shipped
         with contextlib.nullcontext() if args.gluon else tma_at_every_length():
             for causal in (False, True):
                 for seqlen in args.seqlens:
-                    if args.gluon:
-                        table, key, candidates, _ = tuned_table(head_dim, major, True, seqlen)
-                        default = table.get(key)
+                    table, key, candidates, label = tuned_table(head_dim, major, args.gluon, seqlen)
+                    default = table.get(key)
                     batch = max(1, TOKENS // seqlen)
                     q = torch.randn(batch, seqlen, heads, head_dim, device=dev, dtype=dtype)
                     k, v = (torch.randn(batch, seqlen, kv_heads, head_dim, device=dev, dtype=dtype) for _ in range(2))

@@ -9,8 +9,11 @@ import sys
 
 import pytest
 import torch
+import transformers
 import triton
 from triton.compiler.errors import CompilationError
+
+import hf_flash
 from hf_flash.kernels import prefill_sm90
 from pages import scatter_to_pages
 from test_kernel_prefill import (_check, _check_an_empty_sequence_writes_nothing, _check_rows_that_see_nothing, _dense,
@@ -24,21 +27,27 @@ on_sm90 = pytest.mark.skipif(not SM90, reason="the Gluon prefill is for sm90 GPU
 OTHER_CONFIGS = {(64, 64, 3, 4, True), (128, 128, 3, 8, False)}
 
 
+def _record_sm90_path(monkeypatch):
+    """Wraps ``sm90_path`` for the test: returns the list of (taken, paged) it appends to at each prefill call."""
+    calls, path = [], prefill_sm90.sm90_path
+
+    def recorded(*args, **kwargs):
+        calls.append((path(*args, **kwargs), kwargs.get("block_table") is not None))
+        return calls[-1][0]
+
+    monkeypatch.setattr(prefill_sm90, "sm90_path", recorded)
+    return calls
+
+
 @pytest.fixture(params=sorted(set(prefill_sm90.SM90_CONFIGS.values()) | OTHER_CONFIGS), ids=str)
 def sm90(request, monkeypatch):
     """Runs the test with each shipped tile config and ``OTHER_CONFIGS`` for both head dims, and checks that every
     prefill call took the Gluon kernel."""
     for key in prefill_sm90.SM90_CONFIGS:
         monkeypatch.setitem(prefill_sm90.SM90_CONFIGS, key, request.param)
-    taken, path = [], prefill_sm90.sm90_path
-
-    def recorded(*args, **kwargs):
-        taken.append(path(*args, **kwargs))
-        return taken[-1]
-
-    monkeypatch.setattr(prefill_sm90, "sm90_path", recorded)
+    calls = _record_sm90_path(monkeypatch)
     yield
-    assert taken and all(taken), taken
+    assert calls and all(taken for taken, _ in calls), calls
 
 
 @on_sm90
@@ -203,8 +212,6 @@ def _logit_errors(dtype, page_size, device):
     """Mean |logits - float32 logits| of a Llama of head dim 64 in ``dtype``, through hf_flash and through sdpa, on
     two prompts of 300 tokens: one forward without a cache (page_size 0), or the last 100 tokens prefilled over a
     cache that holds the first 200 (hf_flash: a PagedCache of ``page_size``; sdpa: a DynamicCache)."""
-    import transformers
-    import hf_flash
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device).eval()
@@ -237,13 +244,7 @@ def test_a_16bit_model_through_the_kernel_is_as_close_to_float32_as_sdpa(dtype, 
     # to the float32 model's as sdpa's in the same dtype (their difference is mostly the 16-bit matmuls around it;
     # the kernel rounds the softmax weights to 16 bits before the value product, as flash-attn does, which hf_flash's
     # torch path on a CPU does too: 1.2x sdpa's error there, against a math kernel that keeps them in float32).
-    calls, path = [], prefill_sm90.sm90_path
-
-    def recorded(*args, **kwargs):
-        calls.append((path(*args, **kwargs), kwargs.get("block_table") is not None))
-        return calls[-1][0]
-
-    monkeypatch.setattr(prefill_sm90, "sm90_path", recorded)
+    calls = _record_sm90_path(monkeypatch)
     errors = _logit_errors(dtype, page_size, device)
     assert (True, page_size > 0) in calls, calls  # the kernel took the model's calls, paged when they were
     assert errors["hf_flash"] <= 1.5 * errors["sdpa"], errors
