@@ -6,8 +6,9 @@ meanwhile. Gluon exposes the asynchronous MMA and its wait: here each iteration 
 tile and the value product of this one, waits for the scores only (the older of the two MMA groups), folds them into
 the online softmax, and only then waits for the value MMA and rescales the accumulator. (ptxas of Triton 3.6 still
 moves that last wait ahead of the exponentials, whatever the order written: in the SASS the value MMA overlaps the
-row maximum only. What overlaps a program's softmax is another program's MMAs: one warpgroup per program, two or
-three programs per SM.)
+row maximum only. A never-taken branch right after the exponentials keeps the wait below them, but was slower on an
+H100: 0.85-1.12 of this kernel, 0.95-0.98 at most shapes, BENCHMARKS.md 2026-12-05. What overlaps a program's softmax
+is another program's MMAs: one warpgroup per program, two or three programs per SM.)
 
 K and V tiles arrive by TMA into a ring of ``STAGES`` shared-memory slots, each with an mbarrier; a slot is refilled
 once every warpgroup is past the MMAs that read it. Q, K and V are 4-D tensor descriptors over ``[B, S, H, D]`` built
@@ -72,7 +73,9 @@ KV_BOX_COLS = 64
 # kernel's gathered loads (each box's copy is separated from the next by a CTA barrier, which Triton's shared-memory
 # analysis puts between writes to views of one buffer). H100, bf16, append of N over L cached keys (2026-12-05,
 # BENCHMARKS.md), TFLOP/s Gluon / Triton: D128 GQA 32/8, pages of 16: 344-389 / 420-466; of 32: 427-501 / 370-462;
-# of 64: 456-577 / 434-502; D64 GQA 16/4, pages of 16: 254-326 / 293-357; of 32: 305-385 / 304-355.
+# of 64: 456-577 / 434-502; D64 GQA 16/4, pages of 16: 254-326 / 293-357; of 32: 305-385 / 304-355. Gathering small
+# pages row by row with cp.async in this kernel instead (each thread 16-byte pieces, arriving on the slot's mbarrier)
+# was slower still at D128: 0.67-0.69 of dense, against the Triton kernel's 0.79-0.89 (H100, 2026-12-05).
 MIN_BOX_ROWS = 32
 
 if GLUON_ERROR is None:
