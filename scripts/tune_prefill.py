@@ -40,14 +40,15 @@ TMA_CANDIDATES = {
           (128, 64, 4, 2, True), (128, 64, 4, 3, True), (128, 128, 4, 2, True)],
 }
 
-# The Gluon kernel's (BLOCK_M, BLOCK_N, STAGES, num_warps, Q in registers) per head dim (--gluon). Compiled for sm90
-# with Triton 3.6 offline: none spills (BLOCK_N 128 with Q in registers does, at D128); the 4-warp ones leave room for
-# two programs per SM (three at D64), the 8-warp ones (two warpgroups sharing the K/V tiles) for one.
+# The Gluon kernel's Sm90Configs (BLOCK_M, BLOCK_N, STAGES, num_warps, Q in registers[, warp-specialized]) per head
+# dim (--gluon). Compiled for sm90 with Triton 3.6 offline: none spills (BLOCK_N 128 with Q in registers does, at
+# D128); the 4-warp ones leave room for two programs per SM (three at D64), the 8-warp ones (two warpgroups sharing the
+# K/V tiles) and the warp-specialized ones (two consumer warpgroups and a producer warp) for one.
 SM90_CANDIDATES = {
     64: [(64, 64, 4, 4, False), (64, 64, 4, 4, True), (64, 64, 3, 4, True), (64, 128, 3, 4, True),
-         (128, 64, 3, 8, True), (128, 128, 2, 8, True), (128, 128, 3, 8, True)],
+         (128, 64, 3, 8, True), (128, 128, 2, 8, True), (128, 128, 3, 8, True), (128, 128, 2, 4, False, True)],
     128: [(64, 64, 3, 4, False), (64, 64, 3, 4, True), (64, 64, 2, 4, True), (128, 64, 3, 8, True),
-          (128, 64, 2, 8, True), (128, 128, 2, 8, False), (128, 128, 3, 8, False)],
+          (128, 64, 2, 8, True), (128, 128, 2, 8, False), (128, 128, 3, 8, False), (128, 128, 2, 4, False, True)],
 }
 
 
@@ -117,7 +118,8 @@ def tuned_table(head_dim, major, gluon=False, seqlen=0):
     for the Gluon kernel, whose table has a row for long sequences, at ``seqlen``)."""
     if gluon:
         key = (head_dim, seqlen >= prefill_sm90.SM90_LONG_SEQLEN)
-        return prefill_sm90.SM90_CONFIGS, key, SM90_CANDIDATES[head_dim], "SM90_CONFIGS"
+        return (prefill_sm90.SM90_CONFIGS, key, [prefill_sm90.Sm90Config(*c) for c in SM90_CANDIDATES[head_dim]],
+                "SM90_CONFIGS")
     if major == 9 and head_dim in prefill_module.TMA_HEAD_DIMS:
         return prefill_module.TMA_CONFIGS, head_dim, TMA_CANDIDATES[head_dim], "TMA_CONFIGS"
     bucket = head_dim_bucket(head_dim)

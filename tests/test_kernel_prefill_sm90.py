@@ -23,8 +23,10 @@ SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 on_sm90 = pytest.mark.skipif(not SM90, reason="the Gluon prefill is for sm90 GPUs")
 
 
-# Beside the shipped tile configs: Q in registers with tiles of 64 keys, and two warpgroups sharing K/V tiles.
-OTHER_CONFIGS = {(64, 64, 3, 4, True), (128, 128, 3, 8, False)}
+# Beside the shipped tile configs: Q in registers with tiles of 64 keys, two warpgroups sharing K/V tiles, and one
+# warpgroup without warp specialization (D128's config before it was warp-specialized).
+OTHER_CONFIGS = {prefill_sm90.Sm90Config(64, 64, 3, 4, True), prefill_sm90.Sm90Config(128, 128, 3, 8, False),
+                 prefill_sm90.Sm90Config(64, 64, 3, 4, False)}
 
 
 def _record_sm90_path(monkeypatch):
@@ -39,7 +41,7 @@ def _record_sm90_path(monkeypatch):
     return calls
 
 
-@pytest.fixture(params=sorted(set(prefill_sm90.SM90_CONFIGS.values()) | OTHER_CONFIGS), ids=str)
+@pytest.fixture(params=sorted(set(prefill_sm90.SM90_CONFIGS.values()) | OTHER_CONFIGS), ids=lambda c: str(tuple(c)))
 def sm90(request, monkeypatch):
     """Runs the test with each shipped tile config and ``OTHER_CONFIGS`` for both head dims, and checks that every
     prefill call took the Gluon kernel."""
@@ -104,28 +106,30 @@ def _compile_for_sm90(head_dim, config, causal, page_size):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
-    block_m, block_n, stages, num_warps, q_in_registers = config
+    config = prefill_sm90.Sm90Config(*config)
+    block_m, block_n = config.block_m, config.block_n
+    kernel = prefill_sm90._prefill_sm90_ws_kernel if config.warp_specialized else prefill_sm90._prefill_sm90_kernel
     box = prefill_sm90._box_rows(block_n, torch.empty(1, page_size or 1), torch.empty(1) if page_size else None)
     t = torch.empty(2, 1024, 8, head_dim, dtype=torch.bfloat16)
 
     def descriptor(rows, cols):
-        block = [1, rows, 1, cols]
-        layout = prefill_sm90.gl.NVMMASharedLayout.get_default_for(block, prefill_sm90.gl.bfloat16)
-        return mangle_type(prefill_sm90.TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout))
-    constants = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-                     Q_IN_REGISTERS=q_in_registers, PAGE_SIZE=page_size or 1, PAGED=page_size > 0, num_warps=num_warps)
+        layout = prefill_sm90.box_layout(rows, cols, prefill_sm90.gl.bfloat16)
+        return mangle_type(prefill_sm90.TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, cols], layout))
+    constants = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=config.stages,
+                     Q_IN_REGISTERS=config.q_in_registers, PAGE_SIZE=page_size or 1, PAGED=page_size > 0,
+                     num_warps=config.num_warps)
     pointers = {"Out": "*bf16", "Lse": "*fp32", "BlockTable": "*i32", "q_start_ptr": "*i32", "q_len_ptr": "*i32",
                 "k_start_ptr": "*i32", "k_len_ptr": "*i32"}
-    names = prefill_sm90._prefill_sm90_kernel.arg_names
+    names = kernel.arg_names
     signature = {name: (descriptor(block_m, head_dim) if name == "q_desc"
                         else descriptor(box, head_dim if box == block_n else prefill_sm90.KV_BOX_COLS)
                         if name in ("k_desc", "v_desc")
                         else pointers.get(name) or ("constexpr" if name in constants
                                                     else "fp32" if name == "qk_scale" else "i32"))
                  for name in names}
-    source = GluonASTSource(prefill_sm90._prefill_sm90_kernel, signature, constants,
+    source = GluonASTSource(kernel, signature, constants,
                             {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name in pointers})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
 
 
 def _compile_every_shipped_config():
@@ -208,11 +212,11 @@ def test_small_pages_and_pages_that_split_tiles_unevenly_keep_the_triton_kernel(
     _check(out, lse, q, keys, zeros, _i32([20], device), causal=True)
 
 
-def _logit_errors(dtype, page_size, device):
-    """Mean |logits - float32 logits| of a Llama of head dim 64 in ``dtype``, through hf_flash and through sdpa, on
+def _logit_errors(dtype, page_size, head_dim, device):
+    """Mean |logits - float32 logits| of a Llama of ``head_dim`` in ``dtype``, through hf_flash and through sdpa, on
     two prompts of 300 tokens: one forward without a cache (page_size 0), or the last 100 tokens prefilled over a
     cache that holds the first 200 (hf_flash: a PagedCache of ``page_size``; sdpa: a DynamicCache)."""
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=4 * head_dim, intermediate_size=512, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device).eval()
     ids = torch.randint(0, 256, (2, 300), device=device)
@@ -236,15 +240,17 @@ def _logit_errors(dtype, page_size, device):
 
 
 @on_sm90
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("page_size", [0, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_a_16bit_model_through_the_kernel_is_as_close_to_float32_as_sdpa(dtype, page_size, device, monkeypatch):
+def test_a_16bit_model_through_the_kernel_is_as_close_to_float32_as_sdpa(dtype, page_size, head_dim, device,
+                                                                         monkeypatch):
     # The model tests run float32, which never reaches this kernel: here a model's own calls take it, a forward
     # without a cache (dense) and a chunk prefilled over pages (a chat's next turn), and its logits must stay as close
     # to the float32 model's as sdpa's in the same dtype (their difference is mostly the 16-bit matmuls around it;
     # the kernel rounds the softmax weights to 16 bits before the value product, as flash-attn does, which hf_flash's
     # torch path on a CPU does too: 1.2x sdpa's error there, against a math kernel that keeps them in float32).
     calls = _record_sm90_path(monkeypatch)
-    errors = _logit_errors(dtype, page_size, device)
+    errors = _logit_errors(dtype, page_size, head_dim, device)
     assert (True, page_size > 0) in calls, calls  # the kernel took the model's calls, paged when they were
     assert errors["hf_flash"] <= 1.5 * errors["sdpa"], errors
