@@ -599,7 +599,7 @@ def prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q
     once, and ``sm90_path`` turns every later call away."""
     global COMPILE_ERROR
     batch, (num_heads, head_dim) = q_len.shape[0], q.shape[2:]
-    config = Sm90Config(*SM90_CONFIGS[head_dim, max_seqlen_q >= SM90_LONG_SEQLEN])
+    config = SM90_CONFIGS[head_dim, max_seqlen_q >= SM90_LONG_SEQLEN]
     block_m, block_n = config.block_m, config.block_n
     kernel = _prefill_sm90_ws_kernel if config.warp_specialized else _prefill_sm90_kernel
     element = gl.float16 if q.dtype == torch.float16 else gl.bfloat16

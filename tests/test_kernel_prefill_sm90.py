@@ -106,7 +106,6 @@ def _compile_for_sm90(head_dim, config, causal, page_size):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
-    config = prefill_sm90.Sm90Config(*config)
     block_m, block_n = config.block_m, config.block_n
     kernel = prefill_sm90._prefill_sm90_ws_kernel if config.warp_specialized else prefill_sm90._prefill_sm90_kernel
     box = prefill_sm90._box_rows(block_n, torch.empty(1, page_size or 1), torch.empty(1) if page_size else None)
@@ -114,7 +113,8 @@ def _compile_for_sm90(head_dim, config, causal, page_size):
 
     def descriptor(rows, cols):
         layout = prefill_sm90.box_layout(rows, cols, prefill_sm90.gl.bfloat16)
-        return mangle_type(prefill_sm90.TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, cols], layout))
+        block = [1, rows, 1, cols]
+        return mangle_type(prefill_sm90.TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout))
     constants = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=config.stages,
                      Q_IN_REGISTERS=config.q_in_registers, PAGE_SIZE=page_size or 1, PAGED=page_size > 0,
                      num_warps=config.num_warps)
@@ -216,8 +216,9 @@ def _logit_errors(dtype, page_size, head_dim, device):
     """Mean |logits - float32 logits| of a Llama of ``head_dim`` in ``dtype``, through hf_flash and through sdpa, on
     two prompts of 300 tokens: one forward without a cache (page_size 0), or the last 100 tokens prefilled over a
     cache that holds the first 200 (hf_flash: a PagedCache of ``page_size``; sdpa: a DynamicCache)."""
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=4 * head_dim, intermediate_size=512, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=4 * head_dim, intermediate_size=512,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=512)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device).eval()
     ids = torch.randint(0, 256, (2, 300), device=device)
     split = 200 if page_size else 0
