@@ -13,11 +13,13 @@ them, but was slower on an H100: 0.85-1.12 of this kernel, 0.95-0.98 at most sha
 is another program's MMAs. K and V tiles arrive by TMA into a ring of ``STAGES`` shared-memory slots, each with an
 mbarrier; a slot is refilled once every warp is past the MMAs that read it (a CTA barrier).
 
-``_prefill_sm90_ws_kernel`` (FlashAttention-3's ping-pong): programs of 128 query rows, warp-specialized, one per SM.
-A producer warp issues every TMA copy (Q, then K and V per key tile into the ring, waiting on a slot's "empty"
-mbarrier that both consumers arrive on); two consumer warpgroups of 64 rows each run the loop above and take turns
-issuing their MMAs (a pair of "turn" mbarriers), so one's softmax runs while the other's MMAs keep the tensor cores
-busy. The consumers get most of the registers (setmaxnreg).
+``_prefill_sm90_ws_kernel`` (FlashAttention-3's ping-pong, persistent): one program per SM, warp-specialized, takes
+work items of 128 query rows of one (sequence, head) in pairs, a long causal tile with a short one. A producer warp
+issues every TMA copy (each item's Q once the consumers are done with the last one's, then K and V per key tile into
+the ring, waiting on a slot's "empty" mbarrier that both consumers arrive on); two consumer warpgroups of 64 rows each
+run the loop above and take turns issuing their MMAs (a pair of "turn" mbarriers), so one's softmax runs while the
+other's MMAs keep the tensor cores busy. The ring's and the turns' mbarrier phases run on across items: the next
+item's loads overlap this one's last MMAs and epilogue. The consumers get most of the registers (setmaxnreg).
 
 Q, K and V are 4-D tensor descriptors over ``[B, S, H, D]`` built on the host (no per-program descriptor writes);
 rows past a sequence belong to the next one or lie past the tensor (zero-filled), and are masked or not stored. Paged
@@ -77,7 +79,9 @@ class Sm90Config(NamedTuple):
 # (2026-12-04 19:04 UTC, BENCHMARKS.md): D64 (64, 64, 4, 4) 295 / 382 / 432, 382 / 417 / 435, (64, 128, 3, 4) with Q
 # in registers 258 / 388 / 462, 334 / 432 / 451. D128 is warp-specialized (FlashAttention-3's ping-pong), against
 # (64, 64, 3, 4) on an H100 (2026-12-05 19:19 UTC, BENCHMARKS.md), causal 1k / 4k / 16k: 359 / 518 / 612 against
-# 331 / 471 / 531, full 520 / 594 / 638 against 379 / 515 / 549 (cuDNN: 430 / 540 / 573, 600 / 635 / 607).
+# 331 / 471 / 531, full 520 / 594 / 638 against 379 / 515 / 549 (cuDNN: 430 / 540 / 573, 600 / 635 / 607); made
+# persistent (2026-12-06 02:19 UTC, H100): causal 369 / 536 / 605 against 339 / 502 / 618 (cuDNN 423 / 524 / 610),
+# GQA 32/8 causal 401 / 586 / 639 against 362 / 525 / 613, full within 0.99-1.07.
 SM90_CONFIGS = {
     (64, False): Sm90Config(64, 64, 4, 4, False),
     (64, True): Sm90Config(64, 128, 3, 4, True),
@@ -103,6 +107,7 @@ MIN_BOX_ROWS = 32
 if GLUON_ERROR is None:
     # Registers per thread of the warp-specialized kernel's partitions (setmaxnreg): the 12 warps of one program per
     # SM share 64K; Triton gives the default partition (consumer warpgroup 0) what the others leave, 240 here too.
+    # ptxas (Triton 3.6) spills 56-144 bytes of a consumer's per-item values around each item, none in the key loop.
     WS_CONSUMER_REGISTERS = gl.constexpr(240)
     WS_PRODUCER_REGISTERS = gl.constexpr(24)
 
@@ -366,21 +371,40 @@ if GLUON_ERROR is None:
 
 
     @gluon.jit
-    def _ws_load(q_desc, k_desc, v_desc, smem, bars, BlockTable, stride_btb, b, qb, q_row, h, kb, k_row0, kv_head,
-                 k_len, n_tiles, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr):
-        """The producer warp: Q once, then each key tile's K and V into the ring; a slot's K is refilled once both
+    def _ws_item(pair, half, q_len_ptr, k_len_ptr, num_heads, num_m_tiles, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """(b, h, start_m, q_len, k_len, n_tiles, valid) of half ``half`` of work pair ``pair``: a pair is query tiles p and
+        num_m_tiles - 1 - p of one (sequence, head), the longer first, so that causal pairs cost about the same (the
+        middle tile of an odd count pairs with itself: its second half is not valid)."""
+        pairs_per_head = (num_m_tiles + 1) // 2
+        bh = pair // pairs_per_head
+        p = pair % pairs_per_head
+        m_tile = gl.where(half == 0, num_m_tiles - 1 - p, p)
+        valid = (half == 0) | (p != num_m_tiles - 1 - p)
+        b = bh // num_heads
+        q_len = gl.load(q_len_ptr + b)
+        start_m = m_tile * BLOCK_M
+        k_len = gl.load(k_len_ptr + b)
+        n_tiles, _ = _key_tiles(start_m, BLOCK_M, q_len, k_len, BLOCK_N, CAUSAL)
+        return b, bh % num_heads, start_m, q_len, k_len, n_tiles, valid & (start_m < q_len)
+
+    @gluon.jit
+    def _ws_load_item(q_desc, k_desc, v_desc, smem, bars, bt_row, qb, q_row, h, kb, k_row0, kv_head, k_len, n_tiles,
+                      ring, items, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr):
+        """The producer's share of one work item: its Q once both consumers are done with the last item's, then each
+        key tile's K and V into the ring (``ring``: key tiles loaded before it); a slot's K is refilled once both
         consumer warpgroups are past their score MMAs on it, its V once they are past their value MMAs."""
         q_smem, k_smem, v_smem = smem
-        q_bar, k_full, v_full, k_empty, v_empty, turns = bars
+        q_bar, q_empty, k_full, v_full, k_empty, v_empty, turns = bars
         STAGES: gl.constexpr = k_smem.shape[0]
         BOX: gl.constexpr = k_desc.block_type.shape[1]
         pages_layout: gl.constexpr = gl.BlockedLayout([BLOCK_N // BOX], [32], [1], [0])
+        mbarrier.wait(q_empty, (items & 1) ^ 1)  # a fresh mbarrier passes a wait for the phase before its first
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma_load(q_desc, [qb, q_row, h, 0], q_bar, q_smem)
-        bt_row = BlockTable + b.to(gl.int64) * stride_btb
         for t in range(n_tiles):
-            slot = t % STAGES
-            released = ((t // STAGES) & 1) ^ 1  # a fresh mbarrier passes a wait for the phase before its first
+            slot = (ring + t) % STAGES
+            released = (((ring + t) // STAGES) & 1) ^ 1
             pages = _tile_pages(t, bt_row, k_len, True, BLOCK_N, BOX, PAGE_SIZE, PAGED, pages_layout)
             mbarrier.wait(k_empty.index(slot), released)
             _load_tile(t, slot, True, pages, k_desc, k_smem, k_full, kb, k_row0, kv_head, BLOCK_N, BOX, PAGE_SIZE,
@@ -390,19 +414,40 @@ if GLUON_ERROR is None:
                        PAGED)
 
     @gluon.jit
-    def _ws_step(j, acc, m_i, l_i, p_op, q_tile, smem, bars, my_turn, next_turn, rows, offs_n, k_len, diag, qk_scale,
-                 s_zero, MASKED: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr,
-                 o_layout: gl.constexpr):
-        """A consumer's turn j + 1: in its turn, it issues the scores of key tile j + 1 and the value MMA of tile j
-        (weights ``p_op``) and hands the turn over; then folds tile j + 1 while the other warpgroup issues."""
+    def _ws_load(q_desc, k_desc, v_desc, smem, bars, BlockTable, stride_btb, q_start_ptr, q_len_ptr, k_start_ptr,
+                 k_len_ptr, num_heads, group, num_m_tiles, num_pairs, q_batched, k_batched, BLOCK_N: gl.constexpr,
+                 CAUSAL: gl.constexpr, PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr):
+        """The producer warp: every TMA copy of the program's work items, in the consumers' order."""
+        BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
+        ring = 0
+        items = 0
+        for pair in range(gl.program_id(0), num_pairs, gl.num_programs(0)):
+            for half in range(2):
+                b, h, start_m, q_len, k_len, n_tiles, valid = _ws_item(pair, half, q_len_ptr, k_len_ptr, num_heads,
+                                                                       num_m_tiles, BLOCK_M, BLOCK_N, CAUSAL)
+                if valid:
+                    _ws_load_item(q_desc, k_desc, v_desc, smem, bars, BlockTable + b.to(gl.int64) * stride_btb,
+                                  b * q_batched, gl.load(q_start_ptr + b) + start_m, h, b * k_batched,
+                                  gl.load(k_start_ptr + b), h // group, k_len, n_tiles, ring, items, BLOCK_N,
+                                  PAGE_SIZE, PAGED)
+                    ring += n_tiles
+                    items += 1
+
+    @gluon.jit
+    def _ws_step(j, ring, turn, acc, m_i, l_i, p_op, q_tile, smem, bars, my_turn, next_turn, rows, offs_n, k_len,
+                 diag, qk_scale, s_zero, MASKED: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
+                 p_layout: gl.constexpr, o_layout: gl.constexpr):
+        """A consumer's turn j + 1 of a work item (``ring``: key tiles of earlier items, ``turn``: turns taken
+        before it): in its turn, it issues the scores of key tile j + 1 and the value MMA of tile j (weights ``p_op``)
+        and hands the turn over; then folds tile j + 1 while the other warpgroup issues."""
         q_smem, k_smem, v_smem = smem
-        q_bar, k_full, v_full, k_empty, v_empty, turns = bars
+        q_bar, q_empty, k_full, v_full, k_empty, v_empty, turns = bars
         STAGES: gl.constexpr = k_smem.shape[0]
-        slot = j % STAGES
-        nxt = (j + 1) % STAGES
-        mbarrier.wait(k_full.index(nxt), ((j + 1) // STAGES) & 1)
-        mbarrier.wait(v_full.index(slot), (j // STAGES) & 1)
-        mbarrier.wait(my_turn, (j + 1) & 1)
+        slot = (ring + j) % STAGES
+        nxt = (ring + j + 1) % STAGES
+        mbarrier.wait(k_full.index(nxt), ((ring + j + 1) // STAGES) & 1)
+        mbarrier.wait(v_full.index(slot), ((ring + j) // STAGES) & 1)
+        mbarrier.wait(my_turn, (turn + j + 1) & 1)
         qk = warpgroup_mma(q_tile, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         acc = warpgroup_mma(p_op, v_smem.index(slot), acc, is_async=True)
         mbarrier.arrive(next_turn)
@@ -417,14 +462,15 @@ if GLUON_ERROR is None:
         return acc, m_i, l_i, gl.convert_layout(p.to(k_smem.dtype), p_layout)
 
     @gluon.jit
-    def _ws_consume(WG: gl.constexpr, smem, bars, Out, Lse, strides, b, h, q_row0, start_m, q_len, k_len, n_tiles,
-                    qk_scale, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
-        """Consumer warpgroup WG: query rows start_m + 64 WG .. + 63 of the program's 128 over its n_tiles key tiles
-        (both warpgroups take the same number of turns), then their out and lse."""
+    def _ws_consume_item(WG: gl.constexpr, smem, bars, Out, Lse, strides, b, h, q_row0, start_m, q_len, k_len,
+                         n_tiles, qk_scale, ring, turn, items, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Consumer warpgroup WG's share of one work item: query rows start_m + 64 WG .. + 63 of its 128 over its
+        n_tiles key tiles (both warpgroups take the same number of turns), then their out and lse."""
         q_smem, k_smem, v_smem = smem
-        q_bar, k_full, v_full, k_empty, v_empty, turns = bars
+        q_bar, q_empty, k_full, v_full, k_empty, v_empty, turns = bars
         ROWS: gl.constexpr = 16 * gl.num_warps()
         HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        STAGES: gl.constexpr = k_smem.shape[0]
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
@@ -433,8 +479,6 @@ if GLUON_ERROR is None:
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         my_turn = turns.index(WG)
         next_turn = turns.index(1 - WG)
-        if WG == 1:
-            mbarrier.arrive(next_turn)  # warpgroup 0 takes the first turn
 
         wg_start = start_m + WG * ROWS
         diag = k_len - q_len
@@ -446,103 +490,123 @@ if GLUON_ERROR is None:
         acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
         q_tile = q_smem.reshape([2 * ROWS, HEAD_DIM]).slice(WG * ROWS, ROWS)
-        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(q_bar, items & 1)
         if n_tiles > 0:
-            mbarrier.wait(k_full.index(0), 0)
-            mbarrier.wait(my_turn, 0)
-            qk = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(k_full.index(ring % STAGES), (ring // STAGES) & 1)
+            mbarrier.wait(my_turn, turn & 1)
+            qk = warpgroup_mma(q_tile, k_smem.index(ring % STAGES).permute((1, 0)), s_zero, use_acc=False,
+                               is_async=True)
             mbarrier.arrive(next_turn)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
-            mbarrier.arrive(k_empty.index(0))
+            mbarrier.arrive(k_empty.index(ring % STAGES))
             if n_full == 0:
                 qk = _mask_scores(qk, 0, rows, offs_n, k_len, diag, BLOCK_N, CAUSAL)
             m_i, l_i, p, alpha = _fold(qk, m_i, l_i, qk_scale)
             p_op = gl.convert_layout(p.to(k_smem.dtype), p_layout)
             for j in range(0, gl.minimum(n_full, n_tiles) - 1):
-                acc, m_i, l_i, p_op = _ws_step(j, acc, m_i, l_i, p_op, q_tile, smem, bars, my_turn, next_turn, rows,
-                                               offs_n, k_len, diag, qk_scale, s_zero, False, CAUSAL, BLOCK_N, p_layout,
-                                               o_layout)
+                acc, m_i, l_i, p_op = _ws_step(j, ring, turn, acc, m_i, l_i, p_op, q_tile, smem, bars, my_turn,
+                                               next_turn, rows, offs_n, k_len, diag, qk_scale, s_zero, False, CAUSAL,
+                                               BLOCK_N, p_layout, o_layout)
             for j in range(gl.maximum(n_full, 1) - 1, n_tiles - 1):
-                acc, m_i, l_i, p_op = _ws_step(j, acc, m_i, l_i, p_op, q_tile, smem, bars, my_turn, next_turn, rows,
-                                               offs_n, k_len, diag, qk_scale, s_zero, True, CAUSAL, BLOCK_N, p_layout,
-                                               o_layout)
+                acc, m_i, l_i, p_op = _ws_step(j, ring, turn, acc, m_i, l_i, p_op, q_tile, smem, bars, my_turn,
+                                               next_turn, rows, offs_n, k_len, diag, qk_scale, s_zero, True, CAUSAL,
+                                               BLOCK_N, p_layout, o_layout)
             last = n_tiles - 1
-            STAGES: gl.constexpr = k_smem.shape[0]
-            mbarrier.wait(v_full.index(last % STAGES), (last // STAGES) & 1)
-            v_last = v_smem.index(last % STAGES)
+            last_slot = (ring + last) % STAGES
+            mbarrier.wait(v_full.index(last_slot), ((ring + last) // STAGES) & 1)
+            v_last = v_smem.index(last_slot)
             if (last + 1) * BLOCK_N > k_len:
                 # Both warpgroups write the same zeros: whichever's writes an MMA sees, it reads zeros.
                 _zero_tail_values(v_last, last, k_len, BLOCK_N)
-            mbarrier.wait(my_turn, n_tiles & 1)
+            mbarrier.wait(my_turn, (turn + n_tiles) & 1)
             acc = warpgroup_mma(p_op, v_last, acc, is_async=True)
             mbarrier.arrive(next_turn)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(v_empty.index(last_slot))
+        mbarrier.arrive(q_empty)  # every MMA of this warpgroup that read Q is done
         stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls = strides
         _store_rows(acc, m_i, l_i, Out, Lse, b, h, q_row0, wg_start, q_len, stride_ob, stride_os, stride_oh, stride_lb,
                     stride_lh, stride_ls, o_layout)
 
     @gluon.jit
-    def _ws_consume_first_rows(smem, bars, Out, Lse, strides, b, h, q_row0, start_m, q_len, k_len, n_tiles, qk_scale,
-                               CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
-        _ws_consume(0, smem, bars, Out, Lse, strides, b, h, q_row0, start_m, q_len, k_len, n_tiles, qk_scale, CAUSAL,
-                    BLOCK_N)
+    def _ws_consume(WG: gl.constexpr, smem, bars, Out, Lse, strides, q_start_ptr, q_len_ptr, k_len_ptr, num_heads,
+                    num_m_tiles, num_pairs, qk_scale, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Consumer warpgroup WG over the program's work items."""
+        turns = bars[6]
+        if WG == 1:
+            mbarrier.arrive(turns.index(0))  # warpgroup 0 takes the first turn
+        BLOCK_M: gl.constexpr = 32 * gl.num_warps()
+        ring = 0
+        turn = 0
+        items = 0
+        for pair in range(gl.program_id(0), num_pairs, gl.num_programs(0)):
+            for half in range(2):
+                b, h, start_m, q_len, k_len, n_tiles, valid = _ws_item(pair, half, q_len_ptr, k_len_ptr, num_heads,
+                                                                       num_m_tiles, BLOCK_M, BLOCK_N, CAUSAL)
+                if valid:
+                    _ws_consume_item(WG, smem, bars, Out, Lse, strides, b, h, gl.load(q_start_ptr + b), start_m,
+                                     q_len, k_len, n_tiles, qk_scale, ring, turn, items, CAUSAL, BLOCK_N)
+                    ring += n_tiles
+                    turn += gl.where(n_tiles > 0, n_tiles + 1, 0)
+                    items += 1
 
     @gluon.jit
-    def _ws_consume_last_rows(smem, bars, Out, Lse, strides, b, h, q_row0, start_m, q_len, k_len, n_tiles, qk_scale,
-                              CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
-        _ws_consume(1, smem, bars, Out, Lse, strides, b, h, q_row0, start_m, q_len, k_len, n_tiles, qk_scale, CAUSAL,
-                    BLOCK_N)
+    def _ws_consume_first_rows(smem, bars, Out, Lse, strides, q_start_ptr, q_len_ptr, k_len_ptr, num_heads,
+                               num_m_tiles, num_pairs, qk_scale, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
+        _ws_consume(0, smem, bars, Out, Lse, strides, q_start_ptr, q_len_ptr, k_len_ptr, num_heads, num_m_tiles,
+                    num_pairs, qk_scale, CAUSAL, BLOCK_N)
+
+    @gluon.jit
+    def _ws_consume_last_rows(smem, bars, Out, Lse, strides, q_start_ptr, q_len_ptr, k_len_ptr, num_heads,
+                              num_m_tiles, num_pairs, qk_scale, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr):
+        _ws_consume(1, smem, bars, Out, Lse, strides, q_start_ptr, q_len_ptr, k_len_ptr, num_heads, num_m_tiles,
+                    num_pairs, qk_scale, CAUSAL, BLOCK_N)
 
     @gluon.jit
     def _prefill_sm90_ws_kernel(q_desc, k_desc, v_desc, Out, Lse, BlockTable, q_start_ptr, q_len_ptr, k_start_ptr,
                                 k_len_ptr, stride_btb, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
-                                stride_ls, num_heads, group, num_m_tiles, q_batched, k_batched, qk_scale,
+                                stride_ls, num_heads, group, num_m_tiles, q_batched, k_batched, qk_scale, num_pairs,
                                 CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_IN_REGISTERS: gl.constexpr,
                                 PAGE_SIZE: gl.constexpr, PAGED: gl.constexpr, num_warps: gl.constexpr):
-        """``_prefill_sm90_kernel``'s arguments and results, warp-specialized: the default partition and one worker
-        partition are the two consumer warpgroups (64 query rows each), a one-warp worker partition the producer."""
+        """``_prefill_sm90_kernel``'s arguments and results, warp-specialized and persistent: each program takes the
+        work pairs (``_ws_item``) pid, pid + grid, ...; the default partition and one worker partition are the two
+        consumer warpgroups (64 query rows each), a one-warp worker partition the producer."""
         gl.static_assert(BLOCK_M == 32 * num_warps, "two consumer warpgroups of num_warps warps, 16 rows a warp")
         gl.static_assert(not Q_IN_REGISTERS, "the consumers read Q from shared memory")
         dtype: gl.constexpr = q_desc.dtype
-        b, h, start_m, q_len = _program_rows(q_len_ptr, num_heads, num_m_tiles, BLOCK_M, CAUSAL)
-        if start_m >= q_len:
-            return
-        q_row0 = gl.load(q_start_ptr + b)
-        k_row0 = gl.load(k_start_ptr + b)
-        k_len = gl.load(k_len_ptr + b)
-        n_tiles, _ = _key_tiles(start_m, BLOCK_M, q_len, k_len, BLOCK_N, CAUSAL)
-
         q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
         kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # whose MMAs go next
         mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_empty, count=2)  # one arrival per consumer warpgroup
         for s in gl.static_range(STAGES):
             mbarrier.init(k_full.index(s), count=1)
             mbarrier.init(v_full.index(s), count=1)
-            mbarrier.init(k_empty.index(s), count=2)  # one arrival per consumer warpgroup
+            mbarrier.init(k_empty.index(s), count=2)
             mbarrier.init(v_empty.index(s), count=2)
         for c in gl.static_range(2):
             mbarrier.init(turns.index(c), count=1)
         smem = (q_smem, k_smem, v_smem)
-        bars = (q_bar, k_full, v_full, k_empty, v_empty, turns)
+        bars = (q_bar, q_empty, k_full, v_full, k_empty, v_empty, turns)
         strides = (stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls)
         # Constexprs are written into the calls' tuples: Triton 3.6 makes tensors of those in a tuple variable.
         gl.warp_specialize([
-            (_ws_consume_first_rows, (smem, bars, Out, Lse, strides, b, h, q_row0, start_m, q_len, k_len, n_tiles,
-                                      qk_scale, CAUSAL, BLOCK_N)),
-            (_ws_consume_last_rows, (smem, bars, Out, Lse, strides, b, h, q_row0, start_m, q_len, k_len, n_tiles,
-                                     qk_scale, CAUSAL, BLOCK_N)),
-            (_ws_load, (q_desc, k_desc, v_desc, smem, bars, BlockTable, stride_btb, b, b * q_batched,
-                        q_row0 + start_m, h, b * k_batched, k_row0, h // group, k_len, n_tiles, BLOCK_N, PAGE_SIZE,
-                        PAGED)),
+            (_ws_consume_first_rows, (smem, bars, Out, Lse, strides, q_start_ptr, q_len_ptr, k_len_ptr, num_heads,
+                                      num_m_tiles, num_pairs, qk_scale, CAUSAL, BLOCK_N)),
+            (_ws_consume_last_rows, (smem, bars, Out, Lse, strides, q_start_ptr, q_len_ptr, k_len_ptr, num_heads,
+                                     num_m_tiles, num_pairs, qk_scale, CAUSAL, BLOCK_N)),
+            (_ws_load, (q_desc, k_desc, v_desc, smem, bars, BlockTable, stride_btb, q_start_ptr, q_len_ptr,
+                        k_start_ptr, k_len_ptr, num_heads, group, num_m_tiles, num_pairs, q_batched, k_batched,
+                        BLOCK_N, CAUSAL, PAGE_SIZE, PAGED)),
         ], [num_warps, 1], [WS_CONSUMER_REGISTERS, WS_PRODUCER_REGISTERS])
 
 
@@ -612,6 +676,11 @@ def prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q
     cols = head_dim if box == block_n else KV_BOX_COLS  # whole-tile boxes as one copy: 2-5 % faster at D128 than two
     num_m_tiles = triton.cdiv(max_seqlen_q, block_m)
     grid = (batch * num_heads * num_m_tiles,)
+    extra = {}
+    if config.warp_specialized:  # persistent: one program per SM
+        num_pairs = batch * num_heads * ((num_m_tiles + 1) // 2)
+        grid = (min(num_pairs, torch.cuda.get_device_properties(q.device).multi_processor_count),)
+        extra = dict(num_pairs=num_pairs)
     try:
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             kernel[grid](
@@ -622,7 +691,7 @@ def prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q
                 softmax_scale * LOG2E,
                 CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=config.stages,
                 Q_IN_REGISTERS=config.q_in_registers, PAGE_SIZE=k.shape[1] if paged else 1, PAGED=paged,
-                num_warps=config.num_warps)
+                num_warps=config.num_warps, **extra)
     except CompilationError as error:
         COMPILE_ERROR = error
         _say_unusable(f"its Gluon kernel does not compile ({str(error).strip().splitlines()[-1]})")

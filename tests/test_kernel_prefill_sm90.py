@@ -73,6 +73,16 @@ def test_varlen_packed(causal, head_dim, sm90, device):
 
 
 @on_sm90
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_more_work_than_sms(causal, head_dim, sm90, device):
+    # Over 132 work pairs (12 sequences x 4 heads x 4 pairs of query tiles at D128), so a persistent program goes on
+    # to later items: ring and turn phases carried across items, empty sequences and tiles past a sequence skipped.
+    _run_varlen_packed([700, 1, 300, 0, 1000, 129, 5, 640, 64, 999, 17, 256],
+                       [700, 3, 450, 7, 1000, 129, 0, 800, 64, 1200, 17, 300], head_dim, causal, device)
+
+
+@on_sm90
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_padded_batch(causal, head_dim, sm90, device):
