@@ -95,14 +95,17 @@ COMPILE_ERROR = None  # set by the first launch that failed to compile: then no 
 # Boxes of part of a key tile (pages smaller than a tile) are 128 bytes wide, the swizzle's width: the widest box TMA
 # writes as one column block of the tile.
 KV_BOX_COLS = 64
-# Paged K/V: the fewest rows a box may carry. Boxes of 16 rows (pages of 16) give correct results but lose to the Triton
-# kernel's gathered loads (each box's copy is separated from the next by a CTA barrier, which Triton's shared-memory
-# analysis puts between writes to views of one buffer). H100, bf16, append of N over L cached keys (2026-12-05,
-# BENCHMARKS.md), TFLOP/s Gluon / Triton: D128 GQA 32/8, pages of 16: 344-389 / 420-466; of 32: 427-501 / 370-462;
-# of 64: 456-577 / 434-502; D64 GQA 16/4, pages of 16: 254-326 / 293-357; of 32: 305-385 / 304-355. Gathering small
-# pages row by row with cp.async in this kernel instead (each thread 16-byte pieces, arriving on the slot's mbarrier)
-# was slower still at D128: 0.67-0.69 of dense, against the Triton kernel's 0.79-0.89 (H100, 2026-12-05).
-MIN_BOX_ROWS = 32
+# Paged K/V: the fewest rows a box may carry, by kernel (``Sm90Config.warp_specialized``). In the one-warpgroup kernel,
+# boxes of 16 rows (pages of 16) give correct results but lose to the Triton kernel's gathered loads: each box's copy is
+# separated from the next by a barrier over the whole warpgroup, which Triton's shared-memory analysis puts between
+# writes to views of one buffer. H100, bf16, append of N over L cached keys (2026-12-05, BENCHMARKS.md), TFLOP/s Gluon /
+# Triton: D128 GQA 32/8, pages of 16: 344-389 / 420-466; of 32: 427-501 / 370-462; of 64: 456-577 / 434-502; D64 GQA
+# 16/4, pages of 16: 254-326 / 293-357; of 32: 305-385 / 304-355. Gathering small pages row by row with cp.async instead
+# was slower still at D128 (0.67-0.69 of dense, against the Triton kernel's 0.79-0.89). In the warp-specialized kernel
+# the producer warp alone issues the copies, and the barrier between them is a warp's (bar.warp.sync): pages of 16 ran
+# at 0.88-0.99 of dense there (H100, D128 GQA append, bf16 and fp16, 2026-12-06), against 0.74-0.77 on the Triton kernel
+# in an earlier call.
+MIN_BOX_ROWS = {False: 32, True: 16}
 
 if GLUON_ERROR is None:
     # Registers per thread of the warp-specialized kernel's partitions (setmaxnreg): the 12 warps of one program per
@@ -373,9 +376,9 @@ if GLUON_ERROR is None:
     @gluon.jit
     def _ws_item(pair, half, q_len_ptr, k_len_ptr, num_heads, num_m_tiles, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-        """(b, h, start_m, q_len, k_len, n_tiles, valid) of half ``half`` of work pair ``pair``: a pair is query tiles p and
-        num_m_tiles - 1 - p of one (sequence, head), the longer first, so that causal pairs cost about the same (the
-        middle tile of an odd count pairs with itself: its second half is not valid)."""
+        """(b, h, start_m, q_len, k_len, n_tiles, valid) of half ``half`` of work pair ``pair``: a pair is query tiles
+        p and num_m_tiles - 1 - p of one (sequence, head), the longer first, so that causal pairs cost about the same
+        (the middle tile of an odd count pairs with itself: its second half is not valid)."""
         pairs_per_head = (num_m_tiles + 1) // 2
         bh = pair // pairs_per_head
         p = pair % pairs_per_head
@@ -623,28 +626,29 @@ def box_layout(rows, cols, element):
     return gl.NVMMASharedLayout.get_default_for([1, rows, 1, cols], element)
 
 
-def _box_rows(block_n, k, block_table):
-    """Rows of K/V one TMA box carries: a whole key tile, or (paged) the part of it in one page; 0 if the pages
-    neither hold whole tiles nor split them evenly (or are too small for a swizzled box)."""
+def _box_rows(config, k, block_table):
+    """Rows of K/V one TMA box of ``config``'s kernel carries: a whole key tile, or (paged) the part of it in one
+    page; 0 if the pages neither hold whole tiles nor split them evenly (or are smaller than ``MIN_BOX_ROWS``)."""
     if block_table is None:
-        return block_n
+        return config.block_n
     page_size = k.shape[1]
-    if page_size % block_n == 0:
-        return block_n
-    return page_size if block_n % page_size == 0 and page_size >= MIN_BOX_ROWS else 0
+    if page_size % config.block_n == 0:
+        return config.block_n
+    fits = config.block_n % page_size == 0 and page_size >= MIN_BOX_ROWS[config.warp_specialized]
+    return page_size if fits else 0
 
 
 def sm90_path(q, k, v, out, *, causal, window_left, window_right, softcap, softmax_scale, block_table=None):
     """Whether ``prefill_sm90`` serves this call: Gluon importable, an sm90 GPU (not the interpreter), 16-bit Q/K/V,
     head dim in ``SM90_HEAD_DIMS``, causal or full (no window), no soft-cap, a positive scale, K/V dense or in pages
-    that hold whole key tiles or split them evenly (at least ``MIN_BOX_ROWS`` rows), and Q, K, V at 16-byte aligned
-    addresses with 16-byte aligned strides (TMA's rule)."""
+    that hold whole key tiles or split them evenly (at least ``MIN_BOX_ROWS`` rows for the kernel), and Q, K, V at
+    16-byte aligned addresses with 16-byte aligned strides (TMA's rule)."""
     if (INTERPRET or not q.is_cuda or q.dtype not in SM90_DTYPES or q.shape[-1] not in SM90_HEAD_DIMS or softcap > 0
             or softmax_scale <= 0):
         return False
     if window_left >= 0 or (window_right >= 0 and not causal):
         return False
-    if not all(_box_rows(SM90_CONFIGS[q.shape[-1], long][1], k, block_table) for long in (False, True)):
+    if not all(_box_rows(SM90_CONFIGS[q.shape[-1], long], k, block_table) for long in (False, True)):
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
@@ -672,7 +676,7 @@ def prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q
     def descriptor(t, rows, cols=head_dim):
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, cols], box_layout(rows, cols, element))
 
-    box = _box_rows(block_n, k, block_table)
+    box = _box_rows(config, k, block_table)
     cols = head_dim if box == block_n else KV_BOX_COLS  # whole-tile boxes as one copy: 2-5 % faster at D128 than two
     num_m_tiles = triton.cdiv(max_seqlen_q, block_m)
     grid = (batch * num_heads * num_m_tiles,)

@@ -46,7 +46,8 @@ TMA_CANDIDATES = {
 # K/V tiles) and the warp-specialized ones (two consumer warpgroups and a producer warp) for one.
 SM90_CANDIDATES = {
     64: [(64, 64, 4, 4, False), (64, 64, 4, 4, True), (64, 64, 3, 4, True), (64, 128, 3, 4, True),
-         (128, 64, 3, 8, True), (128, 128, 2, 8, True), (128, 128, 3, 8, True), (128, 128, 2, 4, False, True)],
+         (128, 64, 3, 8, True), (128, 128, 2, 8, True), (128, 128, 3, 8, True), (128, 128, 2, 4, False, True),
+         (128, 128, 3, 4, False, True)],
     128: [(64, 64, 3, 4, False), (64, 64, 3, 4, True), (64, 64, 2, 4, True), (128, 64, 3, 8, True),
           (128, 64, 2, 8, True), (128, 128, 2, 8, False), (128, 128, 3, 8, False), (128, 128, 2, 4, False, True)],
 }

@@ -118,7 +118,7 @@ def _compile_for_sm90(head_dim, config, causal, page_size):
     from triton.runtime.jit import mangle_type
     block_m, block_n = config.block_m, config.block_n
     kernel = prefill_sm90._prefill_sm90_ws_kernel if config.warp_specialized else prefill_sm90._prefill_sm90_kernel
-    box = prefill_sm90._box_rows(block_n, torch.empty(1, page_size or 1), torch.empty(1) if page_size else None)
+    box = prefill_sm90._box_rows(config, torch.empty(1, page_size or 1), torch.empty(1) if page_size else None)
     t = torch.empty(2, 1024, 8, head_dim, dtype=torch.bfloat16)
 
     def descriptor(rows, cols):
@@ -143,10 +143,11 @@ def _compile_for_sm90(head_dim, config, causal, page_size):
 
 
 def _compile_every_shipped_config():
-    """Prints each shipped config's shared memory in bytes after compiling it, dense causal and over pages of 32
-    (boxes of half or a quarter of a key tile); run without TRITON_INTERPRET (the interpreter wraps Gluon kernels)."""
+    """Prints each shipped config's shared memory in bytes after compiling it, dense causal and over the smallest
+    pages it reads by TMA (``MIN_BOX_ROWS``: boxes of part of a key tile); run without TRITON_INTERPRET (the
+    interpreter wraps Gluon kernels)."""
     for key, config in sorted(prefill_sm90.SM90_CONFIGS.items()):
-        for causal, page_size in ((True, 0), (False, 32)):
+        for causal, page_size in ((True, 0), (False, prefill_sm90.MIN_BOX_ROWS[config.warp_specialized])):
             kernel = _compile_for_sm90(key[0], config, causal, page_size)
             assert kernel.asm["cubin"], key
             print(key, config, causal, page_size, kernel.metadata.shared, flush=True)
@@ -201,6 +202,23 @@ def test_paged(page_size, head_dim, dtype, causal, sm90, device):
     # New queries over cached keys in pages scattered through the pool (a chunk of a prefill, a chat's next turn):
     # each key tile is one box per page it spans, or one box of a page that holds whole tiles. Unused rows, the
     # spare page and the unused block-table entries hold NaN.
+    _run_paged(page_size, head_dim, dtype, causal, device)
+
+
+@on_sm90
+@pytest.mark.parametrize("head_dim, dtype", [(64, torch.float16), (128, torch.bfloat16)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_pages_of_16_in_the_warp_specialized_kernel(head_dim, dtype, causal, monkeypatch, device):
+    # Its producer warp reads pages of 16 as eight boxes a key tile (the one-warpgroup kernel leaves them to Triton).
+    config = next(c for c in sorted(set(prefill_sm90.SM90_CONFIGS.values())) if c.warp_specialized)
+    for key in prefill_sm90.SM90_CONFIGS:
+        monkeypatch.setitem(prefill_sm90.SM90_CONFIGS, key, config)
+    calls = _record_sm90_path(monkeypatch)
+    _run_paged(16, head_dim, dtype, causal, device)
+    assert calls and all(taken for taken, _ in calls), calls
+
+
+def _run_paged(page_size, head_dim, dtype, causal, device):
     q_lens, k_lens = [70, 1, 129], [300, 17, 129]
     k_pool, v_pool, table, keys = scatter_to_pages(k_lens, 2, head_dim, page_size, dtype, device)
     q = torch.randn(len(q_lens), max(q_lens), 4, head_dim, device=device).to(dtype)
@@ -212,6 +230,7 @@ def test_paged(page_size, head_dim, dtype, causal, sm90, device):
 @on_sm90
 @pytest.mark.parametrize("page_size", [8, 16, 48])
 def test_small_pages_and_pages_that_split_tiles_unevenly_keep_the_triton_kernel(page_size, device):
+    # Head dim 64 runs the one-warpgroup kernel, which reads pages of 32 keys at least.
     k_pool, v_pool, table, keys = scatter_to_pages([50], 2, 64, page_size, torch.bfloat16, device)
     q = torch.randn(1, 20, 4, 64, device=device).to(torch.bfloat16)
     assert not prefill_sm90.sm90_path(q, k_pool, v_pool, torch.empty_like(q), causal=True, window_left=-1,
