@@ -69,6 +69,21 @@ def copy_bandwidth(device, nbytes):
     return tbps
 
 
+def host_us(fn, device, calls=20):
+    """Host microseconds per call of ``fn``: its launches queued back to back, the GPU not waited on until the end.
+    Where it nears a call's measured time the call is host-bound (``bench_ms``'s memset hides ~0.1 ms of it). None
+    off CUDA."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    synchronize(device)
+    return 1e6 * elapsed / calls
+
+
 def bench_graph_ms(fn, device):
     """Median milliseconds of replaying ``fn`` captured in a CUDA graph: the GPU time of its kernels without the
     host's launch overhead, which would otherwise dominate microsecond-scale decode kernels (both ours and the

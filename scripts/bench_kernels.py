@@ -5,7 +5,8 @@ prefill: TFLOP/s of ``hf_flash.attention`` and of SDPA's flash, cuDNN and memory
     timed), causal and not, B x S = 16k tokens: head dims 64 and 128 at H x D = 2048 and sequence lengths 1k..16k
     (FlashAttention's benchmark grid); GQA with 32 query / 8 KV heads at head dim 128 (Llama-3-8B's) at 1k, 4k and
     16k, the anchors given ``enable_gqa=True``; head dim 256 (8 heads) at 1k and 4k. FLOPs: 4 * B * H * S^2 * D (H:
-    query heads), halved when causal. Each row prints how far our output is from SDPA's (max abs difference).
+    query heads), halved when causal. Each row prints how far our output is from SDPA's (max abs difference), and
+    our host time per call beside the measured time of a call (host-bound rows time the host, not the kernel).
 varlen: TFLOP/s over a ragged batch: sequences of random lengths (fixed seed) packed back to back into 16k tokens,
     16 heads of 128, through ``hf_flash.attention_varlen``, beside PyTorch's own ragged paths on the same packed
     tokens: SDPA's backends on nested (jagged) tensors, and FlexAttention on the packed batch with a document mask
@@ -48,8 +49,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from bench_common import (Table, begin, bench_graph_ms, bench_ms, cell, copy_bandwidth, free_memory, progress, say,
-                          synchronize)
+from bench_common import (Table, begin, bench_graph_ms, bench_ms, cell, copy_bandwidth, free_memory, host_us, progress,
+                          say, synchronize)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -234,7 +235,8 @@ def bench_prefill(args, results, flex):
     anchors = [a for a in ANCHORS["prefill"] if a in args.backends]
     runner = Runner(args.device)
     table = Table([("dtype", 5), ("D", 4), ("S", 6), ("B", 3), ("H", 3), ("Hkv", 3), ("causal", 6), ("ours", 6),
-                   *[(a, 9) for a in anchors], ("/flash", 6), ("/cudnn", 6), ("maxdiff", 8)])
+                   *[(a, 9) for a in anchors], ("/flash", 6), ("/cudnn", 6), ("host us", 7), ("call us", 7),
+                   ("maxdiff", 8)])
     say(f"\nprefill: TFLOP/s, {tokens} tokens per batch (B x S), H / Hkv query / KV heads of head dim D")
     table.header()
     cases = [(dtype, d, h, hkv, s) for dtype in args.dtypes for d, h, hkv, seqlens in groups for s in seqlens]
@@ -250,6 +252,7 @@ def bench_prefill(args, results, flex):
             tflops = {}
             ours = functools.partial(hf_flash.attention, q, k, v, causal=causal)
             ours_out, tflops["ours"] = runner.rate("ours", ours, flops)
+            host = host_us(ours, args.device) if ours_out is not None else None
             mask = None
             if causal and "flex" in anchors:
                 mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, seqlen, seqlen,
@@ -265,14 +268,18 @@ def bench_prefill(args, results, flex):
             table.row(dtype, head_dim, seqlen, batch, heads, kv_heads, "yes" if causal else "no",
                       cell(tflops["ours"], ".0f"),
                       *[cell(tflops[a], ".0f") + ("*" if a in repeated_here else "") for a in anchors],
-                      cell(ratios["flash"], ".2f"), cell(ratios["cudnn"], ".2f"), cell(diff, ".1e"))
+                      cell(ratios["flash"], ".2f"), cell(ratios["cudnn"], ".2f"), cell(host, ".0f"),
+                      cell(tflops["ours"] and flops / tflops["ours"] / 1e6, ".0f"), cell(diff, ".1e"))
             results.add("prefill", {"dtype": dtype, "head_dim": head_dim, "seqlen": seqlen, "batch": batch,
                                     "heads": heads, "kv_heads": kv_heads, "causal": causal, "tflops": tflops,
-                                    "ours_over": ratios, "repeated_kv": repeated_here, "max_abs_diff": diff})
+                                    "ours_over": ratios, "ours_host_us": host, "repeated_kv": repeated_here,
+                                    "max_abs_diff": diff})
             del ours_out
         del q, k, v, qt, kt, vt
         free_memory(args.device)
-    say("ratios: ours / flash and ours / cudnn TFLOP/s; maxdiff: max |ours - SDPA| over the outputs")
+    say("ratios: ours / flash and ours / cudnn TFLOP/s; host us: ours' host time per call, launches queued without "
+        "waiting (call us: its measured time; do_bench's memset hides ~100 us of host time, so a row whose host us "
+        "nears call us + 100 is host-bound); maxdiff: max |ours - SDPA| over the outputs")
     say_repeated(repeated_kv, "the same FLOPs")
     return runner.finish("prefill", results, anchors)
 

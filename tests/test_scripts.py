@@ -54,6 +54,7 @@ def check_kernel_results(data):
         # SDPA's flash runs on the CPU too, GQA given to it as enable_gqa (not repeated K/V)
         assert r["tflops"]["ours"] > 0 and r["tflops"]["flash"] > 0 and r["repeated_kv"] == [], r
         assert r["max_abs_diff"] < TOLERANCE[r["dtype"]], r
+        assert r["ours_host_us"] is None, r  # host time per call: measured on CUDA only
     assert sorted((r["dtype"], r["causal"]) for r in data["varlen"]) == [(t, c) for t in dtypes for c in (False, True)]
     for r in data["varlen"]:
         assert sum(r["lengths"]) == r["tokens"] and len(set(r["lengths"])) > 2, r  # ragged, packed without gaps
