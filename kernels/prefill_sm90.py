@@ -29,8 +29,9 @@ flow merges): fully visible tiles and masked tiles run in two loops of one step.
 
 The online-softmax steps mirror ``softmax_state``'s (log2 domain, scale in the exponent's fma, the -inf guard) in
 Gluon, which cannot call Triton's jit helpers. Scope: 16-bit inputs, head dim 64 or 128, dense K/V or pages that
-hold whole key tiles or split them evenly, causal (bottom-right) or full, no window, no soft-cap, a positive scale.
-``sm90_path`` says which calls take it; the others keep ``prefill``."""
+hold whole key tiles or split them evenly into boxes of ``MIN_BOX_ROWS`` rows or more (16 in the warp-specialized
+kernel, 32 in the other), causal (bottom-right) or full, no window, no soft-cap, a positive scale. ``sm90_path`` says
+which calls take it; the others keep ``prefill``."""
 import contextlib
 import functools
 import logging
