@@ -15,7 +15,7 @@ keeps lengths and block table on the host and checks them there). Where nothing 
 needs ``max_seqlen_k``.
 
 The kernels run as custom ops (``torch.ops.hf_flash.prefill``, ``paged_decode``, ``merge_state``, ``write_pages``),
-which torch.compile keeps whole in its graphs.
+which torch.compile keeps whole in its graphs; eager calls on plain tensors skip the dispatcher (``_launcher_op``).
 
 Causal masks are aligned to the bottom-right corner when ``q_len != k_len``; with ``seqlen_q = 2`` and
 ``seqlen_k = 5`` (1 = keep)::
@@ -24,6 +24,7 @@ Causal masks are aligned to the bottom-right corner when ``q_len != k_len``; wit
     1 1 1 1 1
 """
 import contextlib
+import functools
 import itertools
 import math
 import operator
@@ -72,7 +73,9 @@ def _backend(device):
 # dynamo's way (no graph break). Each op writes tensors it is given (its schema marks them mutable) and returns
 # nothing; its body picks the backend when it runs, as ``_backend`` does eagerly, so ``use_backend`` reaches compiled
 # graphs too. Not torch.library.custom_op: its Python autograd and in-place kernels cost ~20 us per call in eager (a
-# decode step makes two calls per layer); one CompositeExplicitAutograd kernel gets torch's C++ fallbacks (~3 us).
+# decode step makes two calls per layer); one CompositeExplicitAutograd kernel gets torch's C++ fallbacks. Even so the
+# dispatcher's round trip into Python costs ~15 us a prefill call (H100 host, 2026-12-06), so eager calls skip it where
+# nothing would see the op (``_through_dispatcher``).
 _LIBRARY = torch.library.Library("hf_flash", "DEF")
 
 
@@ -81,14 +84,32 @@ def _writes_in_place(*args, **kwargs):
     (torch.compile's tracing) there is nothing to do."""
 
 
+# How many TorchDispatchModes are active, infrastructure modes (FakeTensorMode, make_fx's proxy mode) included: private
+# to torch (2.0 to 2.13 at least; tests/test_custom_ops.py checks it is there). Without it every call takes the op.
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+
+
+def _through_dispatcher(first):
+    """Whether a launcher call whose first tensor is ``first`` must go through its op: while torch.compile traces, for
+    tensor subclasses (fake, functional) and under any TorchDispatchMode (make_fx's proxy mode sees plain tensors)."""
+    return torch.compiler.is_compiling() or type(first) is not torch.Tensor or _dispatch_modes() > 0
+
+
 def _launcher_op(name, mutates_args):
-    """Define the annotated function it decorates as the op ``hf_flash::<name>``, for every device."""
+    """Define the annotated function it decorates as the op ``hf_flash::<name>``, for every device; return what the
+    API calls: the function itself where nothing but eager torch would see the op, else the op."""
 
     def define(fn):
         _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
         _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
         torch.library.register_fake(f"hf_flash::{name}", _writes_in_place, lib=_LIBRARY)
-        return fn
+        op = getattr(torch.ops.hf_flash, name)
+
+        @functools.wraps(fn)
+        def launch(first, *args, **kwargs):
+            return (op if _through_dispatcher(first) else fn)(first, *args, **kwargs)
+
+        return launch
 
     return define
 
@@ -302,10 +323,29 @@ def _run_prefill(q4, k4, v4, q_start, q_len, k_start, k_len, max_seqlen_q, *, so
     batch, rows, heads, _ = q4.shape
     out = torch.empty_like(q4) if out is None else out
     lse = q4.new_empty((batch, heads, rows), dtype=torch.float32)
-    torch.ops.hf_flash.prefill(q4, k4, v4, out, lse, q_start, q_len, k_start, k_len, block_table, max_seqlen_q,
+    _prefill_op(q4, k4, v4, out, lse, q_start, q_len, k_start, k_len, block_table, max_seqlen_q,
                                softmax_scale=softmax_scale, causal=causal, window_left=window[0],
                                window_right=window[1], softcap=softcap)
     return out, lse
+
+
+def _dense_lengths(batch, seqlen_q, seqlen_k, device):
+    """A padding-free batch's offsets and lengths in the launchers' form: ``(zeros, q_len, k_len)``, int32 ``[batch]``.
+    Made once per shape and device (three fills cost ~20 us of host time a call, H100 2026-12-06), except where a
+    fill would not run now: under CUDA-graph capture and while torch.compile traces (``_host_reads_forbidden``)."""
+    if _host_reads_forbidden(device):
+        zeros = torch.zeros(batch, dtype=torch.int32, device=device)
+        return zeros, torch.full_like(zeros, seqlen_q), torch.full_like(zeros, seqlen_k)
+    return _made_dense_lengths(batch, seqlen_q, seqlen_k, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _made_dense_lengths(batch, seqlen_q, seqlen_k, device):
+    # A blocking copy from the host (not a fill on this call's stream): every stream sees the values. Normal tensors,
+    # not inference tensors, so that calls in and out of inference mode share them.
+    with torch.inference_mode(False):
+        rows = torch.tensor([[0] * batch, [seqlen_q] * batch, [seqlen_k] * batch], dtype=torch.int32, device=device)
+    return rows.unbind()
 
 
 def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -330,10 +370,10 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch size {k.shape[0]} but q has {q.shape[0]}")
     softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
-    batch, seqlen_q = q.shape[:2]
-    zeros = torch.zeros(batch, dtype=torch.int32, device=q.device)
-    out, lse = _run_prefill(q, k, v, zeros, torch.full_like(zeros, seqlen_q), zeros, torch.full_like(zeros, k.shape[1]),
-                            seqlen_q, softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap)
+    seqlen_q = q.shape[1]
+    zeros, q_len, k_len = _dense_lengths(q.shape[0], seqlen_q, k.shape[1], q.device)
+    out, lse = _run_prefill(q, k, v, zeros, q_len, zeros, k_len, seqlen_q, softmax_scale=softmax_scale, causal=causal,
+                            window=window, softcap=softcap)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -500,7 +540,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
                                            dtype=q.dtype)
         out = torch.empty_like(q)
         lse = torch.empty((batch, q.shape[2], 1), dtype=torch.float32, device=q.device)
-        torch.ops.hf_flash.paged_decode(q[:, 0], pages_k, pages_v, table, k_len, out[:, 0], lse[:, :, 0],
+        _paged_decode_op(q[:, 0], pages_k, pages_v, table, k_len, out[:, 0], lse[:, :, 0],
                                         softmax_scale=softmax_scale, window_left=window[0], softcap=softcap,
                                         num_splits=num_splits)
     else:
@@ -530,7 +570,7 @@ def _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed
         pos = (cache_seqlens.long()[:, None] + torch.arange(seqlen, device=k.device)).flatten()
         k_rows, v_rows = k.flatten(0, 1), v.flatten(0, 1)
     slots = table.long()[seq, pos // page_size] * page_size + pos % page_size
-    torch.ops.hf_flash.write_pages(k_rows, v_rows, pages_k, pages_v, slots)
+    _write_pages_op(k_rows, v_rows, pages_k, pages_v, slots)
 
 
 def write_kv_pages(k, v, k_pool, v_pool, slot_mapping, *, max_slot=None):
@@ -571,7 +611,7 @@ def write_kv_pages(k, v, k_pool, v_pool, slot_mapping, *, max_slot=None):
             i = int(past_end.nonzero()[0])
             raise ValueError(f"slot_mapping[{i}] = {int(slot_mapping[i])} is past the pools' "
                              f"{num_pages * page_size} slots ({num_pages} pages of {page_size})")
-    torch.ops.hf_flash.write_pages(k, v, k_pool, v_pool, slot_mapping)
+    _write_pages_op(k, v, k_pool, v_pool, slot_mapping)
 
 
 def merge_state(out_a, lse_a, out_b, lse_b):
@@ -599,7 +639,7 @@ def merge_state(out_a, lse_a, out_b, lse_b):
             raise ValueError(f"{name} is on {t.device} but out_a is on {out_a.device}")
     out = torch.empty_like(out_a)
     lse = torch.empty_like(lse_a)
-    torch.ops.hf_flash.merge_state(out_a, lse_a, out_b, lse_b, out, lse)
+    _merge_state_op(out_a, lse_a, out_b, lse_b, out, lse)
     return out, lse
 
 

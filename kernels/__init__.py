@@ -62,6 +62,7 @@ if __name__ != "hf_flash.kernels":
             raise AttributeError(f"no {name!r}: this {__name__!r} is hf_flash's kernels/ folder seen from the "
                                  "repository root, not Hugging Face's kernel hub; import hf_flash.kernels")
 
+import functools
 import os
 
 # The Triton interpreter computes bf16 ``tl.dot`` wrongly (triton 3.9); kernels upcast their dot operands to
@@ -81,6 +82,21 @@ def dot_extent(size):
     return max(16, 1 << (size - 1).bit_length())
 
 
+@functools.cache
+def _device_properties(index):
+    import torch
+
+    return torch.cuda.get_device_properties(index)
+
+
+def device_properties(device):
+    """``torch.cuda.get_device_properties(device)``, read once per GPU: a read costs ~4 us (H100 host), and a launch
+    asks up to three times (capability, SM count)."""
+    import torch
+
+    return _device_properties(torch.cuda.current_device() if device.index is None else device.index)
+
+
 def tile_config(configs, interpret_config, head_dim, dtype, device):
     """A kernel's tile config from its ``CONFIGS`` table, keyed by (``head_dim_bucket``, fp32 inputs, GPU major
     version); a GPU generation without a row gets sm80's. Under the interpreter: its ``interpret_config``."""
@@ -89,7 +105,7 @@ def tile_config(configs, interpret_config, head_dim, dtype, device):
     import torch
 
     fp32, bucket = dtype == torch.float32, head_dim_bucket(head_dim)
-    major = torch.cuda.get_device_capability(device)[0]
+    major = device_properties(device).major
     return configs.get((bucket, fp32, major), configs[(bucket, fp32, 8)])
 
 
@@ -103,7 +119,7 @@ def dependent_launch(device):
 
     # capture first: eager launches (the prefill's page writes) stop at it without asking for the device's properties
     return (device.type == "cuda" and not INTERPRET and torch.cuda.is_current_stream_capturing()
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+            and device_properties(device).major >= 9)
 
 
 TMA_ALIGN = 16  # bytes: TMA's rule for a tensor map's base address and every stride but the last

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, dependent_launch, dot_extent, head_dim_bucket, tile_config
+from . import INTERPRET, dependent_launch, device_properties, dot_extent, head_dim_bucket, tile_config
 from .merge import merge_many, merge_outputs, merge_weights
 from .paged_kv import kv_tile, page_ids
 from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
@@ -205,7 +205,7 @@ def program_slots(head_dim: int, dtype: torch.dtype, device: torch.device) -> in
     if device.type != "cuda" or INTERPRET:
         return 1
     per_sm = _tile(head_dim, dtype, device)[-1]
-    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+    return device_properties(device).multi_processor_count * per_sm
 
 
 def resident_programs(device: torch.device) -> int:
@@ -213,7 +213,7 @@ def resident_programs(device: torch.device) -> int:
     (allocated per warp, 256 at a time), shared memory (plus the 1 KiB each program reserves) and warps against the
     SM's. What CONFIGS' last column must say; the tests and scripts/tune_decode.py clear
     ``_decode_kernel.device_caches``, run one config and ask."""
-    props = torch.cuda.get_device_properties(device)
+    props = device_properties(device)
     counts = []
     for caches in _decode_kernel.device_caches.values():
         for kernel in caches[0].values():

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, batch_stride, dot_extent, prefill_sm90, tile_config, tma_aligned
+from . import INTERPRET, batch_stride, device_properties, dot_extent, prefill_sm90, tile_config, tma_aligned
 from .paged_kv import kv_tile, page_ids, wide_offsets
 from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
 
@@ -292,7 +292,7 @@ def tma_path(q, k, v, out, max_seqlen_q, block_table=None):
     if (block_table is not None or q.dtype not in TMA_DTYPES or q.shape[-1] not in TMA_HEAD_DIMS
             or max_seqlen_q < TMA_MIN_SEQLEN_Q):
         return False
-    if not (INTERPRET_AS_SM90 if INTERPRET else torch.cuda.get_device_capability(q.device)[0] == 9):
+    if not (INTERPRET_AS_SM90 if INTERPRET else device_properties(q.device).major == 9):
         return False
     return all(tma_aligned(t, (batch_stride(t), *t.stride()[1:-1])) for t in (q, k, v, out))
 

@@ -41,7 +41,7 @@ import torch
 import triton
 from triton.compiler.errors import CompilationError
 
-from . import INTERPRET, batch_stride, tma_aligned
+from . import INTERPRET, batch_stride, device_properties, tma_aligned
 from .softmax_state import LOG2E
 
 try:  # Gluon is Triton's experimental layer: its names may move between releases
@@ -651,7 +651,7 @@ def sm90_path(q, k, v, out, *, causal, window_left, window_right, softcap, softm
         return False
     if not all(_box_rows(SM90_CONFIGS[q.shape[-1], long], k, block_table) for long in (False, True)):
         return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
+    if device_properties(q.device).major != 9:
         return False
     if GLUON_ERROR is not None:
         _say_unusable(f"Gluon does not import ({GLUON_ERROR})")
@@ -684,7 +684,7 @@ def prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q
     extra = {}
     if config.warp_specialized:  # persistent: one program per SM
         num_pairs = batch * num_heads * ((num_m_tiles + 1) // 2)
-        grid = (min(num_pairs, torch.cuda.get_device_properties(q.device).multi_processor_count),)
+        grid = (min(num_pairs, device_properties(q.device).multi_processor_count),)
         extra = dict(num_pairs=num_pairs)
     try:
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():

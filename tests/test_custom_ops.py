@@ -3,9 +3,10 @@ fake implementation, autograd registration, AOT dispatch) on the torch path and 
 interpreter on CPU), and the public API traced by torch.compile without a graph break, giving the eager results."""
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from test_ops import _valid, backend, good  # noqa: F401  (fixtures: every test runs on both backends)
 
-import hf_flash.ops  # noqa: F401  (registers the ops)
+import hf_flash.ops
 
 OPS = torch.ops.hf_flash
 
@@ -92,3 +93,45 @@ def test_compiled_cache_call_needs_max_seqlen_k(good):
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="max_seqlen_k must be given during CUDA-graph capture and torch.compile"):
         torch.compile(fn, backend="aot_eager")(**kwargs)
+
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops it sees and runs them."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_dispatcher_where_nothing_watches():
+    """The launchers run their op's body directly for plain tensors in eager mode (the round trip costs ~15 us a
+    call), and through the op for tensor subclasses and under any dispatch mode. The count of modes is a private torch
+    function: without it every call would take the slow way."""
+    assert hasattr(torch._C, "_len_torch_dispatch_stack")
+    plain = torch.zeros(2)
+    assert not hf_flash.ops._through_dispatcher(plain)
+    assert hf_flash.ops._through_dispatcher(torch.nn.Parameter(plain))
+    with _Recorder():
+        assert hf_flash.ops._through_dispatcher(plain)
+    with FakeTensorMode() as fake_mode:
+        fake = fake_mode.from_tensor(plain)
+    assert hf_flash.ops._through_dispatcher(fake)
+
+
+@pytest.mark.parametrize("case", ["attention", "varlen", "paged_kvcache", "merge", "write_pages"])
+def test_a_dispatch_mode_sees_the_launch(case, good, backend):
+    """Under a TorchDispatchMode (make_fx's tracing, FlopCounterMode, a logger) the launch is the op, which the mode
+    sees; the results are the eager call's."""
+    fn, kwargs = _valid(good)[case]
+    eager_kwargs, watched_kwargs = _cloned(kwargs), _cloned(kwargs)
+    want = fn(**eager_kwargs)
+    recorder = _Recorder()
+    with recorder:
+        got = fn(**watched_kwargs)
+    assert any(op.startswith("hf_flash.") for op in recorder.seen), recorder.seen
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(watched_kwargs, eager_kwargs, atol=0, rtol=0)
