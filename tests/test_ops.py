@@ -768,6 +768,27 @@ def test_empty_batch(backend, device):
     assert out.shape == (0, 4, 32) and lse.shape == (0, 4)
 
 
+def test_dense_batches_share_their_lengths_per_shape(backend, device):
+    """attention() takes a padding-free batch's offsets and lengths from a per-shape cache: calls of one shape share
+    them, in and out of inference mode, another shape gets its own, and every call gives the reference's output."""
+    device = torch.empty(0, device=device).device  # as attention() passes it: q.device
+    zeros, q_len, k_len = ops._dense_lengths(3, 5, 7, device)
+    assert [t.tolist() for t in (zeros, q_len, k_len)] == [[0] * 3, [5] * 3, [7] * 3]
+    assert all(t.dtype == torch.int32 and t.device == device for t in (zeros, q_len, k_len))
+    with torch.inference_mode():
+        again = ops._dense_lengths(3, 5, 7, device)
+        made_here = ops._dense_lengths(2, 5, 11, device)  # first made in inference mode: still usable outside it
+    assert all(a is b for a, b in zip(again, (zeros, q_len, k_len)))
+    assert not any(t.is_inference() for t in made_here)
+    assert ops._dense_lengths(3, 5, 6, device)[2].tolist() == [6] * 3
+    for seqlen_k, mode in ((7, contextlib.nullcontext()), (7, torch.inference_mode()), (6, contextlib.nullcontext())):
+        q, k, v = (_randn(3, s, 4, 32, device=device) for s in (5, seqlen_k, seqlen_k))
+        with mode:
+            out, lse = ops.attention(q, k, v, causal=True, return_softmax_lse=True)
+        refs = [attention_ref(*seq, causal=True) for seq in zip(q, k, v)]
+        _check(out, lse.transpose(1, 2), torch.stack([r[0] for r in refs]), torch.stack([r[1].T for r in refs]))
+
+
 # ------------------------------------------------------------------------------------------------ merge_state and pages
 
 
