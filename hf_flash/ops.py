@@ -324,8 +324,8 @@ def _run_prefill(q4, k4, v4, q_start, q_len, k_start, k_len, max_seqlen_q, *, so
     out = torch.empty_like(q4) if out is None else out
     lse = q4.new_empty((batch, heads, rows), dtype=torch.float32)
     _prefill_op(q4, k4, v4, out, lse, q_start, q_len, k_start, k_len, block_table, max_seqlen_q,
-                               softmax_scale=softmax_scale, causal=causal, window_left=window[0],
-                               window_right=window[1], softcap=softcap)
+                softmax_scale=softmax_scale, causal=causal, window_left=window[0], window_right=window[1],
+                softcap=softcap)
     return out, lse
 
 
@@ -541,8 +541,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         out = torch.empty_like(q)
         lse = torch.empty((batch, q.shape[2], 1), dtype=torch.float32, device=q.device)
         _paged_decode_op(q[:, 0], pages_k, pages_v, table, k_len, out[:, 0], lse[:, :, 0],
-                                        softmax_scale=softmax_scale, window_left=window[0], softcap=softcap,
-                                        num_splits=num_splits)
+                         softmax_scale=softmax_scale, window_left=window[0], softcap=softcap, num_splits=num_splits)
     else:
         if not packed:
             q_start = torch.zeros(batch, dtype=torch.int32, device=q.device)
