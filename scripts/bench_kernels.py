@@ -93,6 +93,8 @@ def parse_args(argv=None):
     parser.add_argument("--backends", default="flash,cudnn,efficient,default,flex",
                         help="comma-separated anchors to time beside hf_flash, among flash, cudnn, efficient, default "
                              "(SDPA's own choice; decode only) and flex (default: all)")
+    parser.add_argument("--seqlens", help="comma-separated prefill sequence lengths: only the prefill rows of these "
+                                          "(default: every row)")
     parser.add_argument("--out", help="write the results as JSON to this file (rewritten after every row)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda if available, else cpu)")
@@ -106,6 +108,10 @@ def parse_args(argv=None):
         unknown = set(given) - set(known)
         if unknown or not given:
             parser.error(f"unknown {flag}: {', '.join(sorted(unknown))}" if unknown else f"no {flag} given")
+    try:
+        args.seqlens = {int(n) for n in args.seqlens.split(",")} if args.seqlens else None
+    except ValueError:
+        parser.error(f"--seqlens takes comma-separated integers, got {args.seqlens!r}")
     args.device = torch.device(args.device)
     args.size = "quick" if args.quick else "full"
     return args
@@ -239,7 +245,8 @@ def bench_prefill(args, results, flex):
                    ("maxdiff", 8)])
     say(f"\nprefill: TFLOP/s, {tokens} tokens per batch (B x S), H / Hkv query / KV heads of head dim D")
     table.header()
-    cases = [(dtype, d, h, hkv, s) for dtype in args.dtypes for d, h, hkv, seqlens in groups for s in seqlens]
+    cases = [(dtype, d, h, hkv, s) for dtype in args.dtypes for d, h, hkv, seqlens in groups for s in seqlens
+             if args.seqlens is None or s in args.seqlens]
     repeated_kv = set()  # anchors that refused GQA
     for dtype, head_dim, heads, kv_heads, seqlen in progress(cases, desc="prefill"):
         batch = tokens // seqlen

@@ -38,6 +38,17 @@ def test_benchmarks_write_results_and_plots(tmp_path):
         assert image.shape[0] >= 400 and image.std() > 0.05  # drawn, not blank
 
 
+def test_prefill_rows_of_the_given_lengths_only(tmp_path):
+    out = tmp_path / "kernels.json"
+    done = run("bench_kernels.py", "--device", "cpu", "--quick", "--section", "prefill", "--backends", "flash",
+               "--seqlens", "128", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["prefill"]
+    assert rows and {r["seqlen"] for r in rows} == {128}
+    done = run("bench_kernels.py", "--device", "cpu", "--quick", "--seqlens", "1k", cwd=tmp_path)
+    assert done.returncode == 2 and "--seqlens takes comma-separated integers" in done.stderr
+
+
 # Outputs of magnitude ~1 against SDPA's: a few ulps (bf16 2^-8, fp16 2^-11) apart at most.
 TOLERANCE = {"bf16": 2e-2, "fp16": 4e-3}
 
