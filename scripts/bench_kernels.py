@@ -108,12 +108,16 @@ def parse_args(argv=None):
         unknown = set(given) - set(known)
         if unknown or not given:
             parser.error(f"unknown {flag}: {', '.join(sorted(unknown))}" if unknown else f"no {flag} given")
+    args.device = torch.device(args.device)
+    args.size = "quick" if args.quick else "full"
     try:
         args.seqlens = {int(n) for n in args.seqlens.split(",")} if args.seqlens else None
     except ValueError:
         parser.error(f"--seqlens takes comma-separated integers, got {args.seqlens!r}")
-    args.device = torch.device(args.device)
-    args.size = "quick" if args.quick else "full"
+    rows = {s for *_, seqlens in PREFILL[args.size][1] for s in seqlens}
+    if args.seqlens is not None and not args.seqlens <= rows:
+        parser.error(f"--seqlens {','.join(map(str, sorted(args.seqlens - rows)))}: no prefill row has it "
+                     f"(rows: {','.join(map(str, sorted(rows)))})")
     return args
 
 

@@ -47,6 +47,8 @@ def test_prefill_rows_of_the_given_lengths_only(tmp_path):
     assert rows and {r["seqlen"] for r in rows} == {128}
     done = run("bench_kernels.py", "--device", "cpu", "--quick", "--seqlens", "1k", cwd=tmp_path)
     assert done.returncode == 2 and "--seqlens takes comma-separated integers" in done.stderr
+    done = run("bench_kernels.py", "--device", "cpu", "--quick", "--seqlens", "128,100", cwd=tmp_path)
+    assert done.returncode == 2 and "--seqlens 100: no prefill row has it" in done.stderr
 
 
 # Outputs of magnitude ~1 against SDPA's: a few ulps (bf16 2^-8, fp16 2^-11) apart at most.
