@@ -65,6 +65,8 @@ if __name__ != "hf_flash.kernels":
 import functools
 import os
 
+import torch
+
 # The Triton interpreter computes bf16 ``tl.dot`` wrongly (triton 3.9); kernels upcast their dot operands to
 # fp32 when this is set. Read once: ``triton.jit`` also reads the variable only at decoration time.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -84,16 +86,12 @@ def dot_extent(size):
 
 @functools.cache
 def _device_properties(index):
-    import torch
-
     return torch.cuda.get_device_properties(index)
 
 
 def device_properties(device):
     """``torch.cuda.get_device_properties(device)``, read once per GPU: a read costs ~4 us (H100 host), and a launch
     asks up to three times (capability, SM count)."""
-    import torch
-
     return _device_properties(torch.cuda.current_device() if device.index is None else device.index)
 
 
@@ -102,8 +100,6 @@ def tile_config(configs, interpret_config, head_dim, dtype, device):
     version); a GPU generation without a row gets sm80's. Under the interpreter: its ``interpret_config``."""
     if INTERPRET:
         return interpret_config
-    import torch
-
     fp32, bucket = dtype == torch.float32, head_dim_bucket(head_dim)
     major = device_properties(device).major
     return configs.get((bucket, fp32, major), configs[(bucket, fp32, 8)])
@@ -115,8 +111,6 @@ def dependent_launch(device):
     Each kernel is then scheduled while the one before it finishes and waits in ``gdc_wait`` for its stores. Eager
     launches keep stream order: with PDL they made the host-bound batch-one prefill slower on the H200 (1B-shaped
     1 x 512: 20 -> 30 ms, BENCHMARKS.md 2026-12-04)."""
-    import torch
-
     # capture first: eager launches (the prefill's page writes) stop at it without asking for the device's properties
     return (device.type == "cuda" and not INTERPRET and torch.cuda.is_current_stream_capturing()
             and device_properties(device).major >= 9)
@@ -135,6 +129,58 @@ def tma_aligned(t, strides):
     stride, and a base address and strides in bytes that are multiples of ``TMA_ALIGN``."""
     return (t.stride(-1) == 1 and t.data_ptr() % TMA_ALIGN == 0
             and all(s * t.element_size() % TMA_ALIGN == 0 for s in strides))
+
+
+def _int_class(value):
+    """What Triton specializes an int argument on: 1 (a constant), divisibility by 16, and its width."""
+    return value == 1, value % 16 == 0, -2**31 <= value < 2**31, value < 2**63
+
+
+def _arg_class(arg):
+    """An argument's part of a launch's key: what Triton specializes it on, or finer (None: not to be cached)."""
+    kind = type(arg)
+    if kind is int:
+        return _int_class(arg)
+    if kind is float or kind is bool or arg is None:
+        return kind, arg if kind is bool else None
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if hasattr(arg, "block_shape"):  # a host tensor descriptor (Triton's or Gluon's): Triton 3.6-3.9 specialize on
+        # its dtype, block shape and layout; its shape and strides are runtime arguments (a tensor map's)
+        return (kind, arg.base.dtype, arg.base.data_ptr() % 16 == 0, tuple(arg.block_shape),
+                getattr(arg, "layout", None), arg.padding)
+    return None
+
+
+_COMPILED = {}  # launch key -> (compiled kernel, the kernel's parameters after the positional arguments)
+_COMPILED_MAX = 512  # keys differ only by specialization classes, dtypes and constants: a few per kernel in use
+# Tests set this: every cached launch then asks Triton's own binder which kernel it picks and fails if another.
+verify_cached_launches = False
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, with Triton's per-call binding skipped where an earlier launch had the same
+    key: the kernel, device, constants and options, and each argument's specialization class (``_arg_class``). The
+    binding costs most of a launch's host time with many arguments (~40 us of the Gluon prefill's 55, H100
+    2026-12-06); the compiled kernel's own launcher (``CompiledKernel[grid]``) still encodes the tensor maps and
+    scratch. Compiles, compile errors and the interpreter take the JIT path."""
+    if INTERPRET:
+        return kernel[grid](*args, **kwargs)
+    classes = tuple(map(_arg_class, args))
+    key = (kernel, torch.cuda.current_device(), classes, tuple(kwargs.items())) if None not in classes else None
+    cached = _COMPILED.get(key) if key is not None else None
+    if cached is None:
+        compiled = kernel[grid](*args, **kwargs)
+        if key is not None:
+            if len(_COMPILED) >= _COMPILED_MAX:
+                _COMPILED.clear()
+            _COMPILED[key] = compiled, [(p.name, p.default) for p in kernel.params[len(args):]]
+        return compiled
+    compiled, rest = cached
+    if verify_cached_launches and kernel.warmup(*args, grid=grid, **kwargs) is not compiled:
+        raise AssertionError(f"{kernel.fn.__name__}: the cached launch's kernel is not the one Triton binds")
+    compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *(kwargs.get(name, default) for name, default in rest))
+    return compiled
 
 
 def backend():

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, dependent_launch, device_properties, dot_extent, head_dim_bucket, tile_config
+from . import INTERPRET, dependent_launch, device_properties, dot_extent, head_dim_bucket, launch, tile_config
 from .merge import merge_many, merge_outputs, merge_weights
 from .paged_kv import kv_tile, page_ids
 from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
@@ -255,7 +255,8 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
     has_softcap = softcap > 0
     pdl = dependent_launch(q.device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _decode_kernel[(batch * num_kv_heads, num_splits)](
+        launch(
+            _decode_kernel, (batch * num_kv_heads, num_splits),
             q, k_pool, v_pool, block_table, seqlens, out, lse, out_part, lse_part,
             q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
             v_pool.stride(0), v_pool.stride(1), v_pool.stride(2), block_table.stride(0), block_table.stride(1),
@@ -272,8 +273,8 @@ def paged_decode(q, k_pool, v_pool, block_table, seqlens, out, lse, *, softmax_s
         if split:
             block_d_reduce = triton.next_power_of_2(head_dim)
             block_s = min(triton.next_power_of_2(num_splits), max(1, REDUCE_TILE // block_d_reduce))
-            _reduce_kernel[(batch * num_heads,)](
-                out_part, lse_part, out, lse, num_heads, num_splits,
+            launch(
+                _reduce_kernel, (batch * num_heads,), out_part, lse_part, out, lse, num_heads, num_splits,
                 out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
                 HEAD_DIM=head_dim, BLOCK_D=block_d_reduce, BLOCK_S=block_s, PDL=pdl, num_warps=4, launch_pdl=pdl,
             )

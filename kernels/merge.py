@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
 MAX_TILE = 2048  # elements of one program's [BLOCK_H, BLOCK_D] tile: 16 per thread at 4 warps
 
 
@@ -78,8 +80,8 @@ def merge_state(out_a, lse_a, out_b, lse_b, out, lse) -> None:
     block_h = min(triton.next_power_of_2(num_heads), max(1, MAX_TILE // block_d))
     grid = (tokens, triton.cdiv(num_heads, block_h))
     with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
-        _merge_kernel[grid](
-            out_a, lse_a, out_b, lse_b, out, lse, num_heads,
+        launch(
+            _merge_kernel, grid, out_a, lse_a, out_b, lse_b, out, lse, num_heads,
             out_a.stride(0), out_a.stride(1), out_b.stride(0), out_b.stride(1), out.stride(0), out.stride(1),
             lse_a.stride(0), lse_a.stride(1), lse_b.stride(0), lse_b.stride(1), lse.stride(0), lse.stride(1),
             HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,

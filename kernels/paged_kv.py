@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dependent_launch
+from . import dependent_launch, launch
 
 MAX_TILE = 2048  # elements of one program's [BLOCK_H, BLOCK_D] tile per pool: 16 per thread at 4 warps
 # Pools spanning at least this many elements from their base address their keys with 64-bit offsets, smaller ones
@@ -90,8 +90,8 @@ def write_pages(k_new, v_new, k_pool, v_pool, slot_mapping) -> None:
     grid = (tokens, triton.cdiv(num_heads, block_h))
     pdl = dependent_launch(k_new.device)
     with torch.cuda.device(k_new.device) if k_new.is_cuda else contextlib.nullcontext():
-        _write_pages_kernel[grid](
-            k_new, v_new, k_pool, v_pool, slot_mapping, num_heads, k_pool.shape[1],
+        launch(
+            _write_pages_kernel, grid, k_new, v_new, k_pool, v_pool, slot_mapping, num_heads, k_pool.shape[1],
             k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
             k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
             HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl,

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, batch_stride, device_properties, dot_extent, prefill_sm90, tile_config, tma_aligned
+from . import (INTERPRET, batch_stride, device_properties, dot_extent, launch, prefill_sm90, tile_config,
+               tma_aligned)
 from .paged_kv import kv_tile, page_ids, wide_offsets
 from .softmax_state import LOG2E, online_softmax_fold, pv_accumulate, qk_scores, softmax_output
 
@@ -330,8 +331,8 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
     num_m_tiles = triton.cdiv(max_seqlen_q, block_m)
     grid = (batch * num_heads * num_m_tiles,)
     has_softcap = softcap > 0
-    launch = functools.partial(
-        _prefill_kernel[grid],
+    run = functools.partial(
+        launch, _prefill_kernel, grid,
         q, k, v, out, lse, block_table if paged else q_len, q_start, q_len, k_start, k_len,
         batch_stride(q), q.stride(1), q.stride(2), k.stride(0) if paged else batch_stride(k), k.stride(1),
         k.stride(2), v.stride(0) if paged else batch_stride(v), v.stride(1), v.stride(2),
@@ -356,6 +357,6 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
         # context, so that a caller's own allocator stays in place.
         context = contextvars.copy_context()
         context.run(triton.set_allocator, _descriptor_scratch(q.device))
-        launch = functools.partial(context.run, launch)
+        run = functools.partial(context.run, run)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        launch()
+        run()

@@ -41,7 +41,7 @@ import torch
 import triton
 from triton.compiler.errors import CompilationError
 
-from . import INTERPRET, batch_stride, device_properties, tma_aligned
+from . import INTERPRET, batch_stride, device_properties, launch, tma_aligned
 from .softmax_state import LOG2E
 
 try:  # Gluon is Triton's experimental layer: its names may move between releases
@@ -688,8 +688,8 @@ def prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q
         extra = dict(num_pairs=num_pairs)
     try:
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            kernel[grid](
-                descriptor(q, block_m), descriptor(k, box, cols), descriptor(v, box, cols), out, lse,
+            launch(
+                kernel, grid, descriptor(q, block_m), descriptor(k, box, cols), descriptor(v, box, cols), out, lse,
                 block_table if paged else q_len, q_start, q_len, k_start, k_len, block_table.stride(0) if paged else 0,
                 batch_stride(out), out.stride(1), out.stride(2), batch_stride(lse), lse.stride(1), lse.stride(2),
                 num_heads, num_heads // k.shape[2], num_m_tiles, int(q.shape[0] > 1), int(k.shape[0] > 1 and not paged),

@@ -44,3 +44,17 @@ def torch_path_on_cpu():
 def _seed(request):
     # A different but reproducible draw per test: fresh inputs, replayable failures.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _verify_cached_launches():
+    """On a GPU, every launch that skips Triton's binding (``hf_flash.kernels.launch``) is checked against the kernel
+    Triton's binder picks, in every test."""
+    if DEVICE != "cuda":
+        yield
+        return
+    from hf_flash import kernels
+
+    kernels.verify_cached_launches = True
+    yield
+    kernels.verify_cached_launches = False
