@@ -3,43 +3,32 @@
 Where the Gluon prefill's Triton launch spends its ~55 us of host time (D128 H16 causal bf16, B16 S1k): each step
 of ``JITFunction.run`` and of the CUDA launcher called apart on the captured arguments, best of 3 x 400 calls, no
 sync."""
-import time
+import pathlib
+import sys
 
 import torch
 import triton
 import triton.language as tl
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton import knobs
 from triton.runtime import driver
 from triton.runtime.jit import compute_cache_key
-
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hf_flash
 from hf_flash import kernels
 from hf_flash.kernels import prefill_sm90 as ps
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
+import bench_common  # noqa: E402
+
 dev = torch.device("cuda")
 print(torch.cuda.get_device_name(dev), torch.__version__, triton.__version__, flush=True)
 
 
-def host_us(fn, n=400):
+def host_us(fn):
     for _ in range(10):
         fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - start) / n * 1e6)
-        torch.cuda.synchronize()
-    return best
-
-
-@triton.jit
-def _bare(x_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+    return bench_common.host_us(fn, dev, calls=400)
 
 
 @triton.jit
@@ -148,7 +137,6 @@ rows = {
     "3 TensorDescriptors": lambda: [ps.TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 128, 1, 128],
                                                         ps.box_layout(128, 128, ps.gl.bfloat16)) for t in (q, k, v)],
     "conservative key (python)": conservative_key,
-    "bare triton launch (2 args)": lambda: _bare[(1,)](x, 64, BLOCK=64),
     "wide triton launch (21 args)": lambda: _wide[(1,)](x, y, x, y, x, y, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
                                                        14, 0.5, BLOCK=64),
 }
