@@ -161,9 +161,11 @@ verify_cached_launches = False
 def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, with Triton's per-call binding skipped where an earlier launch had the same
     key: the kernel, device, constants and options, and each argument's specialization class (``_arg_class``). The
-    binding costs most of a launch's host time with many arguments (~40 us of the Gluon prefill's 55, H100
-    2026-12-06); the compiled kernel's own launcher (``CompiledKernel[grid]``) still encodes the tensor maps and
-    scratch. Compiles, compile errors and the interpreter take the JIT path."""
+    Gluon prefill's launcher took 68-73 us of host time, 8 of them its three tensor descriptors, against 10-11 us for
+    a bare two-argument launch (H100 2026-12-06; how much of it the binding is, ``benchmarks/h100/
+    launch_breakdown_20261206.py`` measures); the
+    compiled kernel's own launcher (``CompiledKernel[grid]``) still encodes the tensor maps and scratch. Compiles,
+    compile errors and the interpreter take the JIT path."""
     if INTERPRET:
         return kernel[grid](*args, **kwargs)
     classes = tuple(map(_arg_class, args))
