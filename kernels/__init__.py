@@ -66,6 +66,7 @@ import functools
 import os
 
 import torch
+import triton
 
 # The Triton interpreter computes bf16 ``tl.dot`` wrongly (triton 3.9); kernels upcast their dot operands to
 # fp32 when this is set. Read once: ``triton.jit`` also reads the variable only at decoration time.
@@ -160,16 +161,17 @@ verify_cached_launches = False
 
 def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, with Triton's per-call binding skipped where an earlier launch had the same
-    key: the kernel, device, constants and options, and each argument's specialization class (``_arg_class``). The
-    Gluon prefill's launcher took 68-73 us of host time, 8 of them its three tensor descriptors, against 10-11 us for
-    a bare two-argument launch (H100 2026-12-06; how much of it the binding is, ``benchmarks/h100/
-    launch_breakdown_20261206.py`` measures); the
-    compiled kernel's own launcher (``CompiledKernel[grid]``) still encodes the tensor maps and scratch. Compiles,
-    compile errors and the interpreter take the JIT path."""
+    key: the kernel, device, constants and options, Triton's debug knob, and each argument's specialization class
+    (``_arg_class``). The Gluon prefill's launcher took 68-73 us of host time, 8 of them its three tensor descriptors,
+    against 10-11 us for a bare two-argument launch (H100 2026-12-06; how much of it the binding is,
+    ``benchmarks/h100/launch_breakdown_20261206.py`` measures); the compiled kernel's own launcher
+    (``CompiledKernel[grid]``) still encodes the tensor maps and scratch. Compiles, compile errors and the interpreter
+    take the JIT path."""
     if INTERPRET:
         return kernel[grid](*args, **kwargs)
     classes = tuple(map(_arg_class, args))
-    key = (kernel, torch.cuda.current_device(), classes, tuple(kwargs.items())) if None not in classes else None
+    key = ((kernel, torch.cuda.current_device(), classes, tuple(kwargs.items()), triton.knobs.runtime.debug)
+           if None not in classes else None)
     cached = _COMPILED.get(key) if key is not None else None
     if cached is None:
         compiled = kernel[grid](*args, **kwargs)
