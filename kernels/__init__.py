@@ -166,7 +166,8 @@ def launch(kernel, grid, *args, **kwargs):
     against 10-11 us for a bare two-argument launch (H100 2026-12-06; how much of it the binding is,
     ``benchmarks/h100/launch_breakdown_20261206.py`` measures); the compiled kernel's own launcher
     (``CompiledKernel[grid]``) still encodes the tensor maps and scratch. Compiles, compile errors and the interpreter
-    take the JIT path."""
+    take the JIT path. Runtime arguments go positionally: keyword values (constants, options) enter the key as they
+    are."""
     if INTERPRET:
         return kernel[grid](*args, **kwargs)
     classes = tuple(map(_arg_class, args))

@@ -681,11 +681,11 @@ def prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q
     cols = head_dim if box == block_n else KV_BOX_COLS  # whole-tile boxes as one copy: 2-5 % faster at D128 than two
     num_m_tiles = triton.cdiv(max_seqlen_q, block_m)
     grid = (batch * num_heads * num_m_tiles,)
-    extra = {}
+    work = ()  # the persistent kernel's last runtime argument, positional: launch keys take keywords as they are
     if config.warp_specialized:  # persistent: one program per SM
         num_pairs = batch * num_heads * ((num_m_tiles + 1) // 2)
         grid = (min(num_pairs, device_properties(q.device).multi_processor_count),)
-        extra = dict(num_pairs=num_pairs)
+        work = (num_pairs,)
     try:
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             launch(
@@ -693,10 +693,10 @@ def prefill_sm90(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q
                 block_table if paged else q_len, q_start, q_len, k_start, k_len, block_table.stride(0) if paged else 0,
                 batch_stride(out), out.stride(1), out.stride(2), batch_stride(lse), lse.stride(1), lse.stride(2),
                 num_heads, num_heads // k.shape[2], num_m_tiles, int(q.shape[0] > 1), int(k.shape[0] > 1 and not paged),
-                softmax_scale * LOG2E,
+                softmax_scale * LOG2E, *work,
                 CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=config.stages,
                 Q_IN_REGISTERS=config.q_in_registers, PAGE_SIZE=k.shape[1] if paged else 1, PAGED=paged,
-                num_warps=config.num_warps, **extra)
+                num_warps=config.num_warps)
     except CompilationError as error:
         COMPILE_ERROR = error
         _say_unusable(f"its Gluon kernel does not compile ({str(error).strip().splitlines()[-1]})")
