@@ -63,6 +63,7 @@ if __name__ != "hf_flash.kernels":
                                  "repository root, not Hugging Face's kernel hub; import hf_flash.kernels")
 
 import functools
+import logging
 import os
 
 import torch
@@ -159,6 +160,12 @@ _COMPILED_MAX = 512  # keys differ only by specialization classes, dtypes and co
 verify_cached_launches = False
 
 
+@functools.cache
+def _say_not_cached(name, kind):
+    logging.getLogger("hf_flash").warning(
+        "hf_flash: %s launches through Triton's full JIT path: an argument of type %s has no launch key", name, kind)
+
+
 def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, with Triton's per-call binding skipped where an earlier launch had the same
     key: the kernel, device, constants and options, Triton's debug knob, and each argument's specialization class
@@ -171,8 +178,11 @@ def launch(kernel, grid, *args, **kwargs):
     if INTERPRET:
         return kernel[grid](*args, **kwargs)
     classes = tuple(map(_arg_class, args))
-    key = ((kernel, torch.cuda.current_device(), classes, tuple(kwargs.items()), triton.knobs.runtime.debug)
-           if None not in classes else None)
+    key = None
+    if None in classes:
+        _say_not_cached(kernel.fn.__name__, type(args[classes.index(None)]).__name__)
+    else:
+        key = kernel, torch.cuda.current_device(), classes, tuple(kwargs.items()), triton.knobs.runtime.debug
     cached = _COMPILED.get(key) if key is not None else None
     if cached is None:
         compiled = kernel[grid](*args, **kwargs)
