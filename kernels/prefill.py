@@ -3,12 +3,12 @@ GQA, paged K/V, log-sum-exp out. S x S is never materialised: each program owns 
 streams K/V tiles of BLOCK_N keys through an online softmax kept in float32, in the log2 domain (its steps, shared
 with decode, are in ``softmax_state``).
 
-On Hopper (sm90) the 16-bit case of head dim 64 or 128 without window or soft-cap goes to ``prefill_sm90`` (Gluon,
-asynchronous MMAs; dense K/V, or pages of 32 keys or more that split its key tiles evenly or hold whole ones). Of the
-rest, the dense case over long sequences (16-bit, contiguous K/V, head dim 64 or 128, TMA-aligned strides) runs the
-same kernel on its TMA path: tiles move through tensor descriptors (bulk copies into shared memory, no address
-arithmetic or load masks in registers), in larger tiles, with the key loop optionally warp-specialized (producer warps
-issue the copies, the others do the math). ``tma_path`` says which calls take it."""
+On Hopper (sm90) the 16-bit case of head dim 64, 128 or 256 without window or soft-cap goes to ``prefill_sm90``
+(Gluon, asynchronous MMAs; dense K/V, or pages of 32 keys or more (16 at D128 and D256) that split its key tiles evenly
+or hold whole ones). Of the rest, the dense case over long sequences (16-bit, contiguous K/V, head dim 64 or 128,
+TMA-aligned strides) runs the same kernel on its TMA path: tiles move through tensor descriptors (bulk copies into
+shared memory, no address arithmetic or load masks in registers), in larger tiles, with the key loop optionally
+warp-specialized (producer warps issue the copies, the others do the math). ``tma_path`` says which calls take it."""
 import contextlib
 import contextvars
 import functools

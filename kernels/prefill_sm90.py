@@ -28,7 +28,7 @@ block table ahead of the copy. The key loop has no branch inside (ptxas waits fo
 flow merges): fully visible tiles and masked tiles run in two loops of one step.
 
 The online-softmax steps mirror ``softmax_state``'s (log2 domain, scale in the exponent's fma, the -inf guard) in
-Gluon, which cannot call Triton's jit helpers. Scope: 16-bit inputs, head dim 64 or 128, dense K/V or pages that
+Gluon, which cannot call Triton's jit helpers. Scope: 16-bit inputs, head dim 64, 128 or 256, dense K/V or pages that
 hold whole key tiles or split them evenly into boxes of ``MIN_BOX_ROWS`` rows or more (16 in the warp-specialized
 kernel, 32 in the other), causal (bottom-right) or full, no window, no soft-cap, a positive scale. ``sm90_path`` says
 which calls take it; the others keep ``prefill``."""
@@ -82,14 +82,17 @@ class Sm90Config(NamedTuple):
 # (64, 64, 3, 4) on an H100 (2026-12-05 19:19 UTC, BENCHMARKS.md), causal 1k / 4k / 16k: 359 / 518 / 612 against
 # 331 / 471 / 531, full 520 / 594 / 638 against 379 / 515 / 549 (cuDNN: 430 / 540 / 573, 600 / 635 / 607); made
 # persistent (2026-12-06 02:19 UTC, H100): causal 369 / 536 / 605 against 339 / 502 / 618 (cuDNN 423 / 524 / 610),
-# GQA 32/8 causal 401 / 586 / 639 against 362 / 525 / 613, full within 0.99-1.07.
+# GQA 32/8 causal 401 / 586 / 639 against 362 / 525 / 613, full within 0.99-1.07. D256: the persistent kernel at
+# 128 x 64 tiles (229,488 bytes of shared memory compiled offline; not yet timed against the Triton kernel).
 SM90_CONFIGS = {
     (64, False): Sm90Config(64, 64, 4, 4, False),
     (64, True): Sm90Config(64, 128, 3, 4, True),
     (128, False): Sm90Config(128, 128, 2, 4, False, warp_specialized=True),
     (128, True): Sm90Config(128, 128, 2, 4, False, warp_specialized=True),
+    (256, False): Sm90Config(128, 64, 2, 4, False, warp_specialized=True),
+    (256, True): Sm90Config(128, 64, 2, 4, False, warp_specialized=True),
 }
-SM90_HEAD_DIMS = (64, 128)
+SM90_HEAD_DIMS = (64, 128, 256)
 SM90_LONG_SEQLEN = 4096
 SM90_DTYPES = (torch.float16, torch.bfloat16)
 COMPILE_ERROR = None  # set by the first launch that failed to compile: then no call takes this kernel

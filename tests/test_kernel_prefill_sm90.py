@@ -93,6 +93,31 @@ def test_padded_batch(causal, head_dim, sm90, device):
     _run_padded_batch(head_dim, causal, (-1, -1), device)
 
 
+# Head dim 256: the shipped configs of that head dim and the one-warpgroup kernel at two programs per SM (the tile
+# configs of the other head dims do not fit its shared memory).
+CONFIGS_256 = sorted({c for (head_dim, _), c in prefill_sm90.SM90_CONFIGS.items() if head_dim == 256}
+                     | {prefill_sm90.Sm90Config(64, 32, 2, 4, False)})
+
+
+@on_sm90
+@pytest.mark.parametrize("sm90", CONFIGS_256, indirect=True, ids=lambda c: str(tuple(c)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq_q, seq_k, hq, hkv", [(19, 53, 4, 2), (53, 19, 4, 1), (300, 700, 4, 2)])
+def test_dense_head_dim_256(dtype, causal, seq_q, seq_k, hq, hkv, sm90, device):
+    _run_dense(*_dense(2, seq_q, seq_k, hq, hkv, 256, dtype, device), causal=causal)
+
+
+@on_sm90
+@pytest.mark.parametrize("sm90", CONFIGS_256, indirect=True, ids=lambda c: str(tuple(c)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dim_256_varlen_and_pages(causal, sm90, device):
+    _run_varlen_packed([700, 1, 300, 0, 1000, 129, 5, 640, 64, 999, 17, 256],
+                       [700, 3, 450, 7, 1000, 129, 0, 800, 64, 1200, 17, 300], 256, causal, device)
+    _run_padded_batch(256, causal, (-1, -1), device)
+    _run_paged(64, 256, torch.bfloat16, causal, device)
+
+
 @on_sm90
 def test_an_empty_sequence_writes_nothing(sm90, device):
     _check_an_empty_sequence_writes_nothing(device)
