@@ -51,11 +51,12 @@ def test_unknown_arguments_are_not_cached():
 @pytest.mark.cuda
 def test_alternating_specializations_each_run_their_own_kernel(device):
     """The same launcher and shape, called in turn on aligned and misaligned tensors and on a stride that 16 divides
-    and one it does not: each call matches the reference."""
+    and one it does not: each call matches the reference. Aligned and misaligned views run different kernels; the stride
+    72 view may share the aligned view's (on Hopper the stride is a field of its TMA descriptor, not a specialization)."""
     kernels._COMPILED.clear()
     q, k, v = _dense(2, 40, 40, 4, 2, 64, torch.float16, device)
     wide = torch.randn(2, 40, 4, 72, device=device).to(torch.float16)  # head stride 72: not a multiple of 16
     misaligned = torch.randn(2, 40, 4, 65, device=device).to(torch.float16)[..., 1:]  # 2 bytes off 16
     for q_view in (q, misaligned, q, wide[..., :64], q, misaligned):
         _run_dense(q_view, k, v, causal=True)
-    assert len({key[2] for key in kernels._COMPILED}) >= 3
+    assert len({key[2] for key in kernels._COMPILED}) >= 2
