@@ -198,6 +198,13 @@ def launch(kernel, grid, *args, **kwargs):
     return compiled
 
 
+def clear_compiled(kernel):
+    """Drops ``kernel``'s compiled kernels, Triton's and the cached launches holding them: its next launch compiles."""
+    kernel.device_caches.clear()
+    for key in [key for key in _COMPILED if key[0] is kernel]:
+        del _COMPILED[key]
+
+
 def backend():
     """The launchers as one module with the same names as ``hf_flash.torch_backend``."""
     from . import launchers

@@ -211,8 +211,8 @@ def program_slots(head_dim: int, dtype: torch.dtype, device: torch.device) -> in
 def resident_programs(device: torch.device) -> int:
     """Programs per SM of the decode kernels compiled so far on ``device`` (the fewest over them): registers
     (allocated per warp, 256 at a time), shared memory (plus the 1 KiB each program reserves) and warps against the
-    SM's. What CONFIGS' last column must say; the tests and scripts/tune_decode.py clear
-    ``_decode_kernel.device_caches``, run one config and ask."""
+    SM's. What CONFIGS' last column must say; the tests and scripts/tune_decode.py clear the compiled kernels
+    (``clear_compiled``), run one config and ask."""
     props = device_properties(device)
     counts = []
     for caches in _decode_kernel.device_caches.values():

@@ -20,6 +20,7 @@ import math
 import torch
 import triton
 from bench_common import bench_graph_ms, copy_bandwidth
+from hf_flash import kernels
 from hf_flash.kernels import decode
 
 HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
@@ -59,7 +60,7 @@ def use_config(key, cfg, case):
     """Puts ``cfg`` (BLOCK_N, num_warps, num_stages) into CONFIGS with the programs per SM that its compiled kernels
     (unsplit and split) allow, measured by ``decode.resident_programs``."""
     decode.CONFIGS[key] = (*cfg, 1)
-    decode._decode_kernel.device_caches.clear()
+    kernels.clear_compiled(decode._decode_kernel)
     for splits in (1, 2):
         run_fn(case, splits)()
     decode.CONFIGS[key] = (*cfg, decode.resident_programs(torch.device("cuda")))

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from hf_flash import kernels
 from hf_flash.kernels import decode
 from hf_flash.kernels.decode import MAX_SPLITS, MIN_SPLIT_KEYS, choose_num_splits, paged_decode, program_slots
 from pages import scatter_to_pages
@@ -135,7 +136,7 @@ def test_choose_num_splits(head_dim):
 def test_programs_per_sm_are_what_the_compiled_kernel_allows(head_dim, dtype, device):
     # CONFIGS' programs per SM, which the split count relies on, against the kernel as this GPU's compiler built it.
     device = torch.device(device)
-    decode._decode_kernel.device_caches.clear()  # only this config's kernels below
+    kernels.clear_compiled(decode._decode_kernel)  # only this config's kernels below
     lens = [300, 17]
     k_pool, v_pool, table, keys = scatter_to_pages(lens, 2, head_dim, 16, dtype, device)
     q = torch.randn(len(lens), 4, head_dim, device=device).to(dtype)

@@ -21,23 +21,22 @@ GPU_WS_CONFIGS = {64: (128, 128, 4, 2, True), 128: (128, 64, 4, 2, True)}
 
 
 class _LaunchSpy:
-    """Stands in for ``_prefill_kernel``: records each launch's (TMA, WARP_SPECIALIZE) and launches it."""
+    """Stands in for the prefill module's ``launch``: records each ``_prefill_kernel`` launch's (TMA, WARP_SPECIALIZE)
+    and launches it."""
 
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
+    def __init__(self, launch):
+        self.launch, self.launches = launch, []
 
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
+    def __call__(self, kernel, grid, *args, **kwargs):
+        if kernel is prefill_module._prefill_kernel:
             self.launches.append((kwargs["TMA"], kwargs["WARP_SPECIALIZE"]))
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
+        return self.launch(kernel, grid, *args, **kwargs)
 
 
 @pytest.fixture
 def spy(monkeypatch):
-    recorder = _LaunchSpy(prefill_module._prefill_kernel)
-    monkeypatch.setattr(prefill_module, "_prefill_kernel", recorder)
+    recorder = _LaunchSpy(prefill_module.launch)
+    monkeypatch.setattr(prefill_module, "launch", recorder)
     return recorder
 
 

@@ -60,3 +60,15 @@ def test_alternating_specializations_each_run_their_own_kernel(device):
     for q_view in (q, misaligned, q, wide[..., :64], q, misaligned):
         _run_dense(q_view, k, v, causal=True)
     assert len({key[2] for key in kernels._COMPILED}) >= 2
+
+
+def test_clear_compiled_drops_only_that_kernels_launches(monkeypatch):
+    class Kernel:
+        def __init__(self):
+            self.device_caches = {0: "compiled"}
+
+    first, second = Kernel(), Kernel()
+    monkeypatch.setattr(kernels, "_COMPILED", {(first, 0, (), (), False): "a", (second, 0, (), (), False): "b"})
+    kernels.clear_compiled(first)
+    assert first.device_caches == {} and second.device_caches == {0: "compiled"}
+    assert list(kernels._COMPILED.values()) == ["b"]
