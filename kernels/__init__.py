@@ -28,6 +28,15 @@ Shared conventions (the torch path in ``hf_flash.torch_backend`` implements the 
   logical key ``j`` of sequence ``b`` lives in page ``block_table[b, j // page_size]`` at row
   ``j % page_size``.
 """
+import functools
+import logging
+import os
+
+# Ahead of the stand-in below: a first import of torch looks up `__file__` on every loaded module, which would take
+# the stand-in out of sys.modules while it is still being imported.
+import torch
+import triton
+
 if __name__ != "hf_flash.kernels":
     # Loaded as a top-level `kernels`: from the repository root (python -m pytest, python -c there) this folder sits
     # on sys.path, ahead of site-packages, under the name of Hugging Face's kernel hub. transformers imports the hub
@@ -61,13 +70,6 @@ if __name__ != "hf_flash.kernels":
                 del _sys.modules[__name__]
             raise AttributeError(f"no {name!r}: this {__name__!r} is hf_flash's kernels/ folder seen from the "
                                  "repository root, not Hugging Face's kernel hub; import hf_flash.kernels")
-
-import functools
-import logging
-import os
-
-import torch
-import triton
 
 # The Triton interpreter computes bf16 ``tl.dot`` wrongly (triton 3.9); kernels upcast their dot operands to
 # fp32 when this is set. Read once: ``triton.jit`` also reads the variable only at decoration time.
