@@ -174,9 +174,8 @@ def launch(kernel, grid, *args, **kwargs):
     (``_arg_class``). On an H100 (2026-12-07, ``benchmarks/h100/launch_breakdown_20261206.py``) it took the Gluon
     prefill launcher's host time per call from 117 to 93 us and ``hf_flash.attention``'s from 186 to 171 us (cuDNN
     SDPA's: 63 us on that host); the compiled kernel's own launcher (``CompiledKernel[grid]``) still encodes the
-    tensor maps and scratch. Compiles, compile errors and the interpreter
-    take the JIT path. Runtime arguments go positionally: keyword values (constants, options) enter the key as they
-    are."""
+    tensor maps and scratch. Compiles, compile errors and the interpreter take the JIT path. Runtime arguments go
+    positionally: keyword values (constants, options) enter the key as they are."""
     if INTERPRET:
         return kernel[grid](*args, **kwargs)
     classes = tuple(map(_arg_class, args))

@@ -83,7 +83,9 @@ class Sm90Config(NamedTuple):
 # 331 / 471 / 531, full 520 / 594 / 638 against 379 / 515 / 549 (cuDNN: 430 / 540 / 573, 600 / 635 / 607); made
 # persistent (2026-12-06 02:19 UTC, H100): causal 369 / 536 / 605 against 339 / 502 / 618 (cuDNN 423 / 524 / 610),
 # GQA 32/8 causal 401 / 586 / 639 against 362 / 525 / 613, full within 0.99-1.07. D256: the persistent kernel at
-# 128 x 64 tiles (229,488 bytes of shared memory compiled offline; not yet timed against the Triton kernel).
+# 128 x 64 tiles (229,488 bytes of shared memory), best of five candidates on an H100 (2026-12-07 01:25 UTC,
+# BENCHMARKS.md) but at 1k causal (364 against 371): causal 1k / 4k / 16k 364 / 641 / 742, full 538 / 721 / 732
+# (Triton kernel: 254 / 331 / 359, 330 / 353 / 387; cuDNN: 444 / 599 / 659, 613 / 729 / 689).
 SM90_CONFIGS = {
     (64, False): Sm90Config(64, 64, 4, 4, False),
     (64, True): Sm90Config(64, 128, 3, 4, True),
