@@ -115,7 +115,8 @@ def test_head_dim_256_varlen_and_pages(causal, sm90, device):
     _run_varlen_packed([700, 1, 300, 0, 1000, 129, 5, 640, 64, 999, 17, 256],
                        [700, 3, 450, 7, 1000, 129, 0, 800, 64, 1200, 17, 300], 256, causal, device)
     _run_padded_batch(256, causal, (-1, -1), device)
-    _run_paged(64, 256, torch.bfloat16, causal, device)
+    for page_size in (16, 64):  # 16: a key tile in boxes of 16 rows, each the producer warp's copy
+        _run_paged(page_size, 256, torch.bfloat16, causal, device)
 
 
 @on_sm90
