@@ -46,12 +46,12 @@ CONFIGS = sorted(set(prefill_sm90.SM90_CONFIGS.values()) | OTHER_CONFIGS)
 
 @pytest.fixture(params=CONFIGS, ids=lambda c: str(tuple(c)))
 def sm90(request, monkeypatch):
-    """Runs the test with each shipped tile config and ``OTHER_CONFIGS`` for both head dims, and checks that every
-    prefill call took the Gluon kernel."""
+    """Runs the test with each shipped tile config and ``OTHER_CONFIGS`` for both head dims (the test gets the config),
+    and checks that every prefill call took the Gluon kernel."""
     for key in prefill_sm90.SM90_CONFIGS:
         monkeypatch.setitem(prefill_sm90.SM90_CONFIGS, key, request.param)
     calls = _record_sm90_path(monkeypatch)
-    yield
+    yield request.param
     assert calls and all(taken for taken, _ in calls), calls
 
 
@@ -115,7 +115,8 @@ def test_head_dim_256_varlen_and_pages(causal, sm90, device):
     _run_varlen_packed([700, 1, 300, 0, 1000, 129, 5, 640, 64, 999, 17, 256],
                        [700, 3, 450, 7, 1000, 129, 0, 800, 64, 1200, 17, 300], 256, causal, device)
     _run_padded_batch(256, causal, (-1, -1), device)
-    for page_size in (16, 64):  # 16: a key tile in boxes of 16 rows, each the producer warp's copy
+    # 16: a key tile in boxes of 16 rows, each the producer warp's copy (the one-warpgroup kernel takes 32 and up)
+    for page_size in (prefill_sm90.MIN_BOX_ROWS[sm90.warp_specialized], 64):
         _run_paged(page_size, 256, torch.bfloat16, causal, device)
 
 
