@@ -4,13 +4,13 @@ lse checked, rows owned by no sequence left untouched). It runs on sm90 GPUs onl
 ``sm90`` fixture checks that each call of the test took it."""
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 import transformers
-import triton
 from triton.compiler.errors import CompilationError
 
 import hf_flash
@@ -140,61 +140,19 @@ def test_what_it_does_not_serve_keeps_the_triton_kernel(window, softcap, dtype, 
     _run_dense(q, k, v, causal=True, window=window, softcap=softcap)
 
 
-def _compile_for_sm90(head_dim, config, causal, page_size):
-    """Compiles the kernel for sm90 to a cubin without a GPU, typed as ``prefill_sm90`` launches it on bf16 tensors
-    (TensorDescriptors built on the host are plain objects); returns the compiled kernel."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-    block_m, block_n = config.block_m, config.block_n
-    kernel = prefill_sm90._prefill_sm90_ws_kernel if config.warp_specialized else prefill_sm90._prefill_sm90_kernel
-    box = prefill_sm90._box_rows(config, torch.empty(1, page_size or 1), torch.empty(1) if page_size else None)
-    t = torch.empty(2, 1024, 8, head_dim, dtype=torch.bfloat16)
-
-    def descriptor(rows, cols):
-        layout = prefill_sm90.box_layout(rows, cols, prefill_sm90.gl.bfloat16)
-        block = [1, rows, 1, cols]
-        return mangle_type(prefill_sm90.TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout))
-    constants = dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=config.stages,
-                     Q_IN_REGISTERS=config.q_in_registers, PAGE_SIZE=page_size or 1, PAGED=page_size > 0,
-                     num_warps=config.num_warps)
-    pointers = {"Out": "*bf16", "Lse": "*fp32", "BlockTable": "*i32", "q_start_ptr": "*i32", "q_len_ptr": "*i32",
-                "k_start_ptr": "*i32", "k_len_ptr": "*i32"}
-    names = kernel.arg_names
-    signature = {name: (descriptor(block_m, head_dim) if name == "q_desc"
-                        else descriptor(box, head_dim if box == block_n else prefill_sm90.KV_BOX_COLS)
-                        if name in ("k_desc", "v_desc")
-                        else pointers.get(name) or ("constexpr" if name in constants
-                                                    else "fp32" if name == "qk_scale" else "i32"))
-                 for name in names}
-    source = GluonASTSource(kernel, signature, constants,
-                            {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name in pointers})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
-
-
-def _compile_every_shipped_config():
-    """Prints each shipped config's shared memory in bytes after compiling it, dense causal and over the smallest
-    pages it reads by TMA (``MIN_BOX_ROWS``: boxes of part of a key tile); run without TRITON_INTERPRET (the
-    interpreter wraps Gluon kernels)."""
-    for key, config in sorted(prefill_sm90.SM90_CONFIGS.items()):
-        for causal, page_size in ((True, 0), (False, prefill_sm90.MIN_BOX_ROWS[config.warp_specialized])):
-            kernel = _compile_for_sm90(key[0], config, causal, page_size)
-            assert kernel.asm["cubin"], key
-            print(key, config, causal, page_size, kernel.metadata.shared, flush=True)
-
-
 @pytest.mark.skipif(prefill_sm90.GLUON_ERROR is not None, reason="no Gluon in this Triton")
 def test_every_shipped_config_compiles_for_sm90_with_this_triton():
     # No GPU needed: CI's Triton (the newest pip brings) compiles what the H200, with another Triton, runs; a renamed
     # Gluon builtin or a broken edit fails here, not as a silent fall-back to the Triton kernel on the GPU.
+    # scripts/compile_sm90.py: dense causal and over the smallest pages each config reads by TMA, with ptxas's report.
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    script = "import test_kernel_prefill_sm90 as t; t._compile_every_shipped_config()"
-    done = subprocess.run([sys.executable, "-c", script], cwd=pathlib.Path(__file__).parent, env=env,
-                          capture_output=True, text=True, timeout=600)
+    script = pathlib.Path(__file__).parents[1] / "scripts" / "compile_sm90.py"
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    compiled = done.stdout.splitlines()
-    assert len(compiled) == 2 * len(prefill_sm90.SM90_CONFIGS), compiled
-    assert all(int(line.split()[-1]) <= 227 * 1024 for line in compiled), compiled  # the sm90 limit per program
+    compiled = [re.search(r"shared (\d+) registers (\d+) spills", line) for line in done.stdout.splitlines()]
+    shipped = {(head_dim, config) for (head_dim, _), config in prefill_sm90.SM90_CONFIGS.items()}
+    assert len(compiled) == 2 * len(shipped) and all(compiled), done.stdout
+    assert all(int(m.group(1)) <= 227 * 1024 for m in compiled), done.stdout  # the sm90 limit per program
 
 
 @pytest.mark.skipif(prefill_sm90.GLUON_ERROR is not None, reason="no Gluon in this Triton")
