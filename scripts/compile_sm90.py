@@ -84,6 +84,8 @@ def main():
         parser.error(f"this Triton ({triton.__version__}) has no usable Gluon: {prefill_sm90.GLUON_ERROR}")
     if (args.config is None) != (args.head_dim is None):
         parser.error("--config and --head-dim go together")
+    if args.config is None and (args.causal or args.page_size):
+        parser.error("--causal and --page-size go with --config (the default run compiles the shipped configs)")
     if args.config is not None:
         try:
             fields = [int(x) for x in args.config.split(",")]
@@ -92,6 +94,11 @@ def main():
         if len(fields) != 6:
             parser.error(f"--config takes six comma-separated integers, got {args.config!r}")
         config = prefill_sm90.Sm90Config(*fields[:4], *map(bool, fields[4:]))
+        if args.page_size < 0 or (args.page_size and not prefill_sm90._box_rows(
+                config, torch.empty(1, args.page_size), torch.empty(1))):
+            parser.error(f"--page-size {args.page_size}: this config's kernel does not read such pages by TMA "
+                         f"(they must hold whole key tiles of {config.block_n} or split them evenly into at least "
+                         f"{prefill_sm90.MIN_BOX_ROWS[config.warp_specialized]} rows)")
         report(args.head_dim, config, args.causal, args.page_size)
         return
     for head_dim, config in sorted({(head_dim, config) for (head_dim, _), config in prefill_sm90.SM90_CONFIGS.items()}):

@@ -149,10 +149,22 @@ def test_every_shipped_config_compiles_for_sm90_with_this_triton():
     script = pathlib.Path(__file__).parents[1] / "scripts" / "compile_sm90.py"
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    compiled = [re.search(r"shared (\d+) registers (\d+) spills", line) for line in done.stdout.splitlines()]
+    compiled = [re.search(r"shared (\d+) registers \d+ spills \d+ / \d+$", line) for line in done.stdout.splitlines()]
     shipped = {(head_dim, config) for (head_dim, _), config in prefill_sm90.SM90_CONFIGS.items()}
     assert len(compiled) == 2 * len(shipped) and all(compiled), done.stdout
     assert all(int(m.group(1)) <= 227 * 1024 for m in compiled), done.stdout  # the sm90 limit per program
+
+
+@pytest.mark.skipif(prefill_sm90.GLUON_ERROR is not None, reason="no Gluon in this Triton")
+@pytest.mark.parametrize("args, named", [(["--head-dim", "64", "--config", "64,64,x"], "--config"),
+                                         (["--head-dim", "64", "--config", "64,64,4,4,0,0", "--page-size", "16"],
+                                          "--page-size 16"),
+                                         (["--causal"], "--causal")])
+def test_compile_sm90_names_a_bad_argument(args, named):
+    # Before anything compiles: argparse's exit 2, the argument named (pages of 16 are not the one-warpgroup kernel's).
+    script = pathlib.Path(__file__).parents[1] / "scripts" / "compile_sm90.py"
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and named in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.skipif(prefill_sm90.GLUON_ERROR is not None, reason="no Gluon in this Triton")
