@@ -1,7 +1,9 @@
 """hf_flash.kernels.launch: a launch that skips Triton's binding must run the kernel Triton would bind. Its key
-(``_arg_class``) keeps apart every argument Triton specializes differently; on a GPU, launches of the same shape that
-differ only in alignment or a stride's divisibility each run their own kernel and match the reference (the conftest
-also checks every cached launch of the suite against Triton's binder)."""
+(``_arg_class``) keeps apart every argument Triton specializes differently, checked against the installed Triton's own
+specializer without a GPU; on a GPU, launches of the same shape that differ only in alignment or a stride's
+divisibility each run their own kernel and match the reference (the conftest also checks every cached launch of the
+suite against Triton's binder)."""
+import itertools
 import types
 
 import pytest
@@ -42,6 +44,55 @@ def test_descriptors_differ_by_any_specialized_part():
     for changes in (dict(base=base[:, 1:]), dict(block_shape=[32, 64]), dict(layout="M"), dict(padding="nan"),
                     dict(base=base.view(torch.bfloat16))):
         assert kernels._arg_class(descriptor(**changes)) != first, changes
+
+
+def _triton_specializer():
+    """The installed Triton's own specialization of a launch argument, for an sm90 target (no GPU needed); None where
+    this Triton has no native specializer (before 3.3) or no NVIDIA backend."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import CUDABackend
+    except ImportError:
+        return None
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+    return lambda arg: native_specialize_impl(backend, arg, False, True, True)  # not const; specialize; on alignment
+
+
+def _sample_arguments():
+    ints = [0, 1, 2, 15, 16, 17, 48, -1, -16, 2**31 - 16, 2**31 - 1, 2**31, 2**32, 2**63 - 16, 2**63, 2**64 - 16]
+    buffers = [torch.empty(64, dtype=dtype) for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.int32)]
+    tensors = [buffer[offset:] for buffer in buffers for offset in (0, 1, 8)]
+    descriptors = []
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    base = torch.empty(4, 64, 8, 64, dtype=torch.float16)
+    for block in ([1, 16, 1, 64], [1, 32, 1, 64]):
+        for padding in ("zero", "nan"):
+            descriptors.append(TensorDescriptor(base, list(base.shape), list(base.stride()), block, padding=padding))
+    if kernels.prefill_sm90.GLUON_ERROR is None:
+        for block in ([1, 16, 1, 64], [1, 64, 1, 64], [1, 64, 1, 32]):
+            for element, tensor in ((kernels.prefill_sm90.gl.float16, base),
+                                    (kernels.prefill_sm90.gl.bfloat16, base.view(torch.bfloat16))):
+                layout = kernels.prefill_sm90.box_layout(block[1], block[3], element)
+                descriptors.append(kernels.prefill_sm90.TensorDescriptor(tensor, list(tensor.shape),
+                                                                         list(tensor.stride()), block, layout))
+    return ints + [True, False, 0.5, 1.0, 2.0, None] + tensors + descriptors
+
+
+def test_keys_are_at_least_as_fine_as_the_installed_triton():
+    """Arguments this Triton specializes apart never share a launch key: checked against its own specializer on the
+    CPU, so CI checks the newest Triton (the GPU suite's binder check runs the device's)."""
+    specialize = _triton_specializer()
+    if specialize is None:
+        pytest.skip("this Triton has no native specializer or NVIDIA backend")
+    args = _sample_arguments()
+    triton_keys = [specialize(arg) for arg in args]
+    ours = [kernels._arg_class(arg) for arg in args]
+    assert None not in ours
+    merged = [(ta, tb, ka) for (ta, ka), (tb, kb) in itertools.combinations(zip(triton_keys, ours), 2)
+              if ta != tb and ka == kb]  # Triton's two keys and the one launch key they would share
+    assert not merged, merged
+    assert len(set(map(str, triton_keys))) > 20  # the sample does exercise Triton's classes
 
 
 def test_unknown_arguments_are_not_cached():
