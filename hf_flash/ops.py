@@ -331,21 +331,12 @@ def _run_prefill(q4, k4, v4, q_start, q_len, k_start, k_len, max_seqlen_q, *, so
 
 def _dense_lengths(batch, seqlen_q, seqlen_k, device):
     """A padding-free batch's offsets and lengths in the launchers' form: ``(zeros, q_len, k_len)``, int32 ``[batch]``.
-    Made once per shape and device (three fills cost ~20 us of host time a call, H100 2026-12-06, and a launch each),
-    except where a fill would not run now: under CUDA-graph capture and while torch.compile traces
-    (``_host_reads_forbidden``)."""
+    Made once per shape and device (three fills cost ~20 us of host time a call, H100 2026-12-06), except where a
+    fill would not run now: under CUDA-graph capture and while torch.compile traces (``_host_reads_forbidden``)."""
     if _host_reads_forbidden(device):
         zeros = torch.zeros(batch, dtype=torch.int32, device=device)
         return zeros, torch.full_like(zeros, seqlen_q), torch.full_like(zeros, seqlen_k)
-    return _made_dense_lengths(batch, seqlen_q, seqlen_k, device)[:3]
-
-
-def _sequence_indices(batch, device):
-    """``0 .. batch - 1``, int32: a contiguous cache's block table (one whole-cache page per sequence) as a column.
-    Made once per batch size and device, as ``_dense_lengths``."""
-    if _host_reads_forbidden(device):
-        return torch.arange(batch, dtype=torch.int32, device=device)
-    return _made_dense_lengths(batch, 0, 0, device)[3]
+    return _made_dense_lengths(batch, seqlen_q, seqlen_k, device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -353,8 +344,7 @@ def _made_dense_lengths(batch, seqlen_q, seqlen_k, device):
     # A blocking copy from the host (not a fill on this call's stream): every stream sees the values. Normal tensors,
     # not inference tensors, so that calls in and out of inference mode share them.
     with torch.inference_mode(False):
-        rows = torch.tensor([[0] * batch, [seqlen_q] * batch, [seqlen_k] * batch, list(range(batch))],
-                            dtype=torch.int32, device=device)
+        rows = torch.tensor([[0] * batch, [seqlen_q] * batch, [seqlen_k] * batch], dtype=torch.int32, device=device)
     return rows.unbind()
 
 
@@ -501,7 +491,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
             raise ValueError(f"k_cache has batch size {k_cache.shape[0]} but q has {batch}")
         # A contiguous cache is a pool of one page per sequence: both layouts share one code path.
         pages_k, pages_v = k_cache, v_cache
-        table = _sequence_indices(batch, q.device)[:, None]
+        table = torch.arange(batch, dtype=torch.int32, device=q.device)[:, None]
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
     if (k is None) != (v is None):
@@ -553,9 +543,11 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         _paged_decode_op(q[:, 0], pages_k, pages_v, table, k_len, out[:, 0], lse[:, :, 0],
                          softmax_scale=softmax_scale, window_left=window[0], softcap=softcap, num_splits=num_splits)
     else:
-        zeros, dense_q_len, _ = _dense_lengths(batch, 0 if packed else max_q, 0, q.device)
+        # Fills, not _dense_lengths' cache: its blocking copy on a miss (a new chunk length) would sync a call that
+        # max_seqlen_k spares every sync (PagedCache's prefill).
+        zeros = torch.zeros(batch, dtype=torch.int32, device=q.device)
         if not packed:
-            q_start, q_len = zeros, dense_q_len
+            q_start, q_len = zeros, torch.full_like(zeros, max_q)
         out = torch.empty_like(q)
         _, lse = _run_prefill(q4, pages_k, pages_v, q_start, q_len, zeros, k_len, max_q,
                               softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap,

@@ -769,9 +769,8 @@ def test_empty_batch(backend, device):
 
 
 def test_dense_batches_share_their_lengths_per_shape(backend, device):
-    """attention() takes a padding-free batch's offsets and lengths from a per-shape cache (attention_with_kvcache
-    its contiguous cache's block table too): calls of one shape share them, in and out of inference mode, another
-    shape gets its own, and every call gives the reference's output."""
+    """attention() takes a padding-free batch's offsets and lengths from a per-shape cache: calls of one shape share
+    them, in and out of inference mode, another shape gets its own, and every call gives the reference's output."""
     device = torch.empty(0, device=device).device  # as attention() passes it: q.device
     zeros, q_len, k_len = ops._dense_lengths(3, 5, 7, device)
     assert [t.tolist() for t in (zeros, q_len, k_len)] == [[0] * 3, [5] * 3, [7] * 3]
@@ -782,9 +781,6 @@ def test_dense_batches_share_their_lengths_per_shape(backend, device):
     assert all(a is b for a, b in zip(again, (zeros, q_len, k_len)))
     assert not any(t.is_inference() for t in made_here)
     assert ops._dense_lengths(3, 5, 6, device)[2].tolist() == [6] * 3
-    sequences = ops._sequence_indices(3, device)  # a contiguous cache's block table, shared the same way
-    assert sequences.tolist() == [0, 1, 2] and sequences.dtype == torch.int32 and sequences.device == device
-    assert ops._sequence_indices(3, device) is sequences
     for seqlen_k, mode in ((7, contextlib.nullcontext()), (7, torch.inference_mode()), (6, contextlib.nullcontext())):
         q, k, v = (_randn(3, s, 4, 32, device=device) for s in (5, seqlen_k, seqlen_k))
         with mode:
