@@ -87,13 +87,10 @@ def main():
     if args.config is None and (args.causal or args.page_size):
         parser.error("--causal and --page-size go with --config (the default run compiles the shipped configs)")
     if args.config is not None:
-        try:
-            fields = [int(x) for x in args.config.split(",")]
-        except ValueError:
+        fields = args.config.split(",")
+        if len(fields) != 6 or not all(field.isdigit() for field in fields):
             parser.error(f"--config takes six comma-separated integers, got {args.config!r}")
-        if len(fields) != 6:
-            parser.error(f"--config takes six comma-separated integers, got {args.config!r}")
-        config = prefill_sm90.Sm90Config(*fields[:4], *map(bool, fields[4:]))
+        config = prefill_sm90.Sm90Config(*map(int, fields[:4]), *(field != "0" for field in fields[4:]))
         if args.page_size < 0 or (args.page_size and not prefill_sm90._box_rows(
                 config, torch.empty(1, args.page_size), torch.empty(1))):
             parser.error(f"--page-size {args.page_size}: this config's kernel does not read such pages by TMA "

@@ -27,6 +27,7 @@ on_sm90 = pytest.mark.skipif(not SM90, reason="the Gluon prefill is for sm90 GPU
 # warpgroup without warp specialization (D128's config before it was warp-specialized).
 OTHER_CONFIGS = {prefill_sm90.Sm90Config(64, 64, 3, 4, True), prefill_sm90.Sm90Config(128, 128, 3, 8, False),
                  prefill_sm90.Sm90Config(64, 64, 3, 4, False)}
+COMPILE_SM90 = pathlib.Path(__file__).parents[1] / "scripts" / "compile_sm90.py"  # compiles it for sm90 without a GPU
 
 
 def _record_sm90_path(monkeypatch):
@@ -146,8 +147,7 @@ def test_every_shipped_config_compiles_for_sm90_with_this_triton():
     # Gluon builtin or a broken edit fails here, not as a silent fall-back to the Triton kernel on the GPU.
     # scripts/compile_sm90.py: dense causal and over the smallest pages each config reads by TMA, with ptxas's report.
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    script = pathlib.Path(__file__).parents[1] / "scripts" / "compile_sm90.py"
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(COMPILE_SM90)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     compiled = [re.search(r"shared (\d+) registers \d+ spills \d+ / \d+$", line) for line in done.stdout.splitlines()]
     shipped = {(head_dim, config) for (head_dim, _), config in prefill_sm90.SM90_CONFIGS.items()}
@@ -162,8 +162,7 @@ def test_every_shipped_config_compiles_for_sm90_with_this_triton():
                                          (["--causal"], "--causal")])
 def test_compile_sm90_names_a_bad_argument(args, named):
     # Before anything compiles: argparse's exit 2, the argument named (pages of 16 are not the one-warpgroup kernel's).
-    script = pathlib.Path(__file__).parents[1] / "scripts" / "compile_sm90.py"
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(COMPILE_SM90), *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and named in done.stderr, done.stderr[-2000:]
 
 
