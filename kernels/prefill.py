@@ -350,7 +350,7 @@ def prefill(q, k, v, out, lse, q_start, q_len, k_start, k_len, max_seqlen_q, *,
         UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
         # fp32: 3-pass TF32 (~fp32-exact, on tensor cores); "ieee" falls back to FMA and spills everything.
         DOT_PREC="tf32x3" if q.dtype == torch.float32 else "tf32", TMA=tma, WARP_SPECIALIZE=warp_specialize,
-        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True,  # fma for qk * scale - m
+        num_warps=num_warps, num_stages=num_stages,
     )
     if tma and q.is_cuda:
         # tl.make_tensor_descriptor takes global scratch from Triton's allocator at launch; set in a copy of the

@@ -1,5 +1,5 @@
 """Compiles the Gluon prefill (``hf_flash/kernels/prefill_sm90.py``) for sm90 without a GPU and prints, per config,
-what the compiler reports: shared memory, registers and spills (``ptxas -v`` of the PTX, with the ptxas Triton uses
+what the compiler reports: fp32 FMAs in the PTX, shared memory, registers and spills (``ptxas -v`` of the PTX, with the ptxas Triton uses
 for sm90). A kernel edit or a candidate config can be checked this way before a device run: spills inside the key
 loop cost more than the tile gains (BENCHMARKS.md, 2026-12-07). Runs without TRITON_INTERPRET (the interpreter wraps
 Gluon kernels). Default: every shipped config once, dense causal and full over the smallest pages it reads by TMA.
@@ -16,6 +16,7 @@ import tempfile
 import torch
 import triton
 
+from hf_flash import kernels
 from hf_flash.kernels import prefill_sm90
 
 
@@ -48,7 +49,7 @@ def compile_for_sm90(head_dim, config, causal, page_size):
                  for name in names}
     source = GluonASTSource(kernel, signature, constants,
                             {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name in pointers})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps, **kernels.COMPILE_OPTIONS})
 
 
 def ptxas_report(ptx):
@@ -68,9 +69,11 @@ def ptxas_report(ptx):
 
 def report(head_dim, config, causal, page_size):
     kernel = compile_for_sm90(head_dim, config, causal, page_size)
-    registers, stores, loads = ptxas_report(kernel.asm["ptx"])
-    print(f"D{head_dim} {tuple(config)} {'causal' if causal else 'full'} pages {page_size or '-'}: shared "
-          f"{kernel.metadata.shared} registers {registers} spills {stores} / {loads}", flush=True)
+    ptx = kernel.asm["ptx"]
+    registers, stores, loads = ptxas_report(ptx)
+    fmas = len(re.findall(r"\bfma\.rn\.f32\b", ptx))
+    print(f"D{head_dim} {tuple(config)} {'causal' if causal else 'full'} pages {page_size or '-'}: fp32 fma {fmas} "
+          f"shared {kernel.metadata.shared} registers {registers} spills {stores} / {loads}", flush=True)
 
 
 def main():

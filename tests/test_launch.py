@@ -123,3 +123,20 @@ def test_clear_compiled_drops_only_that_kernels_launches(monkeypatch):
     kernels.clear_compiled(first)
     assert first.device_caches == {} and second.device_caches == {0: "compiled"}
     assert list(kernels._COMPILED.values()) == ["b"]
+
+
+@pytest.mark.parametrize("given, expected", [({}, True), ({"enable_fp_fusion": False}, False)])
+def test_every_launch_asks_for_fp_fusion_unless_told(given, expected):
+    # Triton 3.10 stops fusing by default: the kernels' fmas must not hang on that default (every launcher goes
+    # through kernels.launch; scripts/compile_sm90.py compiles the Gluon prefill with fusion off by default).
+    seen = []
+
+    class Kernel:
+        fn = types.SimpleNamespace(__name__="kernel")
+        params = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(kwargs)
+
+    kernels.launch(Kernel(), (1,), object(), num_warps=4, **given)  # an uncached argument: Triton's own path
+    assert seen == [{"enable_fp_fusion": expected, "num_warps": 4}]
