@@ -191,8 +191,10 @@ if GLUON_ERROR is None:
         COLS: gl.constexpr = box[3]
         NUM_BOXES: gl.constexpr = BLOCK_N // BOX
         NUM_COL_BLOCKS: gl.constexpr = HEAD_DIM // COLS
-        blocks_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, COLS], desc.dtype)
-        blocks = smem_reinterpret(smem.index(slot), desc.dtype, [NUM_COL_BLOCKS * BLOCK_N, COLS], blocks_layout)
+        # The slot as its boxes in that order, reinterpreted whole and then indexed: Triton 3.8 reinterprets no
+        # subview (a slice of the slot).
+        boxes = smem_reinterpret(smem.index(slot), desc.dtype,
+                                 [NUM_COL_BLOCKS * NUM_BOXES, box[0], box[1], box[2], box[3]], desc.layout)
         mbarrier.expect(bar.index(slot), desc.block_type.nbytes * NUM_BOXES * NUM_COL_BLOCKS, pred=issue)
         for i in gl.static_range(NUM_BOXES):
             key = tile * BLOCK_N + i * BOX
@@ -203,8 +205,8 @@ if GLUON_ERROR is None:
                 page = kb
                 row = k_row0 + key
             for c in gl.static_range(NUM_COL_BLOCKS):
-                dst = smem_reinterpret(blocks.slice(c * BLOCK_N + i * BOX, BOX), desc.dtype, box, desc.layout)
-                tma_load(desc, [page, row, kv_head, c * COLS], bar.index(slot), dst, pred=issue)
+                tma_load(desc, [page, row, kv_head, c * COLS], bar.index(slot), boxes.index(c * NUM_BOXES + i),
+                         pred=issue)
 
     @gluon.jit
     def _zero_tail_values(v_last, last, k_len, BLOCK_N: gl.constexpr):
