@@ -14,8 +14,9 @@ keeps lengths and block table on the host and checks them there). Where nothing 
 (and ``attention_varlen``'s ``max_seqlen_k``) is the packed tensor's length, which bounds it; ``attention_with_kvcache``
 needs ``max_seqlen_k``.
 
-The kernels run as custom ops (``torch.ops.hf_flash.prefill``, ``paged_decode``, ``merge_state``, ``write_pages``),
-which torch.compile keeps whole in its graphs; eager calls on plain tensors skip the dispatcher (``_launcher_op``).
+The kernels run as custom ops (``torch.ops.hf_flash.prefill``, ``paged_decode``, ``merge_state``, ``write_pages``,
+``append_pages``), which torch.compile keeps whole in its graphs; eager calls on plain tensors skip the dispatcher
+(``_launcher_op``).
 
 Causal masks are aligned to the bottom-right corner when ``q_len != k_len``; with ``seqlen_q = 2`` and
 ``seqlen_k = 5`` (1 = keep)::
@@ -137,6 +138,12 @@ def _paged_decode_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 def _merge_state_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
                     out: torch.Tensor, lse: torch.Tensor) -> None:
     _backend(out.device).merge_state(out_a, lse_a, out_b, lse_b, out, lse)
+
+
+@_launcher_op("append_pages", mutates_args=("k_pool", "v_pool"))
+def _append_pages_op(k_new: torch.Tensor, v_new: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                     block_table: torch.Tensor, cache_seqlens: torch.Tensor, q_start: Optional[torch.Tensor]) -> None:
+    _backend(k_pool.device).append_pages(k_new, v_new, k_pool, v_pool, block_table, cache_seqlens, q_start)
 
 
 @_launcher_op("write_pages", mutates_args=("k_pool", "v_pool"))
@@ -532,8 +539,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
                          f"(cache_seqlens + new tokens)")
     if foreign is not None:
         _check_page_ids(table, foreign, any_foreign, pages_k.shape[0])
-    if k is not None:
-        _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed)
+    if k is not None:  # new tokens at positions cache_seqlens[b]... of each sequence, every one with a page (above)
+        _append_pages_op(k, v, pages_k, pages_v, table, cache_seqlens, q_start if packed else None)
     if max_q == 1 and not packed:
         if num_splits == 0:
             num_splits = choose_num_splits(batch, k_cache.shape[-2], longest, q.device, head_dim=q.shape[-1],
@@ -554,23 +561,6 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
                               block_table=table, out=out[None] if packed else out)
         lse = lse[0] if packed else lse
     return (out, lse) if return_softmax_lse else out
-
-
-def _append(k, v, pages_k, pages_v, table, cache_seqlens, q_start, q_len, packed):
-    """Write new tokens at positions ``cache_seqlens[b]..`` of each sequence's pages (no host sync)."""
-    batch = table.shape[0]
-    page_size = pages_k.shape[1]
-    if packed:
-        seq = torch.repeat_interleave(torch.arange(batch, device=k.device), q_len.long(), output_size=k.shape[0])
-        pos = torch.arange(k.shape[0], device=k.device) - q_start.long()[seq] + cache_seqlens.long()[seq]
-        k_rows, v_rows = k, v
-    else:
-        seqlen = k.shape[1]
-        seq = torch.arange(batch, device=k.device).repeat_interleave(seqlen)
-        pos = (cache_seqlens.long()[:, None] + torch.arange(seqlen, device=k.device)).flatten()
-        k_rows, v_rows = k.flatten(0, 1), v.flatten(0, 1)
-    slots = table.long()[seq, pos // page_size] * page_size + pos % page_size
-    _write_pages_op(k_rows, v_rows, pages_k, pages_v, slots)
 
 
 def write_kv_pages(k, v, k_pool, v_pool, slot_mapping, *, max_slot=None):

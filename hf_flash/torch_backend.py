@@ -176,6 +176,21 @@ def write_pages(k_new, v_new, k_pool, v_pool, slot_mapping):
     v_pool[pages, rows] = v_new[keep].to(v_pool.dtype)
 
 
+def append_pages(k_new, v_new, k_pool, v_pool, block_table, cache_seqlens, q_start):
+    """Torch twin of ``hf_flash.kernels.paged_kv.append_pages``: the slots computed here, then ``write_pages``."""
+    batch, page_size = block_table.shape[0], k_pool.shape[1]
+    if q_start is not None:  # packed: token i of the batch belongs to the last sequence starting at or before it
+        index = torch.arange(k_new.shape[0], device=k_new.device)
+        seq = torch.searchsorted(q_start.long(), index, right=True) - 1
+        pos = index - q_start.long()[seq] + cache_seqlens.long()[seq]
+    else:
+        seqlen = k_new.shape[1]
+        seq = torch.arange(batch, device=k_new.device).repeat_interleave(seqlen)
+        pos = (cache_seqlens.long()[:, None] + torch.arange(seqlen, device=k_new.device)).flatten()
+        k_new, v_new = k_new.flatten(0, 1), v_new.flatten(0, 1)
+    write_pages(k_new, v_new, k_pool, v_pool, block_table.long()[seq, pos // page_size] * page_size + pos % page_size)
+
+
 def program_slots(head_dim, dtype, device):
     """The torch path attends each sequence whole: one program."""
     return 1

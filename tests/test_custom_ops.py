@@ -41,6 +41,12 @@ def _op_cases(device):
                                                   zeros(3, 4, 32), zeros(3, 4, dtype=f32)), {}),
         "write_pages": (OPS.write_pages.default, (r(3, 2, 32), r(3, 2, 32), k_pool.clone(), v_pool.clone(),
                                                   torch.tensor([5, -1, 22], device=device)), {}),
+        # 2 new tokens a sequence after 3 and 1 cached ones (sequence 0's cross into its second page); packed: 2 for
+        # sequence 0 after its 3, 1 for sequence 1 after its 4
+        "append_pages": (OPS.append_pages.default, (r(2, 2, 2, 32), r(2, 2, 2, 32), k_pool.clone(), v_pool.clone(),
+                                                    table, i32([3, 1]), None), {}),
+        "append_pages-packed": (OPS.append_pages.default, (r(3, 2, 32), r(3, 2, 32), k_pool.clone(), v_pool.clone(),
+                                                           table, i32([3, 4]), i32([0, 2])), {}),
     }
 
 
