@@ -6,4 +6,5 @@ from .merge import merge_state
 from .paged_kv import append_pages, write_pages
 from .prefill import prefill
 
-__all__ = ["append_pages", "choose_num_splits", "merge_state", "paged_decode", "prefill", "program_slots", "write_pages"]
+__all__ = ["append_pages", "choose_num_splits", "merge_state", "paged_decode", "prefill", "program_slots",
+           "write_pages"]

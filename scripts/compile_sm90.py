@@ -1,8 +1,9 @@
 """Compiles the Gluon prefill (``hf_flash/kernels/prefill_sm90.py``) for sm90 without a GPU and prints, per config,
-what the compiler reports: fp32 FMAs in the PTX, shared memory, registers and spills (``ptxas -v`` of the PTX, with the ptxas Triton uses
-for sm90). A kernel edit or a candidate config can be checked this way before a device run: spills inside the key
-loop cost more than the tile gains (BENCHMARKS.md, 2026-12-07). Runs without TRITON_INTERPRET (the interpreter wraps
-Gluon kernels). Default: every shipped config once, dense causal and full over the smallest pages it reads by TMA.
+what the compiler reports: fp32 FMAs in the PTX, shared memory, registers and spills (``ptxas -v`` of the PTX, with
+the ptxas Triton uses for sm90). A kernel edit or a candidate config can be checked this way before a device run:
+spills inside the key loop cost more than the tile gains (BENCHMARKS.md, 2026-12-07). Runs without TRITON_INTERPRET
+(the interpreter wraps Gluon kernels). Default: every shipped config once, dense causal and full over the smallest
+pages it reads by TMA.
 
     python scripts/compile_sm90.py
     python scripts/compile_sm90.py --head-dim 64 --config 192,128,3,4,0,1 --causal
@@ -49,7 +50,8 @@ def compile_for_sm90(head_dim, config, causal, page_size):
                  for name in names}
     source = GluonASTSource(kernel, signature, constants,
                             {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name in pointers})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps, **kernels.COMPILE_OPTIONS})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": config.num_warps, **kernels.COMPILE_OPTIONS})
 
 
 def ptxas_report(ptx):
