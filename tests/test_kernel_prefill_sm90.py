@@ -143,8 +143,8 @@ def test_what_it_does_not_serve_keeps_the_triton_kernel(window, softcap, dtype, 
 
 @pytest.mark.skipif(prefill_sm90.GLUON_ERROR is not None, reason="no Gluon in this Triton")
 def test_every_shipped_config_compiles_for_sm90_with_this_triton():
-    # No GPU needed: CI's Triton (the newest pip brings) compiles what the H200, with another Triton, runs; a renamed
-    # Gluon builtin or a broken edit fails here, not as a silent fall-back to the Triton kernel on the GPU.
+    # No GPU needed: CI's Tritons (torch's pin and the newest) compile what the H200, with another Triton, runs; a
+    # renamed Gluon builtin or a broken edit fails here, not as a silent fall-back to the Triton kernel on the GPU.
     # scripts/compile_sm90.py: dense causal and over the smallest pages each config reads by TMA, with ptxas's report.
     # Fusion off by default (Triton 3.10's default): the kernels still get their FMAs (kernels.COMPILE_OPTIONS).
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"} | {

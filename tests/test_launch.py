@@ -81,7 +81,7 @@ def _sample_arguments():
 
 def test_keys_are_at_least_as_fine_as_the_installed_triton():
     """Arguments this Triton specializes apart never share a launch key: checked against its own specializer on the
-    CPU, so CI checks the newest Triton (the GPU suite's binder check runs the device's)."""
+    CPU, so CI checks the Tritons of its two venvs (the GPU suite's binder check runs the device's)."""
     specialize = _triton_specializer()
     if specialize is None:
         pytest.skip("this Triton has no native specializer or NVIDIA backend")
