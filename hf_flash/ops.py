@@ -540,7 +540,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
     if foreign is not None:
         _check_page_ids(table, foreign, any_foreign, pages_k.shape[0])
     if k is not None:  # new tokens at positions cache_seqlens[b]... of each sequence, every one with a page (above)
-        _append_pages_op(k, v, pages_k, pages_v, table, cache_seqlens, q_start if packed else None)
+        _append_pages_op(k, v, pages_k, pages_v, table, cache_seqlens, q_start)  # q_start: None unless packed
     if max_q == 1 and not packed:
         if num_splits == 0:
             num_splits = choose_num_splits(batch, k_cache.shape[-2], longest, q.device, head_dim=q.shape[-1],

@@ -160,7 +160,8 @@ def append_pages(k_new, v_new, k_pool, v_pool, block_table, cache_seqlens, q_sta
     tokens = k_new.shape[0] if packed else k_new.shape[0] * k_new.shape[1]
     if tokens == 0:
         return
-    # Packed rows carry no batch stride: a token's row is its index in the packed tensor.
+    # Packed rows carry no batch stride: a token's row is its index in the packed tensor. Unpacked, QStart is unread
+    # (cache_seqlens stands in for the pointer).
     k_strides = (0, *k_new.stride()[:2]) if packed else k_new.stride()[:3]
     v_strides = (0, *v_new.stride()[:2]) if packed else v_new.stride()[:3]
     _launch_copy(_append_pages_kernel, tokens, k_new, v_new, k_pool, v_pool, block_table, cache_seqlens,
