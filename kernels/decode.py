@@ -49,11 +49,6 @@ INTERPRET_CONFIG = (16, 4, 1, 1)
 # 32 splits of 128 keys 0.97 TB/s, 64 of 64 keys 0.90; head dim 64 at 1 x 576 (generate()'s batch-1 step), 4 splits
 # of 144 keys 0.091 TB/s, 16 of 36 keys 0.110 (12.3 -> 10.7 us a layer).
 MIN_SPLIT_KEYS = {64: 32, 128: 128, 256: 128}
-# Memory bandwidth per SM at which filling every program slot once was the best split (the H200: 4.8 TB/s over 132
-# SMs). Programs in flight keep the memory busy in proportion to its bandwidth (Little's law), so a GPU with less
-# bandwidth per SM needs fewer of them: on an H100 (3.35 TB/s, 132 SMs) 92 SMs' worth. H100, 2026-12-07, pages of
-# 64, bf16: (32, 4k) 1 split 0.984 of cuDNN, 2 (every slot) 0.963; (8, 16k) 4 splits 0.969, 8 0.967.
-SM_BANDWIDTH = 4.8e12 / 132
 MAX_SPLITS = 64
 REDUCE_TILE = 4096  # elements of the reduce kernel's [splits, D] tile: 32 fp32 registers per thread at 4 warps
 
@@ -204,25 +199,13 @@ def _tile(head_dim, dtype, device):
     return (block_d, *tile_config(CONFIGS, INTERPRET_CONFIG, head_dim, dtype, device))
 
 
-def memory_bandwidth(device: torch.device):
-    """The peak bandwidth of ``device``'s memory in bytes/s from its properties (double data rate: two transfers a
-    clock over the bus); None where this torch does not report the memory's clock and bus."""
-    props = device_properties(device)
-    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
-    return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
-
-
 def program_slots(head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
-    """How many decode programs keep ``device``'s memory busy for this head dim and dtype: the tile config's
-    programs per SM on as many SMs as the memory feeds at the H200's rate (``SM_BANDWIDTH``), at most all of them.
-    Interpreter: 1."""
+    """How many decode programs ``device`` runs at once for this head dim and dtype: its SMs times the programs of
+    the tile config that one SM holds. Interpreter: 1."""
     if device.type != "cuda" or INTERPRET:
         return 1
     per_sm = _tile(head_dim, dtype, device)[-1]
-    sms = device_properties(device).multi_processor_count
-    bandwidth = memory_bandwidth(device)
-    fed = sms if bandwidth is None else min(sms, max(1, round(bandwidth / SM_BANDWIDTH)))
-    return fed * per_sm
+    return device_properties(device).multi_processor_count * per_sm
 
 
 def resident_programs(device: torch.device) -> int:
