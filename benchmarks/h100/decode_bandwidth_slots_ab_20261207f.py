@@ -1,4 +1,5 @@
-"""Needs the change of commit 2a8c496 (git show 2a8c496 -- kernels/decode.py | git apply). Splits planned with every SM (before) and with the SMs the memory feeds (after), same process, graph replays."""
+"""Needs the change of commit 2a8c496 (git show 2a8c496 -- kernels/decode.py | git apply).
+Splits planned with every SM (before) and with the SMs the memory feeds (after), same process, graph replays."""
 import sys
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
