@@ -19,6 +19,7 @@ import math
 
 import torch
 import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench_common import bench_graph_ms, copy_bandwidth
 from hf_flash import kernels
 from hf_flash.kernels import decode
@@ -75,6 +76,16 @@ def planned_splits(batch, seqlen, device):
 
 def kv_bytes(batch, seqlen):
     return 2 * batch * seqlen * KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
+
+
+def cudnn_tbps(batch, seqlen):
+    """TB/s of K+V that SDPA's cuDNN backend reads for one query per sequence over a contiguous cache (the anchor)."""
+    q = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE)
+    k = torch.randn(batch, KV_HEADS, seqlen, HEAD_DIM, device="cuda", dtype=DTYPE)
+    v = torch.randn_like(k)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    return kv_bytes(batch, seqlen) / (ms * 1e-3) / 1e12
 
 
 def main():

@@ -2,7 +2,6 @@
 Splits planned with every SM (before) and with the SMs the memory feeds (after), same process, graph replays."""
 import sys
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, "scripts")
 import tune_decode as td  # noqa: E402
 from hf_flash.kernels import decode  # noqa: E402
@@ -18,13 +17,7 @@ for batch, seqlen in [(1, 4096), (1, 65536), (8, 16384), (32, 4096), (64, 8192),
     if before == after:
         print(f"B={batch} L={seqlen}: {before} splits either way", flush=True)
         continue
-    q = torch.randn(batch, 32, 1, 128, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(batch, 8, seqlen, 128, device=dev, dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        ms = td.bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-    cudnn = td.kv_bytes(batch, seqlen) / (ms * 1e-3) / 1e12
-    del q, k, v
+    cudnn = td.cudnn_tbps(batch, seqlen)
     row = []
     for page in (16, 64):
         case = td.make_case(batch, seqlen, page)

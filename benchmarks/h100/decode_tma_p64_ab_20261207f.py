@@ -2,20 +2,13 @@
 Pages of 64: pointer vs TMA at the same (BLOCK_N, warps, stages) and split counts, one process, graph replays."""
 import sys
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, "scripts")
 import tune_decode as td  # noqa: E402
 from hf_flash.kernels import clear_compiled, decode  # noqa: E402
 tma = decode.tma_block_n
 dev = torch.device("cuda")
 for batch, seqlen in [(1, 4096), (1, 65536), (8, 16384), (32, 4096), (64, 8192), (128, 2048), (256, 1024)]:
-    q = torch.randn(batch, 32, 1, 128, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(batch, 8, seqlen, 128, device=dev, dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        ms = td.bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-        cudnn = td.kv_bytes(batch, seqlen) / (ms * 1e-3) / 1e12
-    del q, k, v
+    cudnn = td.cudnn_tbps(batch, seqlen)
     planned = td.planned_splits(batch, seqlen, dev)
     splits = sorted({max(1, planned // 2), planned})
     case = td.make_case(batch, seqlen, 64)
