@@ -452,8 +452,9 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
     Args:
         q: ``[batch, seqlen_q, nheads, headdim]``, or packed ``[total_q, nheads, headdim]`` with ``cu_seqlens_q``.
         k_cache, v_cache: ``[batch, seqlen_cache, nheads_k, headdim]``, or page pools
-            ``[num_pages, page_size, nheads_k, headdim]`` with ``block_table``. Updated in place when ``k``/``v``
-            are given.
+            ``[num_pages, page_size, nheads_k, headdim]`` with ``block_table``, any strides but a unit last one (so
+            head-major pools, FlashInfer's HND, pass as ``pool.transpose(1, 2)``). Updated in place when
+            ``k``/``v`` are given.
         cache_seqlens: int or int32 ``[batch]``, ``>= 0``: tokens already in the cache, before ``k``/``v`` are
             appended.
         block_table: int32 ``[batch, max_pages]``. The entries holding a sequence's keys, the appended ones included,

@@ -560,10 +560,12 @@ def test_attention_varlen_paged(page_size, pad, backend, device):
 # ------------------------------------------------------------------------------------------------ KV cache
 
 
-def _run_kvcache(q_lens, cache_lens, *, packed, paged, append, device, num_splits=0, pad=0, **options):
+def _run_kvcache(q_lens, cache_lens, *, packed, paged, append, device, num_splits=0, pad=0, head_major=False,
+                 **options):
     """attention_with_kvcache over a NaN-backed cache (contiguous, or shuffled pages of 4, unused block-table entries
     ``pad``) holding ``cache_lens`` random keys, optionally appending ``q_lens`` new ones; checks out / lse against
-    the reference and that the cache changed exactly at positions cache_seqlens.. of each sequence."""
+    the reference and that the cache changed exactly at positions cache_seqlens.. of each sequence. ``head_major``:
+    the cache is allocated ``[pages, H, page_size, D]`` and passed as its ``[pages, page_size, H, D]`` view."""
     hq, hkv, head_dim, dtype = 4, 2, 32, torch.float16
     q, qs = _packed(q_lens, hq, head_dim, dtype, device)
     old_k, old_v = (_packed(cache_lens, hkv, head_dim, dtype, device)[1] for _ in range(2))
@@ -578,6 +580,8 @@ def _run_kvcache(q_lens, cache_lens, *, packed, paged, append, device, num_split
         page_size, num_pages = max(len(t) for t in keys) + 3, len(q_lens)
         table = torch.arange(num_pages, dtype=torch.int32, device=device)[:, None]
     k_cache, v_cache = _pool(old_k, table, num_pages, page_size), _pool(old_v, table, num_pages, page_size)
+    if head_major:
+        k_cache, v_cache = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k_cache, v_cache))
     kw = {"cu_seqlens_q": _cu(q_lens, device)} if packed else {}
     if not packed:  # [B, Sq, H, D]
         q, new_k, new_v = (t.view(len(q_lens), q_lens[0], *t.shape[1:]) for t in (q, new_k, new_v))
@@ -622,6 +626,14 @@ def test_kvcache_packed(paged, append, backend, device):
     # Packed q with cu_seqlens_q: ragged chunks (one empty), causal with a window.
     _run_kvcache([3, 0, 5, 1], [2, 4, 9, 0], packed=True, paged=paged, append=append, causal=True, window=(6, -1),
                  device=device)
+
+
+@pytest.mark.parametrize("q_len", [1, 4], ids=["decode", "chunk"])
+def test_kvcache_head_major_pages(q_len, backend, device):
+    # Pools laid out head-major (FlashInfer's HND: each head's rows of a page contiguous) and passed as the NHD view
+    # that the API takes: read, split and appended in place through their strides.
+    _run_kvcache([q_len] * 3, [5, 0, 17], packed=False, paged=True, append=True, causal=True, num_splits=3,
+                 head_major=True, device=device)
 
 
 @pytest.mark.parametrize("pad", [-1, 1000])
