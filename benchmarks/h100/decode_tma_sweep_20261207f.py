@@ -8,7 +8,6 @@ import itertools
 import sys
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, "scripts")
 import tune_decode as td  # noqa: E402
@@ -28,13 +27,7 @@ def main():
     shipped_tma = decode.TMA_CONFIGS[128]
     print(torch.cuda.get_device_name(dev), "shipped pointer", decode.CONFIGS[(128, False, 9)], "TMA", shipped_tma)
     for batch, seqlen in SHAPES:
-        q = torch.randn(batch, 32, 1, 128, device=dev, dtype=torch.bfloat16)
-        k = torch.randn(batch, 8, seqlen, 128, device=dev, dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            cudnn = rate(batch, seqlen, lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v,
-                                                                                                  enable_gqa=True))
-        del q, k, v
+        cudnn = td.cudnn_tbps(batch, seqlen)
         planned = td.planned_splits(batch, seqlen, dev)
         splits = sorted({1, max(1, planned // 2), planned, min(64, 2 * planned)})
         for page in (16, 64):

@@ -16,14 +16,9 @@ SHAPES = [(1, 4096), (1, 65536), (8, 16384), (32, 4096), (64, 8192), (128, 2048)
 
 
 def hnd_case(batch, seqlen, page_size):
-    """``td.make_case`` with each pool allocated head-major and handed over as the NHD view of it."""
-    q, k_pool, v_pool, table, seqlens, out, lse = td.make_case(batch, seqlen, page_size)
-    pools = [torch.empty(p.shape[0], td.KV_HEADS, page_size, td.HEAD_DIM, device="cuda", dtype=td.DTYPE)
-             .transpose(1, 2) for p in (k_pool, v_pool)]
-    for dst, src in zip(pools, (k_pool, v_pool)):
-        dst.copy_(src)
-    del k_pool, v_pool
-    return (q, *pools, table, seqlens, out, lse)
+    """``td.make_case`` with each pool stored head-major and handed over as the NHD view of it."""
+    q, k_pool, v_pool, *rest = td.make_case(batch, seqlen, page_size)
+    return (q, *(p.transpose(1, 2).contiguous().transpose(1, 2) for p in (k_pool, v_pool)), *rest)
 
 
 def main():
