@@ -78,6 +78,11 @@ def kv_bytes(batch, seqlen):
     return 2 * batch * seqlen * KV_HEADS * HEAD_DIM * torch.finfo(DTYPE).bits // 8
 
 
+def tbps(batch, seqlen, ms):
+    """TB/s of the K+V of ``batch`` sequences of ``seqlen`` keys read in ``ms`` milliseconds."""
+    return kv_bytes(batch, seqlen) / (ms * 1e-3) / 1e12
+
+
 def cudnn_tbps(batch, seqlen):
     """TB/s of K+V that SDPA's cuDNN backend reads for one query per sequence over a contiguous cache (the anchor)."""
     q = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE)
@@ -85,7 +90,7 @@ def cudnn_tbps(batch, seqlen):
     v = torch.randn_like(k)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-    return kv_bytes(batch, seqlen) / (ms * 1e-3) / 1e12
+    return tbps(batch, seqlen, ms)
 
 
 def main():
@@ -120,7 +125,7 @@ def main():
                     ms = bench(run_fn(case, planned_splits(batch, seqlen, device)))
                 except triton.runtime.errors.OutOfResources:
                     continue  # too much shared memory for this GPU
-                row[cfg] = kv_bytes(batch, seqlen) / (ms * 1e-3) / 1e12
+                row[cfg] = tbps(batch, seqlen, ms)
             rates[(batch, seqlen, page_size)] = row
             best = max(row, key=row.get)
             print(f"B={batch:<4} L={seqlen:<6} page={page_size:<3} "
@@ -145,8 +150,8 @@ def main():
         planned = planned_splits(batch, seqlen, device)
         cells = []
         for splits in sorted(set(SPLITS) | {planned}):
-            tbps = kv_bytes(batch, seqlen) / (bench(run_fn(case, splits)) * 1e-3) / 1e12
-            cells.append(f"{splits}{'*' if splits == planned else ''}:{tbps:.2f}")
+            rate = tbps(batch, seqlen, bench(run_fn(case, splits)))
+            cells.append(f"{splits}{'*' if splits == planned else ''}:{rate:.2f}")
         print(f"B={batch:<4} L={seqlen:<6} " + "  ".join(cells))
         if batch * KV_HEADS < sms:  # SMs left idle without splits: the tile config and the split count go together
             grid = {}
@@ -155,7 +160,7 @@ def main():
                     continue  # out of resources on this GPU
                 decode.CONFIGS[key] = rows[cfg]
                 try:
-                    grid[cfg, splits] = kv_bytes(batch, seqlen) / (bench(run_fn(case, splits)) * 1e-3) / 1e12
+                    grid[cfg, splits] = tbps(batch, seqlen, bench(run_fn(case, splits)))
                 except triton.runtime.errors.OutOfResources:
                     continue
             decode.CONFIGS[key] = rows[best]
@@ -176,10 +181,8 @@ def main():
                   torch.empty(batch, HEADS, device="cuda"))
     ours_ms = bench(run_fn(contiguous, splits))
     paged_ms = bench(run_fn(make_case(batch, seqlen, 16), splits))
-    nbytes = kv_bytes(batch, seqlen)
-    print(f"\n(1, 4k) SDPA default: {1e3 * sdpa_ms:.1f} us ({nbytes / (sdpa_ms * 1e-3) / 1e12:.2f} TB/s); "
-          f"hf_flash contiguous, {splits} splits: {1e3 * ours_ms:.1f} us "
-          f"({nbytes / (ours_ms * 1e-3) / 1e12:.2f} TB/s); "
+    print(f"\n(1, 4k) SDPA default: {1e3 * sdpa_ms:.1f} us ({tbps(batch, seqlen, sdpa_ms):.2f} TB/s); "
+          f"hf_flash contiguous, {splits} splits: {1e3 * ours_ms:.1f} us ({tbps(batch, seqlen, ours_ms):.2f} TB/s); "
           f"paged 16: {1e3 * paged_ms:.1f} us")
     decode.CONFIGS.clear()
     decode.CONFIGS.update(original)

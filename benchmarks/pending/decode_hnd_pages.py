@@ -11,8 +11,7 @@ import torch
 
 sys.path.insert(0, "scripts")
 import tune_decode as td  # noqa: E402
-
-SHAPES = [(1, 4096), (1, 65536), (8, 16384), (32, 4096), (64, 8192), (128, 2048), (256, 1024)]
+from bench_kernels import DECODE  # noqa: E402
 
 
 def hnd_case(batch, seqlen, page_size):
@@ -24,7 +23,7 @@ def hnd_case(batch, seqlen, page_size):
 def main():
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(dev), flush=True)
-    for batch, seqlen in SHAPES:
+    for batch, seqlen in DECODE["full"][3]:
         cudnn = td.cudnn_tbps(batch, seqlen)
         planned = td.planned_splits(batch, seqlen, dev)
         cells = []
@@ -32,7 +31,7 @@ def main():
             for name, make in (("NHD", td.make_case), ("HND", hnd_case)):
                 case = make(batch, seqlen, page)
                 for splits in sorted({1, planned}):
-                    tbps = td.kv_bytes(batch, seqlen) / (td.bench(td.run_fn(case, splits)) * 1e-3) / 1e12
+                    tbps = td.tbps(batch, seqlen, td.bench(td.run_fn(case, splits)))
                     cells.append(f"p{page} {name} x{splits} {tbps / cudnn:.3f}")
                 del case
         print(f"B={batch} L={seqlen} cuDNN {cudnn:.2f} TB/s: " + "  ".join(cells), flush=True)

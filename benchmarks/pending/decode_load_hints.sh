@@ -18,15 +18,15 @@ import sys
 import torch
 sys.path.insert(0, sys.argv[2])
 import tune_decode as td
+from bench_kernels import DECODE
 dev = torch.device("cuda")
 cells = []
-for batch, seqlen in [(1, 4096), (1, 65536), (8, 16384), (32, 4096), (64, 8192), (128, 2048), (256, 1024)]:
+for batch, seqlen in DECODE["full"][3]:
     cudnn = td.cudnn_tbps(batch, seqlen)
     splits = td.planned_splits(batch, seqlen, dev)
     for page in (16, 64):
         case = td.make_case(batch, seqlen, page)
-        tbps = td.kv_bytes(batch, seqlen) / (td.bench(td.run_fn(case, splits)) * 1e-3) / 1e12
-        cells.append(f"{tbps / cudnn:.3f}")
+        cells.append(f"{td.tbps(batch, seqlen, td.bench(td.run_fn(case, splits))) / cudnn:.3f}")
         del case
     torch.cuda.empty_cache()
 print(f"{sys.argv[1]:>12}  " + "  ".join(cells), flush=True)
