@@ -140,11 +140,13 @@ class PagedCache(Cache):
 
     A forward over the cache is one step (``hf_flash.pages``): the first layer to attend plans it (pages, slots,
     lengths: host work, like FlashInfer's ``plan``), every layer stores its tokens and attends, and the step commits
-    when the last layer has. A step that raises anywhere (an exception, an interrupt, out of memory, a model the cache
-    does not fit) is aborted, so the cache holds exactly what it held before: at once when hf_flash's attention
-    raises, else as soon as the cache is used again. The reads transformers makes (``get_seq_length``,
-    ``get_mask_sizes``) always see the last committed step. ``generate()`` on a caller's cache is one transaction too:
-    if it raises, the cache is as it was when the call began.
+    when the last layer has. A step that raises before that (an exception, an interrupt, out of memory, a model the
+    cache does not fit) is aborted, so the cache holds exactly what it held before: at once when hf_flash's attention
+    raises, else as soon as the cache is used again. What a plain forward raises after its last attention (in the
+    last MLP, the final norm, the output head) leaves the step stored, as transformers' own caches keep what their
+    layers stored. The reads transformers makes (``get_seq_length``, ``get_mask_sizes``) always see the last committed
+    step. ``generate()`` on a caller's cache is one transaction: if it raises, wherever, the cache is as it was when
+    the call began.
 
     Example:
         >>> cache = PagedCache(model.config, page_size=16, num_pages=1024)
@@ -355,7 +357,8 @@ class PagedCache(Cache):
         needed = table.pages_needed(new_tokens)
         if needed > len(table.free) and self.grow:
             self._grow_pools(needed - len(table.free))
-        step = table.begin_step(new_tokens, q_len)
+        pads = None if valid is None else [torch.nonzero(~row).flatten().tolist() for row in valid]
+        step = table.begin_step(new_tokens, q_len, pads)
         try:
             return self._plan_tensors(step, new_tokens, valid)
         except BaseException:

@@ -13,7 +13,9 @@ generator is one step further on than after transformers' loop).
 goes to transformers' own loop, whose decode steps still replay graphs of the forward (``DecodeGraphs``), and the
 reason is logged once: outputs beyond the sequences (scores, logits, attentions, hidden states), a logits processor
 that reads the ids (repetition penalty, n-gram bans, minimum length...) or holds a tensor (suppressed tokens),
-assistants, encoder-decoders, synced GPUs, model inputs other than the text's ids, mask and positions.
+assistants, encoder-decoders, synced GPUs, model inputs other than the text's ids, mask and positions, and positions
+that do not continue from the count of each sequence's valid tokens (the compiled step's positions: transformers'
+default ones do).
 """
 import torch
 from transformers.generation import logits_process
@@ -78,7 +80,21 @@ def why_not_compiled(model, logits_processor, generation_config, synced_gpus, mo
                     if isinstance(value, torch.Tensor) and name not in _TEXT_INPUTS)
     if inputs:
         return f"model inputs besides the ids, mask and positions ({', '.join(inputs)})"
+    if not _positions_count_valid_tokens(model_kwargs.get("position_ids"), model_kwargs.get("attention_mask")):
+        return "position_ids that do not end at each sequence's count of valid tokens minus one"
     return None
+
+
+def _positions_count_valid_tokens(positions, mask):
+    """Whether every sequence's next position in transformers' loop (its last given one plus one) is the count of its
+    valid tokens, as each compiled step takes it from the cache. transformers' default positions (the mask's running
+    count) are; a caller's own may start elsewhere. One host read, before the prefill."""
+    if positions is None:
+        return True
+    if positions.dim() != 2:  # several position streams per token (multimodal rotary)
+        return False
+    valid = mask.sum(-1) if mask is not None else positions.shape[-1]
+    return bool((positions[:, -1] + 1 == valid).all())
 
 
 def sample(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
@@ -101,12 +117,13 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
     del logits  # the prefill's logits may be large
     length = prompt_length
     step = graphs.compiled(graphs.decode_step, input_ids.device, generation_config.compile_config)
-    key = (model, ("decode", select.signature(), step))  # a call with another compile_config captures its own
+    key = (graphs.model_key(model), ("decode", select.signature(), step))  # another compile_config: its own graphs
 
     def next_tokens_after(tokens):
         """One step: planned, run (compiled, graphed), committed; aborted if anything raises."""
+        ids = tokens[:, None]
         return graphs.run_step(lambda ids, positions: step(model, cache, ids, positions, select), key, cache,
-                               cache.begin_step(None, 1, batch), tokens[:, None])
+                               cache.begin_step(None, 1, batch), ids)  # begun last: run_step ends it
 
     verdict = _Verdict(input_ids.device) if reads_tokens else None
     with model._optimize_model_for_decode():

@@ -6,8 +6,10 @@ MLP glue around the attention kernels, which it sees as custom ops) and to repla
 functions go through this module's ``run_step``:
 
 * ``decode_step``, hf_flash's own decode loop (``hf_flash.decoding``): the forward and the choice of the next token.
-* ``forward_step``, the "compiled call" transformers' loops ask for (``get_compiled_call``: beam search, assisted
-  decoding, processors that read the ids), answered by ``DecodeGraphs``: the forward alone, returning logits.
+* ``forward_step``, the "compiled call" transformers' loops ask for (``get_compiled_call``: greedy search and
+  sampling with processors that read the ids, assisted decoding), answered by ``DecodeGraphs``: the forward alone,
+  returning logits. Beam search never asks (transformers 5.17 to 5.25 call the model itself there): its steps run
+  eagerly, and the log says so once.
 
 Host work stays outside the graph, as in FlashInfer's plan/run split: the caller begins the step (the cache plans
 pages, slots and lengths), ``run_step`` copies the plan, the token ids and the positions into the graph's static
@@ -130,11 +132,20 @@ _next_model_number = itertools.count()
 
 
 def _model_number(model):
-    """What a graph key holds of the model: not ``id(model)``, which a later model can reuse (and would replay graphs
-    that read the first one's freed weights), nor the model itself, which the graphs would keep alive."""
+    """A number no other model of this process gets: not ``id(model)``, which a later model can reuse (and would replay
+    graphs that read the first one's freed weights), nor the model itself, which the graphs would keep alive."""
     if model not in _model_numbers:
         _model_numbers[model] = next(_next_model_number)
     return _model_numbers[model]
+
+
+def model_key(model):
+    """What a graph key holds of the model: its number and where its weights are. A captured step reads the parameters
+    and buffers at their addresses then: after ``model.half()``, ``.to()`` or weights assigned anew, the same model
+    gets new graphs instead of replays reading freed tensors. Made once per generate() call (a pass over the
+    parameters)."""
+    weights = itertools.chain(model.parameters(), model.buffers())
+    return _model_number(model), hash(tuple((t.data_ptr(), t.dtype) for t in weights))
 
 
 class _StepGraph:
@@ -195,10 +206,10 @@ def why_not_graphed(model, cache, device):
 
 def run_step(step, key, cache, plan, input_ids, position_ids=None):
     """Run the begun single-token step ``step(input_ids, position_ids)`` (which closes over the model and the cache)
-    through the static buffers of ``key`` ((model, what the step computes and the function computing it, which a
-    ``compile_config`` picks)): the first time on them (on CUDA compiling the step), captured the second, replayed
-    after; then commit it, or abort it if anything raised. Returns the step's output, which the next replay of this key
-    overwrites. ``position_ids`` default to the count of each sequence's stored tokens."""
+    through the static buffers of ``key`` ((``model_key(model)``, what the step computes and the function computing
+    it, which a ``compile_config`` picks)): the first time on them (on CUDA compiling the step), captured the second,
+    replayed after; then commit it, or abort it if anything raised. Returns the step's output, which the next replay
+    of this key overwrites. ``position_ids`` default to the count of each sequence's stored tokens."""
     try:
         output = _run(step, key, cache, plan, input_ids, position_ids)
     except BaseException:
@@ -219,8 +230,8 @@ def _run(step, key, cache, plan, input_ids, position_ids):
     # so the compiled step is not specialized to one step's lengths.
     plan.max_seqlen_k = cache.num_pages * cache.page_size
     plan.max_slot = plan.max_seqlen_k - 1
-    model, what = key
-    key = (_model_number(model), batch, plan.num_splits, what, cache.num_pages)
+    weights, what = key
+    key = (weights, batch, plan.num_splits, what, cache.num_pages)
     graphs = _captured.setdefault(cache.layers[0].keys, {})
     if key not in graphs:
         graphs[key] = _StepGraph(cache, batch, device)
@@ -293,6 +304,7 @@ class DecodeGraphs:
 
     def __init__(self, model, fallback, compile_config=None):
         self.model = model
+        self.model_key = model_key(model)  # transformers asks for its compiled call once per generate() call
         self.fallback = fallback
         self.compile_config = compile_config
 
@@ -307,14 +319,15 @@ class DecodeGraphs:
         if reason is not None:
             warn_once(f"decode steps run eagerly, not as CUDA graphs: {reason}")
             return self.model(**kwargs)
+        logits_to_keep = kwargs.get("logits_to_keep")
+        forward = compiled(forward_step, input_ids.device, self.compile_config)
+        # Begun right before run_step, which ends it: nothing between can leave it open.
         plan = cache.begin_step(kwargs.get("attention_mask"), 1, input_ids.shape[0])  # every layer uses this plan
         if plan.padded:
             cache.abort_step()
             return self.model(**kwargs)
-        logits_to_keep = kwargs.get("logits_to_keep")
-        forward = compiled(forward_step, input_ids.device, self.compile_config)
         logits = run_step(lambda ids, positions: forward(self.model, cache, ids, positions, logits_to_keep),
-                          (self.model, ("forward", logits_to_keep, forward)), cache, plan, input_ids,
+                          (self.model_key, ("forward", logits_to_keep, forward)), cache, plan, input_ids,
                           kwargs["position_ids"])
         # A copy: the next replay overwrites the static logits, and a caller may keep these.
         return CausalLMOutputWithPast(logits=logits.clone(), **{CACHE_NAME: cache})

@@ -42,6 +42,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FP32_MAX = torch.finfo(torch.float32).max
 _SCALE_MAX = _FP32_MAX / math.log2(math.e)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INT32_MAX = torch.iinfo(torch.int32).max  # lengths and offsets are int32 on the device
+MAX_NUM_SPLITS = 128  # as in flash-attn; the grid's second dimension holds the splits
 _forced_backend = None
 
 
@@ -219,6 +221,12 @@ def _check_options(softmax_scale, window_size, softcap, head_dim):
     return float(softmax_scale), (int(window_size[0]), int(window_size[1])), float(softcap)
 
 
+def _clip_window(window, longest):
+    """``window`` with each side of ``longest`` tokens or more (the longest query or key run of the call, or a bound
+    of it) made unbounded, -1: the mask is the same, and what reaches the kernels fits their int32 positions."""
+    return tuple(-1 if w >= longest else w for w in window)
+
+
 def _host_reads_forbidden(device):
     """Whether device values must not be read on the host: inside CUDA-graph capture none can be (transformers'
     continuous batching captures its steps, as flash-attn allows), and while torch.compile traces a call a read would
@@ -254,15 +262,22 @@ def _check_bound(name, given, derived=None):
     return value
 
 
+def _unit_stride(t):
+    """``t`` with a unit last stride: the kernels read offsets, lengths, slots and block-table rows as contiguous
+    runs. A strided view (``cu[::2]``) is copied; it is only read."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
 def _check_cu_seqlens(name, cu, device):
-    """``cu`` must be int32 ``[B+1]`` offsets on ``device`` (``B`` may be 0); returns the lengths, on the device.
-    Their values are checked by ``_check_cu_seqlens_values`` once read."""
+    """``cu`` must be int32 ``[B+1]`` offsets on ``device`` (``B`` may be 0); returns them with a unit stride and the
+    lengths, on the device. Their values are checked by ``_check_cu_seqlens_values`` once read."""
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1 or cu.dtype != torch.int32:
         raise ValueError(f"{name} must be a 1-D int32 tensor of batch_size + 1 offsets, got "
                          f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
-    return cu[1:] - cu[:-1]
+    cu = _unit_stride(cu)
+    return cu, cu[1:] - cu[:-1]
 
 
 def _check_cu_seqlens_values(name, host, total):
@@ -278,21 +293,22 @@ def _check_cu_seqlens_values(name, host, total):
 
 
 def _check_lengths(name, lens, batch, device):
-    """``lens`` as an int32 ``[batch]`` tensor on ``device``, and its values on the host where they are known without
-    a read (an int; else None: a tensor's values are checked once read)."""
+    """``lens`` as an int32 ``[batch]`` tensor on ``device`` (unit stride), and its values on the host where they are
+    known without a read (an int; else None: a tensor's values are checked once read)."""
     if isinstance(lens, int) and not isinstance(lens, bool):
-        if lens < 0:
-            raise ValueError(f"{name} must be >= 0, got {lens}")
+        if not 0 <= lens <= _INT32_MAX:
+            raise ValueError(f"{name} must be from 0 to {_INT32_MAX}, got {lens}")
         return torch.full((batch,), lens, dtype=torch.int32, device=device), [lens] * batch
     if not isinstance(lens, torch.Tensor) or lens.shape != (batch,) or lens.dtype != torch.int32:
         raise ValueError(f"{name} must be an int or an int32 tensor of shape ({batch},), got "
                          f"{getattr(lens, 'dtype', type(lens).__name__)} {tuple(getattr(lens, 'shape', ()))}")
     if lens.device != device:
         raise ValueError(f"{name} is on {lens.device} but q is on {device}")
-    return lens, None
+    return _unit_stride(lens), None
 
 
-def _check_block_table(block_table, batch, device):
+def _check_block_table(block_table, batch, device, pool_name, pool):
+    """Returns ``block_table`` with a unit last stride; ``pool`` (``pool_name``) must have pages of at least a token."""
     if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.dtype != torch.int32:
         raise ValueError(f"block_table must be a 2-D int32 tensor [batch, max_pages], got "
                          f"{getattr(block_table, 'dtype', type(block_table).__name__)} "
@@ -301,6 +317,9 @@ def _check_block_table(block_table, batch, device):
         raise ValueError(f"block_table has {block_table.shape[0]} rows but the batch has {batch} sequences")
     if block_table.device != device:
         raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
+    if pool.shape[1] < 1:
+        raise ValueError(f"{pool_name} must hold pages of at least one token, got shape {tuple(pool.shape)}")
+    return _unit_stride(block_table)
 
 
 def _foreign_pages(block_table, k_len, pool):
@@ -380,7 +399,7 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
     seqlen_q = q.shape[1]
     zeros, q_len, k_len = _dense_lengths(q.shape[0], seqlen_q, k.shape[1], q.device)
     out, lse = _run_prefill(q, k, v, zeros, q_len, zeros, k_len, seqlen_q, softmax_scale=softmax_scale, causal=causal,
-                            window=window, softcap=softcap)
+                            window=_clip_window(window, max(seqlen_q, k.shape[1])), softcap=softcap)
     return (out, lse) if return_softmax_lse else out
 
 
@@ -413,13 +432,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     v = _check_tensor("v", v, 4 if paged else 3)
     q, k, v = _check_qkv(q[None], k if paged else k[None], v if paged else v[None], batch_dims=2)
     softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
-    q_len = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
-    k_len = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
+    cu_seqlens_q, q_len = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+    cu_seqlens_k, k_len = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
     if k_len.numel() != q_len.numel():
         raise ValueError(f"cu_seqlens_q describes {q_len.numel()} sequences but cu_seqlens_k {k_len.numel()}")
     batch = q_len.numel()
     if paged:
-        _check_block_table(block_table, batch, q.device)
+        block_table = _check_block_table(block_table, batch, q.device, "k", k)
     foreign = any_foreign = None
     if _host_reads_forbidden(q.device):  # nothing read: the caller vouches; the packed lengths bound missing bounds
         max_q, q_end = _check_bound("max_seqlen_q", max_seqlen_q, derived=q.shape[1]), None
@@ -440,7 +459,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     out = torch.empty_like(q[0]) if q_end == q.shape[1] else torch.zeros_like(q[0])
     _, lse = _run_prefill(
         q, k, v, cu_seqlens_q[:-1], q_len, cu_seqlens_k[:-1], k_len, max_q, softmax_scale=softmax_scale,
-        causal=causal, window=window, softcap=softcap, block_table=block_table, out=out[None])
+        causal=causal, window=_clip_window(window, max(max_q, max_k)), softcap=softcap, block_table=block_table,
+        out=out[None])
     return (out, lse[0]) if return_softmax_lse else out
 
 
@@ -485,23 +505,25 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
     _check_qkv(q4, k_cache, v_cache, batch_dims=2, names=("k_cache", "v_cache"))
     softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
     if packed:
-        q_len = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+        cu_seqlens_q, q_len = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
         batch, q_start = q_len.numel(), cu_seqlens_q[:-1]
     else:
         batch, max_q = q.shape[0], q.shape[1]
         q_start = q_len = None  # made below for the prefill launcher only: decode launches nothing but its kernels
     cache_seqlens, host_cache = _check_lengths("cache_seqlens", cache_seqlens, batch, q.device)
     if paged:
-        _check_block_table(block_table, batch, q.device)
-        pages_k, pages_v, table = k_cache, v_cache, block_table
+        table = _check_block_table(block_table, batch, q.device, "k_cache", k_cache)
+        pages_k, pages_v = k_cache, v_cache
     else:
         if k_cache.shape[0] != batch:
             raise ValueError(f"k_cache has batch size {k_cache.shape[0]} but q has {batch}")
+        if k_cache.shape[1] < 1:
+            raise ValueError(f"k_cache must hold at least one token per sequence, got shape {tuple(k_cache.shape)}")
         # A contiguous cache is a pool of one page per sequence: both layouts share one code path.
         pages_k, pages_v = k_cache, v_cache
         table = torch.arange(batch, dtype=torch.int32, device=q.device)[:, None]
-    if not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 0 <= num_splits <= MAX_NUM_SPLITS:
+        raise ValueError(f"num_splits must be an int from 0 to {MAX_NUM_SPLITS}, got {num_splits!r}")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together")
     if k is not None:
@@ -540,6 +562,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
                          f"(cache_seqlens + new tokens)")
     if foreign is not None:
         _check_page_ids(table, foreign, any_foreign, pages_k.shape[0])
+    window = _clip_window(window, max(max_q, longest))
     if k is not None:  # new tokens at positions cache_seqlens[b]... of each sequence, every one with a page (above)
         _append_pages_op(k, v, pages_k, pages_v, table, cache_seqlens, q_start)  # q_start: None unless packed
     if max_q == 1 and not packed:
@@ -591,6 +614,7 @@ def write_kv_pages(k, v, k_pool, v_pool, slot_mapping, *, max_slot=None):
         raise ValueError(f"slot_mapping must be an int64 tensor of shape ({k.shape[0]},) on {k.device}, got "
                          f"{getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)} "
                          f"{tuple(getattr(slot_mapping, 'shape', ()))}")
+    slot_mapping = _unit_stride(slot_mapping)
     num_pages, page_size = k_pool.shape[:2]
     if max_slot is not None:
         if _check_bound("max_slot", max_slot) >= num_pages * page_size:

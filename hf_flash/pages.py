@@ -4,13 +4,14 @@ A pool holds ``num_pages`` pages of ``page_size`` token slots; a page id names t
 pool. The table owns:
 
 * the allocator: a free list and a reference count per page (pages are shared by forks, e.g. beam search);
-* per sequence, its page ids in order (its row of the block table) and how many tokens it stores;
+* per sequence, its page ids in order (its row of the block table), how many tokens it stores, and which of its
+  positions were padding (never stored): a sequence stores ``seen`` minus its padded positions;
 * ``seen``: positions processed per sequence, padding included (what transformers calls the sequence length).
 
 Every change goes through one of the transitions below, each of which either completes or raises with the table
 untouched:
 
-``begin_step(new_tokens, q_len)`` -> ``StepChanges``
+``begin_step(new_tokens, q_len, pads)`` -> ``StepChanges``
     Allocate pages for each sequence's new (non-padding) tokens, give a sequence a private copy of a shared, partly
     filled last page (copy on write: the caller copies the pages' contents), advance the lengths. The step is then
     open: ``commit_step()`` keeps it, ``abort_step()`` gives every page back and restores the lengths, leaving the
@@ -19,12 +20,14 @@ untouched:
 ``fork(sources)``
     Sequence ``i`` becomes a copy of sequence ``sources[i]``, sharing its pages by reference.
 ``crop(keep)``
-    Forget positions past ``keep``.
+    Forget positions past ``keep``: each sequence keeps the tokens of its first ``keep`` positions that were not
+    padding.
 ``snapshot()`` / ``restore(snapshot)``
     The whole table, for a transaction spanning many steps (``generate()`` on a caller's cache).
 ``add_pages(count)``
     The pools grew by ``count`` pages.
 """
+import bisect
 import dataclasses
 
 
@@ -39,6 +42,7 @@ class StepChanges:
     first: bool  # the step made the sequences (no sequence existed before it)
     q_len: int
     lengths_before: list
+    pads_before: list  # how many padded positions each sequence had
     copies: list  # (sequence, shared page, private copy): the caller copies shared -> copy in every layer's pool
     appended: list  # (sequence, page) in allocation order
 
@@ -49,6 +53,7 @@ class PageTable:
         self.num_pages = 0
         self.refs, self.free = [], []
         self.pages, self.lengths = [], []
+        self.pads = []  # per sequence, its padded positions in increasing order
         self.seen = 0
         self.open_step = None  # StepChanges of the step begun and neither committed nor aborted
         self.version = 0  # bumped whenever a sequence's page ids change (the block table must be rebuilt)
@@ -82,7 +87,7 @@ class PageTable:
 
     def snapshot(self):
         return (self.num_pages, list(self.refs), list(self.free), [list(p) for p in self.pages], list(self.lengths),
-                self.seen)
+                [list(p) for p in self.pads], self.seen)
 
     # ----------------------------------------------------------------------------------------- transitions
 
@@ -92,11 +97,17 @@ class PageTable:
         self.free = list(range(self.num_pages + count - 1, self.num_pages - 1, -1)) + self.free
         self.num_pages += count
 
-    def begin_step(self, new_tokens, q_len):
+    def begin_step(self, new_tokens, q_len, pads=None):
         """Open a step storing ``new_tokens[b]`` tokens for each sequence ``b`` (``q_len`` positions each, padding
-        included). Raises ``PoolExhaustedError`` (nothing changed) when the free pages do not suffice."""
+        included; ``pads[b]``: the offsets in the step of sequence ``b``'s ``q_len - new_tokens[b]`` padded positions,
+        by default the first ones: left padding). Raises ``PoolExhaustedError`` (nothing changed) when the free pages
+        do not suffice."""
         if self.open_step is not None:
             raise RuntimeError("a step is already open: commit or abort it first")
+        if pads is None:
+            pads = [range(q_len - new) for new in new_tokens]
+        elif [len(p) for p in pads] != [q_len - new for new in new_tokens]:
+            raise ValueError(f"pads {pads} must hold q_len - new_tokens = {[q_len - n for n in new_tokens]} offsets")
         needed = self.pages_needed(new_tokens)
         if needed > len(self.free):
             raise PoolExhaustedError(
@@ -106,7 +117,9 @@ class PageTable:
         first = not self.pages
         if first:
             self.pages, self.lengths = [[] for _ in new_tokens], [0] * len(new_tokens)
-        step = StepChanges(first=first, q_len=q_len, lengths_before=list(self.lengths), copies=[], appended=[])
+            self.pads = [[] for _ in new_tokens]
+        step = StepChanges(first=first, q_len=q_len, lengths_before=list(self.lengths),
+                           pads_before=[len(p) for p in self.pads], copies=[], appended=[])
         for b, shared in self._shared_partial_pages(new_tokens):
             if self.refs[shared] > 1:  # the last of the sharers keeps the page itself
                 fresh = self._take()
@@ -119,6 +132,8 @@ class PageTable:
                 self.pages[b].append(page)
                 step.appended.append((b, page))
         self.lengths = [n + new for n, new in zip(self.lengths, new_tokens)]
+        for b, offsets in enumerate(pads):
+            self.pads[b] += [self.seen + i for i in offsets]
         self.seen += q_len
         if step.copies or step.appended or first:
             self.version += 1
@@ -141,14 +156,17 @@ class PageTable:
             self.refs[shared] += 1
             self._give_back(fresh)
         self.lengths, self.seen = step.lengths_before, self.seen - step.q_len
+        for p, count in zip(self.pads, step.pads_before):
+            del p[count:]
         if step.first:
-            self.pages, self.lengths = [], []
+            self.pages, self.lengths, self.pads = [], [], []
         self.version += 1
 
     def fork(self, sources):
         """Sequence ``i`` becomes a copy of sequence ``sources[i]`` (validated by the caller), sharing its pages."""
         pages = [list(self.pages[s]) for s in sources]
         lengths = [self.lengths[s] for s in sources]
+        self.pads = [list(self.pads[s]) for s in sources]
         for p in pages:
             for page in p:
                 self.refs[page] += 1
@@ -158,11 +176,12 @@ class PageTable:
         self.version += 1
 
     def crop(self, keep):
-        """Keep the first ``keep`` positions (``0 <= keep <= seen``) of every sequence; padding is never stored, so a
-        sequence loses ``seen - keep`` tokens or all it has."""
-        removed = self.seen - keep
+        """Keep the first ``keep`` positions (``0 <= keep <= seen``) of every sequence: the tokens of those that were
+        not padding."""
         for b, pages in enumerate(self.pages):
-            self.lengths[b] = max(self.lengths[b] - removed, 0)
+            padded_below = bisect.bisect_left(self.pads[b], keep)
+            del self.pads[b][padded_below:]
+            self.lengths[b] = keep - padded_below
             kept = self.pages_for(self.lengths[b])
             self._release(pages[kept:])
             del pages[kept:]
@@ -171,10 +190,11 @@ class PageTable:
 
     def restore(self, snapshot):
         """Back to ``snapshot()``'s state; pages made since stay, free."""
-        num_pages, refs, free, pages, lengths, seen = snapshot
+        num_pages, refs, free, pages, lengths, pads, seen = snapshot
         self.refs = refs + [0] * (self.num_pages - num_pages)
         self.free = list(range(self.num_pages - 1, num_pages - 1, -1)) + free
         self.pages, self.lengths, self.seen, self.open_step = [list(p) for p in pages], list(lengths), seen, None
+        self.pads = [list(p) for p in pads]
         self.version += 1
 
     # ------------------------------------------------------------------------------------------- helpers

@@ -79,11 +79,12 @@ def generate(self, *args, **kwargs):
 
 @functools.wraps(_original_prepare_cache)
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    given = model_kwargs.get(CACHE_NAME)  # the caller's cache, any kind: it is the one that must fill
     result = _original_prepare_cache(self, generation_config, model_kwargs, *args, **kwargs)
     if self.config._attn_implementation != NAME or self.config.is_encoder_decoder:
         return result
     cache = model_kwargs.get(CACHE_NAME)
-    if type(cache) is DynamicCache and generation_config.cache_implementation is None:
+    if given is None and type(cache) is DynamicCache and generation_config.cache_implementation is None:
         bound = _prepare_cache_signature.bind(self, generation_config, model_kwargs, *args, **kwargs).arguments
         copies = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         sequences = bound["batch_size"] * copies
@@ -92,6 +93,9 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
     elif cache is None and generation_config.use_cache and any(isinstance(v, Cache) for v in model_kwargs.values()):
         warn_once(f"generate() keeps its cache under another name than {CACHE_NAME!r} in this transformers release, "
                   f"so it runs on transformers' own cache: no PagedCache, CUDA graphs or chunked prefill")
+    if (generation_config.num_beams or 1) > 1 and self._valid_auto_compile_criteria(model_kwargs, generation_config):
+        warn_once("beam search runs its decode steps eagerly, not as CUDA graphs: transformers' beam search calls the "
+                  "model itself, not its compiled call")
     return result
 
 

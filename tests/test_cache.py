@@ -590,3 +590,24 @@ def test_padding_inside_prompts_matches_reference():
             for impl in (reference, "hf_flash")}
     assert torch.equal(outs["hf_flash"].sequences, outs[reference].sequences)
     assert cache_of(outs["hf_flash"]).page_table.lengths == [10 + 15, 9 + 15]
+
+
+def test_crop_through_padding_inside_a_prompt_matches_dynamic_cache():
+    """Cropping positions that held padding (never stored) takes away only the tokens of the cropped positions: the
+    next step's logits equal those of a DynamicCache cropped alike."""
+    model, reference = tiny_model("llama")
+    ids, mask = torch.randint(1, 128, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    mask[0, 4:6] = 0  # two pad tokens inside the first prompt, among the positions cropped below
+    ids[0, 4:6] = 0
+    step_ids, step_mask = torch.randint(1, 128, (2, 1)), torch.cat([mask[:, :4], torch.ones(2, 1, dtype=torch.long)], 1)
+    logits = {}
+    for impl, cache in ((reference, transformers.DynamicCache(config=model.config)),
+                        ("hf_flash", PagedCache(model.config, page_size=4))):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, **{CACHE_NAME: cache})
+            cache.crop(-4)  # positions 4..7: two tokens of the first sequence, four of the second
+            logits[impl] = model(input_ids=step_ids, attention_mask=step_mask, position_ids=torch.full((2, 1), 4),
+                                 **{CACHE_NAME: cache}).logits
+    assert cache.page_table.lengths == [4 + 1, 4 + 1]
+    torch.testing.assert_close(logits["hf_flash"], logits[reference], atol=1e-4, rtol=0)

@@ -193,14 +193,17 @@ def test_a_call_without_a_cache_that_failed_leaves_its_pools_to_the_next(device,
 
 def test_what_the_loop_does_not_cover_runs_transformers_loop_and_says_why(device, caplog):
     """A processor that reads the ids (repetition penalty) or holds a tensor (suppressed tokens: a graph kept for
-    the cache's next call would read it at its old address) and extra outputs (scores): transformers' loop, the same
-    tokens, the reason logged."""
+    the cache's next call would read it at its old address), extra outputs (scores) and a caller's positions that
+    start elsewhere than transformers' (the loop's steps take theirs from the cache's counts): transformers' loop, the
+    same tokens, the reason logged."""
     model, reference = tiny_model("llama")
     model.to(device)
     ids, mask = (t.to(device) for t in left_padded_batch([8, 5]))
+    shifted = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) + 50  # a continuation whose context is elsewhere
     cases = [({"repetition_penalty": 1.3}, "RepetitionPenaltyLogitsProcessor"),
              ({"suppress_tokens": [5, 6]}, "SuppressTokensLogitsProcessor"),
-             ({"output_scores": True}, "output_scores asked for")]
+             ({"output_scores": True}, "output_scores asked for"),
+             ({"position_ids": shifted}, "position_ids that do not end at")]
     for options, reason in cases:
         want = _generate(model, reference, ids, mask, do_sample=False, **options).sequences
         with caplog.at_level(logging.WARNING, logger="hf_flash"):
@@ -208,6 +211,20 @@ def test_what_the_loop_does_not_cover_runs_transformers_loop_and_says_why(device
         assert torch.equal(got.sequences, want)
         assert not _steps_of_the_loop(cache_of(got))
         assert any("transformers' loop" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+
+
+def test_beam_search_says_its_steps_run_eagerly(device, caplog):
+    """transformers' beam search calls the model itself, never its compiled call: no step of it is graphed, and the
+    log says so (the tokens are sdpa's)."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([8, 5]))
+    want = _generate(model, reference, ids, mask, do_sample=False, num_beams=2).sequences
+    with caplog.at_level(logging.WARNING, logger="hf_flash"):
+        got = _generate(model, "hf_flash", ids, mask, do_sample=False, num_beams=2)
+    assert torch.equal(got.sequences, want)
+    assert not captured_graphs(cache_of(got))
+    assert any("beam search runs its decode steps eagerly" in r.getMessage() for r in caplog.records)
 
 
 def test_an_interrupted_step_leaves_the_callers_cache_as_it_was(device, monkeypatch):

@@ -193,6 +193,27 @@ def test_compile_criteria_for_a_paged_cache():
         model, dynamic, config)
 
 
+def test_weights_moved_since_a_capture_get_new_graphs(device, graphs_on_any_device):
+    """A captured step reads the weights where they were: after they are assigned anew (new tensors, new values), the
+    next generate() on the same pools (the default cache takes over the last call's) must not replay those graphs.
+    Its tokens are sdpa's with the new weights, and it keys its own graphs."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([9, 6]))
+    before = graphs.model_key(model)
+    assert graphs.model_key(model) == before
+    pools = cache_of(_generate(model, "hf_flash", ids, mask, new=8)).layers[0].keys  # its cache is gone: kept
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.data = parameter.data * 1.5  # new storage: the old is freed and may be reused
+    assert graphs.model_key(model) != before
+    want = _generate(model, reference, ids, mask, new=8)
+    got = _generate(model, "hf_flash", ids, mask, new=8)
+    assert torch.equal(got.sequences, want.sequences)
+    assert cache_of(got).layers[0].keys is pools  # the same pools, other graphs
+    assert len({key[0] for key in captured_graphs(cache_of(got))}) == 2
+
+
 def test_graph_keys_tell_models_apart_without_keeping_them():
     """A graph key holds a number per model that no later model gets: not ``id(model)``, which a later model can take
     (its steps would replay graphs that read the first one's freed weights), nor the model (the graphs would keep it

@@ -73,8 +73,9 @@ def test_logits_match_reference(family):
 @pytest.mark.parametrize("cache", ["default", "dynamic"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_generate_matches_reference(family, cache, device):
-    """``default``: generate() gives hf_flash a PagedCache; ``dynamic``: a DynamicCache, through transformers'
-    flash path (unpadding to the varlen kernel). On the GPU device when there is one."""
+    """``default``: generate() gives hf_flash a PagedCache; ``dynamic``: the caller's DynamicCache, which generate()
+    fills (through transformers' flash path: unpadding to the varlen kernel) as it does with sdpa. On the GPU device
+    when there is one."""
     model, reference = tiny_model(family)
     model.to(device)
     ids, mask = (t.to(device) for t in left_padded_batch([17, 9, 4]))
@@ -83,9 +84,12 @@ def test_greedy_generate_matches_reference(family, cache, device):
         model.set_attn_implementation(impl)
         extra = {CACHE_NAME: transformers.DynamicCache(config=model.config)} if cache == "dynamic" else {}
         outs[impl] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
-                                    min_new_tokens=32, pad_token_id=0, **extra)
-    assert outs["hf_flash"].shape == (3, ids.shape[1] + 32)
-    assert torch.equal(outs["hf_flash"], outs[reference])
+                                    min_new_tokens=32, pad_token_id=0, return_dict_in_generate=True, **extra)
+        if extra:
+            assert getattr(outs[impl], CACHE_NAME) is extra[CACHE_NAME]
+            assert extra[CACHE_NAME].get_seq_length() == ids.shape[1] + 31  # the last new token is never fed back
+    assert outs["hf_flash"].sequences.shape == (3, ids.shape[1] + 32)
+    assert torch.equal(outs["hf_flash"].sequences, outs[reference].sequences)
 
 
 def test_from_pretrained_with_hf_flash(tmp_path):

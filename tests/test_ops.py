@@ -145,6 +145,14 @@ def _strided_last_dim(t):
     return t.transpose(-1, -2).contiguous().transpose(-1, -2)  # same shape and values, last stride != 1
 
 
+def _every_other(t):
+    """``t``'s values in a view with last stride 2; the entries between hold 7777, which no offset, length, slot or
+    page id of these tests is: a kernel reading the view as contiguous gets them."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), 7777, dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
 def _case(entry, change, match):
     return pytest.param(entry, change, match)
 
@@ -212,6 +220,8 @@ INVALID = {
     "table-rows": _case("paged_varlen", lambda g: {"block_table": g.table[[0, 1, 1]]}, "block_table has 3 rows"),
     "table-device": _case("paged_varlen", lambda g: {"block_table": g.table.to("meta")}, "block_table is on meta"),
     "pool-rank": _case("paged_varlen", lambda g: {"k": g.kp, "v": g.vp}, "k must have 4 dimensions"),
+    "pages-of-0": _case("paged_varlen", lambda g: {"k": _resized(g.pool, 1, 0), "v": _resized(g.pool, 1, 0)},
+                        "k must hold pages of at least one token"),
     "table-capacity": _case("paged_varlen", lambda g: {"cu_seqlens_k": g.i32([0, 9, 12])}, "block_table|cu_seqlens_k"),
     "kvcache-table-rows": _case("paged_kvcache", lambda g: {"block_table": g.table[:1]}, "block_table has 1 rows"),
     "kvcache-table-dtype": _case("paged_kvcache", lambda g: {"block_table": g.table.long()}, "block_table must be"),
@@ -247,6 +257,15 @@ INVALID = {
     "seqlens-device": _case("kvcache", lambda g: {"cache_seqlens": g.seqlens.to("meta")}, "cache_seqlens is on meta"),
     "num-splits-negative": _case("kvcache", lambda g: {"num_splits": -1}, "num_splits"),
     "num-splits-float": _case("kvcache", lambda g: {"num_splits": 1.5}, "num_splits"),
+    "num-splits-bool": _case("kvcache", lambda g: {"num_splits": True}, "num_splits"),
+    "num-splits-129": _case("kvcache", lambda g: {"num_splits": 129}, "num_splits must be an int from 0 to 128"),
+    "seqlens-past-int32": _case("kvcache", lambda g: {"cache_seqlens": 2 ** 31}, "cache_seqlens must be from 0 to"),
+    "cache-no-tokens": _case("kvcache", lambda g: {"k_cache": _resized(g.cache, 1, 0),
+                                                   "v_cache": _resized(g.cache, 1, 0)},
+                             "k_cache must hold at least one token per sequence"),
+    "kvcache-pages-of-0": _case("paged_kvcache", lambda g: {"k_cache": _resized(g.pool, 1, 0),
+                                                            "v_cache": _resized(g.pool, 1, 0)},
+                                "k_cache must hold pages of at least one token"),
     "k-without-v": _case("kvcache", lambda g: {"v": None}, "k and v must be given together"),
     "v-without-k": _case("kvcache", lambda g: {"k": None}, "k and v must be given together"),
     "new-k-seqlen": _case("kvcache", lambda g: {"k": _resized(g.k1, 1, 2), "v": _resized(g.k1, 1, 2)},
@@ -542,9 +561,10 @@ def _pool(seqs, table, num_pages, page_size):
     return pool.view(num_pages, page_size, heads, head_dim)
 
 
-@pytest.mark.parametrize("page_size, pad", [(4, 0), (16, 0), (4, -1)])
-def test_attention_varlen_paged(page_size, pad, backend, device):
+@pytest.mark.parametrize("page_size, pad, strided", [(4, 0, False), (16, 0, False), (4, -1, False), (4, 0, True)])
+def test_attention_varlen_paged(page_size, pad, strided, backend, device):
     # pad -1: block-table entries past a sequence's keys hold no page id, as vLLM pads them; they are never read.
+    # strided: the offsets and the block table are views with last stride 2 (read as such, not as contiguous).
     q_lens, k_lens = [3, 2, 13, 4], [7, 0, 21, 4]
     options = {"causal": True, "window": (9, -1)}
     q, qs = _packed(q_lens, 4, 32, torch.float16, device)
@@ -552,8 +572,9 @@ def test_attention_varlen_paged(page_size, pad, backend, device):
     _, vs = _packed(k_lens, 2, 32, torch.float16, device)
     table, num_pages = _page_table(k_lens, page_size, device, pad)
     k_pool, v_pool = _pool(ks, table, num_pages, page_size), _pool(vs, table, num_pages, page_size)
-    out, lse = ops.attention_varlen(q, k_pool, v_pool, _cu(q_lens, device), _cu(k_lens, device), block_table=table,
-                                    return_softmax_lse=True, **_ops_options(**options))
+    view = _every_other if strided else (lambda t: t)
+    out, lse = ops.attention_varlen(q, k_pool, v_pool, view(_cu(q_lens, device)), view(_cu(k_lens, device)),
+                                    block_table=view(table), return_softmax_lse=True, **_ops_options(**options))
     _check(out, lse.T, *_ref(qs, ks, vs, **options))
 
 
@@ -561,11 +582,12 @@ def test_attention_varlen_paged(page_size, pad, backend, device):
 
 
 def _run_kvcache(q_lens, cache_lens, *, packed, paged, append, device, num_splits=0, pad=0, head_major=False,
-                 **options):
+                 strided=False, **options):
     """attention_with_kvcache over a NaN-backed cache (contiguous, or shuffled pages of 4, unused block-table entries
     ``pad``) holding ``cache_lens`` random keys, optionally appending ``q_lens`` new ones; checks out / lse against
     the reference and that the cache changed exactly at positions cache_seqlens.. of each sequence. ``head_major``:
-    the cache is allocated ``[pages, H, page_size, D]`` and passed as its ``[pages, page_size, H, D]`` view."""
+    the cache is allocated ``[pages, H, page_size, D]`` and passed as its ``[pages, page_size, H, D]`` view.
+    ``strided``: the lengths, offsets and block table are passed as views with last stride 2."""
     hq, hkv, head_dim, dtype = 4, 2, 32, torch.float16
     q, qs = _packed(q_lens, hq, head_dim, dtype, device)
     old_k, old_v = (_packed(cache_lens, hkv, head_dim, dtype, device)[1] for _ in range(2))
@@ -582,12 +604,14 @@ def _run_kvcache(q_lens, cache_lens, *, packed, paged, append, device, num_split
     k_cache, v_cache = _pool(old_k, table, num_pages, page_size), _pool(old_v, table, num_pages, page_size)
     if head_major:
         k_cache, v_cache = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k_cache, v_cache))
-    kw = {"cu_seqlens_q": _cu(q_lens, device)} if packed else {}
+    view = _every_other if strided else (lambda t: t)
+    kw = {"cu_seqlens_q": view(_cu(q_lens, device))} if packed else {}
     if not packed:  # [B, Sq, H, D]
         q, new_k, new_v = (t.view(len(q_lens), q_lens[0], *t.shape[1:]) for t in (q, new_k, new_v))
     if append:
         kw.update(k=new_k, v=new_v)
-    out, lse = ops.attention_with_kvcache(q, k_cache, v_cache, _i32(cache_lens, device), table if paged else None,
+    out, lse = ops.attention_with_kvcache(q, k_cache, v_cache, view(_i32(cache_lens, device)),
+                                          view(table) if paged else None,
                                           num_splits=num_splits, return_softmax_lse=True, **kw,
                                           **_ops_options(**options))
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -634,6 +658,33 @@ def test_kvcache_head_major_pages(q_len, backend, device):
     # that the API takes: read, split and appended in place through their strides.
     _run_kvcache([q_len] * 3, [5, 0, 17], packed=False, paged=True, append=True, causal=True, num_splits=3,
                  head_major=True, device=device)
+
+
+@pytest.mark.parametrize("q_len", [1, 4], ids=["decode", "chunk"])
+def test_kvcache_strided_lengths_and_tables(q_len, backend, device):
+    # cache_seqlens, cu_seqlens_q and the block table as views with last stride 2 (the kernels read such offsets,
+    # lengths and page-id rows as contiguous runs, so the API hands them over with a unit stride).
+    _run_kvcache([q_len] * 3, [5, 0, 17], packed=False, paged=True, append=True, causal=True, num_splits=3,
+                 strided=True, device=device)
+    _run_kvcache([q_len, 0, 2], [5, 3, 17], packed=True, paged=True, append=True, causal=True, strided=True,
+                 device=device)
+
+
+def test_windows_past_every_length_are_unbounded(backend, device):
+    """A window side at least as long as the call's longest query or key run hides nothing: the output is the
+    unbounded one's, bit for bit, even for sides past int64 (flash-attn likewise treats a side >= seqlen_k as -1)."""
+    q, k, v = _randn(2, 6, 4, 32, device=device), _randn(2, 4, 2, 32, device=device), _randn(2, 4, 2, 32, device=device)
+    cu = _cu([6, 6], device)
+    calls = {
+        "attention": lambda window: ops.attention(q, k, v, window_size=window),
+        "varlen": lambda window: ops.attention_varlen(q.flatten(0, 1), k.repeat(1, 3, 1, 1).flatten(0, 1),
+                                                      v.repeat(1, 3, 1, 1).flatten(0, 1), cu, cu, window_size=window),
+        "decode": lambda window: ops.attention_with_kvcache(q[:, :1], k, v, 4, window_size=window, num_splits=2),
+    }
+    for name, call in calls.items():
+        unbounded = call((-1, -1))
+        for window in ((6, -1), (-1, 6), (2 ** 63 - 1, 2 ** 64), (2 ** 31, 7)):
+            assert torch.equal(call(window), unbounded), (name, window)
 
 
 @pytest.mark.parametrize("pad", [-1, 1000])
@@ -863,8 +914,12 @@ def test_write_kv_pages(backend, device):
     k, v = _randn(5, 2, 32, device=device), _randn(5, 2, 32, device=device)
     k_pool, v_pool = _randn(4, 4, 2, 32, device=device), _randn(4, 4, 2, 32, device=device)
     slots = torch.tensor([7, -1, 0, 15, 3], device=device)  # -1: skipped
+    k_pool_before, v_pool_before = k_pool.clone(), v_pool.clone()
     want_k, want_v = k_pool.clone().flatten(0, 1), v_pool.clone().flatten(0, 1)
     want_k[slots[slots >= 0]], want_v[slots[slots >= 0]] = k[slots >= 0], v[slots >= 0]
-    ops.write_kv_pages(k, v, k_pool, v_pool, slots)
-    torch.testing.assert_close(k_pool.flatten(0, 1), want_k, rtol=0, atol=0)
-    torch.testing.assert_close(v_pool.flatten(0, 1), want_v, rtol=0, atol=0)
+    for slot_mapping in (slots, _every_other(slots)):  # a strided view reads as its values, not as contiguous
+        k_pool.copy_(k_pool_before)
+        v_pool.copy_(v_pool_before)
+        ops.write_kv_pages(k, v, k_pool, v_pool, slot_mapping)
+        torch.testing.assert_close(k_pool.flatten(0, 1), want_k, rtol=0, atol=0)
+        torch.testing.assert_close(v_pool.flatten(0, 1), want_v, rtol=0, atol=0)

@@ -9,10 +9,11 @@ from hf_flash.pages import PageTable, PoolExhaustedError
 
 def check_invariants(table):
     """Reference counts are the number of sequences holding each page; the free list is exactly the unheld pages;
-    every sequence has the pages its length needs."""
+    every sequence has the pages its length needs and stores every position it saw but its padded ones."""
     counts = [0] * table.num_pages
-    for pages, n in zip(table.pages, table.lengths, strict=True):
+    for pages, n, pads in zip(table.pages, table.lengths, table.pads, strict=True):
         assert len(pages) == table.pages_for(n)
+        assert n + len(pads) == table.seen and pads == sorted(set(pads)) and all(0 <= p < table.seen for p in pads)
         for page in pages:
             counts[page] += 1
     assert table.refs == counts
@@ -47,6 +48,26 @@ def test_abort_restores_the_table_exactly():
             table.commit_step()
             assert table.lengths == [n + new for n, new in zip(before[4] or [0] * len(new_tokens), new_tokens)]
         check_invariants(table)
+
+
+def test_crop_keeps_the_tokens_below_the_cut():
+    """Padding anywhere (left, inside a prompt, a finished sequence's step) is never stored: cropping to ``keep``
+    positions leaves each sequence the tokens of its first ``keep`` positions that were not padding."""
+    table = PageTable(page_size=4, num_pages=16)
+    table.begin_step([8, 6, 5], 8, pads=[[], [0, 1], [2, 3, 6]])  # left padding and padding inside a prompt
+    table.commit_step()
+    table.begin_step([1, 0, 1], 1)  # the second sequence's step is padding
+    table.commit_step()
+    assert table.lengths == [9, 6, 6] and table.pads == [[], [0, 1, 8], [2, 3, 6]]
+    for keep, lengths in ((9, [9, 6, 6]), (7, [7, 5, 4]), (4, [4, 2, 2]), (2, [2, 0, 2]), (0, [0, 0, 0])):
+        snapshot = table.snapshot()
+        table.crop(keep)
+        assert table.lengths == lengths and table.seen == keep
+        check_invariants(table)
+        table.restore(snapshot)
+    with pytest.raises(ValueError, match="pads"):
+        table.begin_step([1, 1, 1], 2, pads=[[0], [1], []])
+    check_invariants(table)
 
 
 def test_copy_on_write_and_the_last_writer():
