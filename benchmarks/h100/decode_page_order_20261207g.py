@@ -5,7 +5,7 @@ head, as cuDNN's contiguous cache lays them out but for the page's interleaved h
 shapes, pages of 16 and 64, planned splits, over cuDNN on a contiguous cache; CUDA-graph replays, the two orders
 alternated twice. If the ordered table reads faster, what is left is the scatter (TLB reach, DRAM locality), not the
 tile loop. Run from the repository root on a GPU, after scripts/device_check.sh:
-    PYTHONPATH=/tmp/site python3 benchmarks/pending/decode_page_order.py"""
+    PYTHONPATH=/tmp/site python3 benchmarks/h100/decode_page_order_20261207g.py"""
 import sys
 
 import torch

@@ -4,7 +4,7 @@
 # the partials), installed apart in a copy of /tmp/site and run alternately, three times each, on
 # bench_kernels.py's seven decode shapes (bf16, GQA 32/8, D128, pages of 16 and 64, planned splits; CUDA-graph
 # replays) over cuDNN on a contiguous cache. Run from the repository root on a GPU, after scripts/device_check.sh:
-#     bash benchmarks/pending/decode_load_hints.sh
+#     bash benchmarks/h100/decode_load_hints_20261207g.sh
 # (Compiled offline for sm90 the copies are already cp.async.cg, L1 skipped; the hint adds L2::cache_hint to them.)
 set -euo pipefail
 rm -rf /tmp/site_evict && cp -r /tmp/site /tmp/site_evict
