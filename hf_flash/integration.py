@@ -63,6 +63,7 @@ def hf_flash_attention_forward(module, query, key, value, attention_mask, **kwar
     if module.training and torch.is_grad_enabled():
         raise NotImplementedError("hf_flash is inference-only (no backward pass); use model.eval(), or "
                                   "attn_implementation='sdpa' for training")
+    _check_inference(kwargs.get("dropout", 0.0))
     _refuse_sinks(kwargs)
     if isinstance(key, PagedKV):
         return paged_attention_forward(module, query, key, attention_mask, **kwargs), None
@@ -79,6 +80,8 @@ def paged_attention_forward(module, query, kv, attention_mask, *, scaling=None, 
         raise ValueError(f"this PagedCache was made for a model with {cache.num_layers} layers, but the model using it "
                          f"has {layers}: make one PagedCache per model")
     batch, _, q_len, _ = query.shape
+    if layer_idx == 0:  # once a forward, before anything is planned or stored
+        _refuse_packed_rows(kwargs, attention_mask, batch, q_len)
     plan = cache.layer_plan(layer_idx, attention_mask, q_len, batch)
     try:
         out = _store_and_attend(module, query, kv, plan, scaling=scaling, sliding_window=sliding_window,
@@ -88,6 +91,21 @@ def paged_attention_forward(module, query, kv, attention_mask, *, scaling=None, 
         raise
     cache.layer_done(layer_idx)
     return out
+
+
+def _refuse_packed_rows(kwargs, attention_mask, batch, q_len):
+    """The paged path attends each row of the batch as one sequence. Rows packing several documents back to back
+    (transformers' flash path attends them apart: told by ``cu_seq_lens_*``, or by positions that restart in a single
+    unmasked row) would see each other's tokens there."""
+    positions = kwargs.get("position_ids")
+    packed = kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None
+    if (not packed and positions is not None and attention_mask is None and batch == 1 and q_len > 1
+            and not ops._host_reads_forbidden(positions.device)):
+        packed = bool((positions[..., 1:] - positions[..., :-1] != 1).any())  # one host read a forward
+    if packed:
+        raise NotImplementedError("hf_flash's PagedCache holds one sequence per row, but this row packs several "
+                                  "(cu_seq_lens_* given, or positions that restart): run packed rows without a cache, "
+                                  "or give the sequences as a padded batch")
 
 
 def _store_and_attend(module, query, kv, plan, *, scaling, sliding_window, softcap, is_causal):

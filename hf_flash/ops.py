@@ -342,6 +342,29 @@ def _check_page_ids(block_table, foreign, any_foreign, num_pages):
 # ------------------------------------------------------------------------------------------------ the API
 
 
+class _NoBackward(torch.autograd.Function):
+    """The kernels' outputs, linked to the tensors they were computed from through a node whose backward raises:
+    hf_flash has no backward kernels, and without the link a backward pass would stop at the attention unseen."""
+
+    @staticmethod
+    def forward(ctx, out, lse, *inputs):
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("hf_flash's kernels have no backward pass (inference only): compute gradients with "
+                                  "attn_implementation='sdpa', or run the forward under torch.no_grad()")
+
+
+def _results(out, lse, return_lse, *inputs):
+    """``out`` (and ``lse``), through ``_NoBackward`` where eager autograd records (grad enabled and an input that
+    requires grad; torch.compile sees the custom ops instead, which torch gives no backward either)."""
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(t is not None and t.requires_grad for t in inputs)):
+        out, lse = _NoBackward.apply(out, lse, *inputs)
+    return (out, lse) if return_lse else out
+
+
 def _run_prefill(q4, k4, v4, q_start, q_len, k_start, k_len, max_seqlen_q, *, softmax_scale, causal, window,
                  softcap, block_table=None, out=None):
     """Allocate outputs (``out`` unless given) and call the backend's prefill launcher; q4/k4/v4/out are in the
@@ -400,7 +423,7 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
     zeros, q_len, k_len = _dense_lengths(q.shape[0], seqlen_q, k.shape[1], q.device)
     out, lse = _run_prefill(q, k, v, zeros, q_len, zeros, k_len, seqlen_q, softmax_scale=softmax_scale, causal=causal,
                             window=_clip_window(window, max(seqlen_q, k.shape[1])), softcap=softcap)
-    return (out, lse) if return_softmax_lse else out
+    return _results(out, lse, return_softmax_lse, q, k, v)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
@@ -461,7 +484,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         q, k, v, cu_seqlens_q[:-1], q_len, cu_seqlens_k[:-1], k_len, max_q, softmax_scale=softmax_scale,
         causal=causal, window=_clip_window(window, max(max_q, max_k)), softcap=softcap, block_table=block_table,
         out=out[None])
-    return (out, lse[0]) if return_softmax_lse else out
+    return _results(out, lse[0], return_softmax_lse, q, k, v)
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None, k=None, v=None, *,
@@ -584,7 +607,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
                               softmax_scale=softmax_scale, causal=causal, window=window, softcap=softcap,
                               block_table=table, out=out[None] if packed else out)
         lse = lse[0] if packed else lse
-    return (out, lse) if return_softmax_lse else out
+    return _results(out, lse, return_softmax_lse, q, k_cache, v_cache, k, v)
 
 
 def write_kv_pages(k, v, k_pool, v_pool, slot_mapping, *, max_slot=None):
@@ -655,7 +678,7 @@ def merge_state(out_a, lse_a, out_b, lse_b):
     out = torch.empty_like(out_a)
     lse = torch.empty_like(lse_a)
     _merge_state_op(out_a, lse_a, out_b, lse_b, out, lse)
-    return out, lse
+    return _results(out, lse, True, out_a, lse_a, out_b, lse_b)
 
 
 def choose_num_splits(batch, num_kv_heads, max_seqlen_k, device, *, head_dim, dtype):

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import hf_flash  # noqa: F401  (registers "hf_flash")
-from hf_flash import ops, patches
+from hf_flash import PagedCache, ops, patches
 from hf_flash.patches import attn_implementation as attn_implementation_patch
 from hf_flash.internals import CACHE_NAME
 
@@ -157,6 +157,69 @@ def test_training_mode_is_refused():
     model.train()
     with pytest.raises(NotImplementedError, match="inference-only"):
         model(input_ids=torch.randint(1, 128, (1, 5)))
+
+
+def test_a_backward_pass_through_hf_flash_fails_loudly():
+    """In eval mode with autograd recording (attributions, a frozen model's input gradients), the logits still lead
+    back through the attention, to a node that raises: gradients never silently stop there. Both paths: no cache
+    (transformers' flash path) and a PagedCache."""
+    model, _ = tiny_model("llama")
+    model.set_attn_implementation("hf_flash")
+    ids = torch.randint(1, 128, (2, 5))
+    for cache in ({}, {CACHE_NAME: PagedCache(model.config, page_size=4)}):
+        logits = model(input_ids=ids, **cache).logits
+        assert logits.requires_grad
+        with pytest.raises(NotImplementedError, match="no backward pass"):
+            logits.sum().backward()
+
+
+def test_attention_dropout_is_refused_on_every_path():
+    """A model in training mode under torch.no_grad asks for attention dropout, which hf_flash does not do: refused
+    with and without a PagedCache, never silently skipped."""
+    model, _ = tiny_model("llama")
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    model.set_attn_implementation("hf_flash")
+    model.train()
+    for cache in ({}, {CACHE_NAME: PagedCache(model.config, page_size=4)}):
+        with torch.no_grad(), pytest.raises(ValueError, match="no attention dropout"):
+            model(input_ids=torch.randint(1, 128, (1, 5)), **cache)
+
+
+def test_packed_rows_are_refused_on_a_paged_cache():
+    """Documents packed back to back in one row (positions that restart) are attended apart without a cache, as
+    transformers' flash path does; a PagedCache holds one sequence a row, so there they are refused, not mixed."""
+    model, _ = tiny_model("llama")
+    model.set_attn_implementation("hf_flash")
+    ids = torch.randint(1, 128, (1, 11))
+    positions = torch.cat([torch.arange(6), torch.arange(5)])[None]
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions).logits
+        apart = torch.cat([model(input_ids=ids[:, :6]).logits, model(input_ids=ids[:, 6:]).logits], 1)
+        torch.testing.assert_close(packed, apart, atol=1e-5, rtol=0)
+        cache = PagedCache(model.config, page_size=4)
+        with pytest.raises(NotImplementedError, match="packs several"):
+            model(input_ids=ids, position_ids=positions, **{CACHE_NAME: cache})
+        assert cache.get_seq_length() == 0
+        model(input_ids=ids, position_ids=torch.arange(11)[None], **{CACHE_NAME: cache})  # one sequence: fine
+    assert cache.get_seq_length() == 11
+
+
+def test_models_transformers_runs_without_flash_attention_are_refused():
+    """A model whose class says it does not support flash attention (Gemma 3's multimodal model: its image tokens
+    attend both ways) has masks hf_flash's kernels cannot apply: asked for "hf_flash", it is refused with what to use,
+    where transformers checks only the flash_attention_* names and would load it, attending causally."""
+    class NoFlash(transformers.LlamaForCausalLM):
+        _supports_flash_attn = False
+
+    config = tiny_model("llama")[0].config
+    with pytest.raises(ValueError, match=r"NoFlash does not run with flash attention.*attn_implementation='sdpa'"):
+        NoFlash._from_config(config, attn_implementation="hf_flash")
+    model = NoFlash._from_config(config, attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="NoFlash does not run with flash attention"):
+        model.set_attn_implementation("hf_flash")
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_attention_sinks_are_refused():

@@ -910,6 +910,28 @@ def test_merge_split_attention(split, backend, device):
     _check(out, lse, *_ref(q, k, v))
 
 
+def test_outputs_from_inputs_that_require_grad_refuse_a_backward_pass(backend, device):
+    """The kernels have no backward: with autograd recording, every entry point's outputs still lead back to its
+    inputs, through a node that raises, so a backward pass fails loudly instead of stopping at the attention with no
+    gradient. Under torch.no_grad nothing is recorded."""
+    q, k, v = (_randn(1, 4, 2, 16, dtype=torch.float32, device=device).requires_grad_() for _ in range(3))
+    cu = _cu([4], device)
+    calls = {
+        "attention": lambda: ops.attention(q, k, v, return_softmax_lse=True),
+        "varlen": lambda: ops.attention_varlen(q[0], k[0], v[0], cu, cu, return_softmax_lse=True),
+        "kvcache": lambda: ops.attention_with_kvcache(q[:, :1], k.detach(), v.detach(), 3, k=k[:, 1:2],
+                                                      v=v[:, 1:2], return_softmax_lse=True),
+        "merge": lambda: ops.merge_state(q[0], q[0, :, :, 0], k[0], k[0, :, :, 0]),
+    }
+    for name, call in calls.items():
+        out, lse = call()
+        assert out.requires_grad and lse.requires_grad, name
+        with pytest.raises(NotImplementedError, match="no backward pass"):
+            out.sum().backward()
+        with torch.no_grad():
+            assert not any(t.requires_grad for t in call()), name
+
+
 def test_write_kv_pages(backend, device):
     k, v = _randn(5, 2, 32, device=device), _randn(5, 2, 32, device=device)
     k_pool, v_pool = _randn(4, 4, 2, 32, device=device), _randn(4, 4, 2, 32, device=device)
