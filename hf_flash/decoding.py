@@ -121,9 +121,9 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
 
     def next_tokens_after(tokens):
         """One step: planned, run (compiled, graphed), committed; aborted if anything raises."""
-        ids = tokens[:, None]
+        new_ids = tokens[:, None]
         return graphs.run_step(lambda ids, positions: step(model, cache, ids, positions, select), key, cache,
-                               cache.begin_step(None, 1, batch), ids)  # begun last: run_step ends it
+                               cache.begin_step(None, 1, batch), new_ids)  # begun last: run_step ends it
 
     verdict = _Verdict(input_ids.device) if reads_tokens else None
     with model._optimize_model_for_decode():

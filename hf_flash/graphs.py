@@ -230,8 +230,8 @@ def _run(step, key, cache, plan, input_ids, position_ids):
     # so the compiled step is not specialized to one step's lengths.
     plan.max_seqlen_k = cache.num_pages * cache.page_size
     plan.max_slot = plan.max_seqlen_k - 1
-    weights, what = key
-    key = (weights, batch, plan.num_splits, what, cache.num_pages)
+    model_id, what = key  # model_key(model), the step
+    key = (model_id, batch, plan.num_splits, what, cache.num_pages)
     graphs = _captured.setdefault(cache.layers[0].keys, {})
     if key not in graphs:
         graphs[key] = _StepGraph(cache, batch, device)

@@ -63,7 +63,6 @@ def hf_flash_attention_forward(module, query, key, value, attention_mask, **kwar
     if module.training and torch.is_grad_enabled():
         raise NotImplementedError("hf_flash is inference-only (no backward pass); use model.eval(), or "
                                   "attn_implementation='sdpa' for training")
-    _check_inference(kwargs.get("dropout", 0.0))
     _refuse_sinks(kwargs)
     if isinstance(key, PagedKV):
         return paged_attention_forward(module, query, key, attention_mask, **kwargs), None
@@ -71,9 +70,10 @@ def hf_flash_attention_forward(module, query, key, value, attention_mask, **kwar
 
 
 def paged_attention_forward(module, query, kv, attention_mask, *, scaling=None, sliding_window=None, softcap=None,
-                            is_causal=None, **kwargs):
+                            is_causal=None, dropout=0.0, **kwargs):
     """Store this layer's new tokens in the cache's pages, then attend over the pages in place. If anything here
     raises, the step is aborted: the cache holds exactly what it held before the step."""
+    _check_inference(dropout)  # the flash path's flash_attn_func refuses it too
     cache, layer_idx = kv.cache, kv.layer_idx
     layers = getattr(getattr(module, "config", None), "num_hidden_layers", cache.num_layers)
     if layers != cache.num_layers:

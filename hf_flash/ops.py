@@ -307,8 +307,8 @@ def _check_lengths(name, lens, batch, device):
     return _unit_stride(lens), None
 
 
-def _check_block_table(block_table, batch, device, pool_name, pool):
-    """Returns ``block_table`` with a unit last stride; ``pool`` (``pool_name``) must have pages of at least a token."""
+def _check_block_table(block_table, batch, device):
+    """Returns ``block_table`` with a unit last stride."""
     if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or block_table.dtype != torch.int32:
         raise ValueError(f"block_table must be a 2-D int32 tensor [batch, max_pages], got "
                          f"{getattr(block_table, 'dtype', type(block_table).__name__)} "
@@ -317,9 +317,14 @@ def _check_block_table(block_table, batch, device, pool_name, pool):
         raise ValueError(f"block_table has {block_table.shape[0]} rows but the batch has {batch} sequences")
     if block_table.device != device:
         raise ValueError(f"block_table is on {block_table.device} but q is on {device}")
-    if pool.shape[1] < 1:
-        raise ValueError(f"{pool_name} must hold pages of at least one token, got shape {tuple(pool.shape)}")
     return _unit_stride(block_table)
+
+
+def _check_page_size(name, pool):
+    """A pool's pages (a contiguous cache's rows: one page a sequence) must hold a token at least: the kernels split
+    positions by the page size."""
+    if pool.shape[1] < 1:
+        raise ValueError(f"{name} must hold at least one token per page, got shape {tuple(pool.shape)}")
 
 
 def _foreign_pages(block_table, k_len, pool):
@@ -461,7 +466,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         raise ValueError(f"cu_seqlens_q describes {q_len.numel()} sequences but cu_seqlens_k {k_len.numel()}")
     batch = q_len.numel()
     if paged:
-        block_table = _check_block_table(block_table, batch, q.device, "k", k)
+        block_table = _check_block_table(block_table, batch, q.device)
+        _check_page_size("k", k)
     foreign = any_foreign = None
     if _host_reads_forbidden(q.device):  # nothing read: the caller vouches; the packed lengths bound missing bounds
         max_q, q_end = _check_bound("max_seqlen_q", max_seqlen_q, derived=q.shape[1]), None
@@ -534,17 +540,15 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
         batch, max_q = q.shape[0], q.shape[1]
         q_start = q_len = None  # made below for the prefill launcher only: decode launches nothing but its kernels
     cache_seqlens, host_cache = _check_lengths("cache_seqlens", cache_seqlens, batch, q.device)
+    # A contiguous cache is a pool of one page per sequence: both layouts share one code path.
+    pages_k, pages_v = k_cache, v_cache
     if paged:
-        table = _check_block_table(block_table, batch, q.device, "k_cache", k_cache)
-        pages_k, pages_v = k_cache, v_cache
+        table = _check_block_table(block_table, batch, q.device)
     else:
         if k_cache.shape[0] != batch:
             raise ValueError(f"k_cache has batch size {k_cache.shape[0]} but q has {batch}")
-        if k_cache.shape[1] < 1:
-            raise ValueError(f"k_cache must hold at least one token per sequence, got shape {tuple(k_cache.shape)}")
-        # A contiguous cache is a pool of one page per sequence: both layouts share one code path.
-        pages_k, pages_v = k_cache, v_cache
         table = torch.arange(batch, dtype=torch.int32, device=q.device)[:, None]
+    _check_page_size("k_cache", k_cache)
     if not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 0 <= num_splits <= MAX_NUM_SPLITS:
         raise ValueError(f"num_splits must be an int from 0 to {MAX_NUM_SPLITS}, got {num_splits!r}")
     if (k is None) != (v is None):

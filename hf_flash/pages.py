@@ -42,7 +42,7 @@ class StepChanges:
     first: bool  # the step made the sequences (no sequence existed before it)
     q_len: int
     lengths_before: list
-    pads_before: list  # how many padded positions each sequence had
+    pads_before: list | None  # how many padded positions each sequence had; None: the step pads nothing
     copies: list  # (sequence, shared page, private copy): the caller copies shared -> copy in every layer's pool
     appended: list  # (sequence, page) in allocation order
 
@@ -104,9 +104,9 @@ class PageTable:
         do not suffice."""
         if self.open_step is not None:
             raise RuntimeError("a step is already open: commit or abort it first")
-        if pads is None:
+        if pads is None and any(new != q_len for new in new_tokens):
             pads = [range(q_len - new) for new in new_tokens]
-        elif [len(p) for p in pads] != [q_len - new for new in new_tokens]:
+        elif pads is not None and [len(p) for p in pads] != [q_len - new for new in new_tokens]:
             raise ValueError(f"pads {pads} must hold q_len - new_tokens = {[q_len - n for n in new_tokens]} offsets")
         needed = self.pages_needed(new_tokens)
         if needed > len(self.free):
@@ -119,7 +119,7 @@ class PageTable:
             self.pages, self.lengths = [[] for _ in new_tokens], [0] * len(new_tokens)
             self.pads = [[] for _ in new_tokens]
         step = StepChanges(first=first, q_len=q_len, lengths_before=list(self.lengths),
-                           pads_before=[len(p) for p in self.pads], copies=[], appended=[])
+                           pads_before=None if pads is None else [len(p) for p in self.pads], copies=[], appended=[])
         for b, shared in self._shared_partial_pages(new_tokens):
             if self.refs[shared] > 1:  # the last of the sharers keeps the page itself
                 fresh = self._take()
@@ -132,7 +132,7 @@ class PageTable:
                 self.pages[b].append(page)
                 step.appended.append((b, page))
         self.lengths = [n + new for n, new in zip(self.lengths, new_tokens)]
-        for b, offsets in enumerate(pads):
+        for b, offsets in enumerate(pads or ()):  # a decode step without padding does no per-sequence work here
             self.pads[b] += [self.seen + i for i in offsets]
         self.seen += q_len
         if step.copies or step.appended or first:
@@ -156,7 +156,7 @@ class PageTable:
             self.refs[shared] += 1
             self._give_back(fresh)
         self.lengths, self.seen = step.lengths_before, self.seen - step.q_len
-        for p, count in zip(self.pads, step.pads_before):
+        for p, count in zip(self.pads, step.pads_before or ()):
             del p[count:]
         if step.first:
             self.pages, self.lengths, self.pads = [], [], []
