@@ -38,8 +38,9 @@ PREFILL_CHUNK_TOKENS = 16384
 # From this many prompt tokens over the batch, prompts are prefilled in two chunks at least, even where the budget would
 # take them whole: the cache holds the new tokens' pages from the start, where a DynamicCache holds the prompts alone,
 # and half the prompts' activations pay for them (H200, 8B-shaped, one prompt of 4096 tokens and 128 new, prefilled
-# whole: peak memory 19 MB over sdpa's). Fewer tokens leave the forward host-bound: a second one would double the
-# time to first token (1B-shaped, one prompt of 512: 0.021 -> 0.050 s, for 4.7 MB).
+# whole: peak memory 19 MB over sdpa's). Fewer tokens leave the forward host-bound (an eager forward is ~30 ms of
+# Python for ~3 ms of GPU work): a second one would more than double the time to first token (1B-shaped, one prompt
+# of 512: H200 0.021 -> 0.050 s, H100 0.031 -> 0.075 s, for 4.7 MB).
 TWO_CHUNKS_FROM = 2048
 # Model inputs that a prefill chunk may carry besides the ids; with any other tensor input (images, ...) the prompt
 # is prefilled whole, as transformers cannot split those.
