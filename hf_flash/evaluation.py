@@ -109,10 +109,20 @@ def load_text(source="pydoc", *, dataset_config=None, split="test", text_field="
     return text if max_chars is None else text[:max_chars]
 
 
-def window_starts(n_tokens, window, stride):
-    """First token of each window: every ``stride`` tokens until a window reaches the end of the text."""
+def check_windows(window, stride, max_windows=None):
+    """ValueError naming the argument unless the windows score something: ``window >= 2`` (a window's first token
+    is only context), ``0 < stride <= window`` and ``max_windows`` None or at least 1."""
+    if window < 2:
+        raise ValueError(f"need window >= 2 tokens, got window={window}")
     if not 0 < stride <= window:
         raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"need max_windows >= 1 (or None for all), got max_windows={max_windows}")
+
+
+def window_starts(n_tokens, window, stride):
+    """First token of each window: every ``stride`` tokens until a window reaches the end of the text."""
+    check_windows(window, stride)
     starts = [0]
     while starts[-1] + window < n_tokens:
         starts.append(starts[-1] + stride)
@@ -137,6 +147,7 @@ def token_nll(model, input_ids, *, window, stride, max_windows=None, progress=Tr
     ids = input_ids.reshape(-1)
     if ids.numel() < 2:
         raise ValueError("perplexity needs at least 2 tokens: the first one is never scored")
+    check_windows(window, stride, max_windows)
     starts = window_starts(ids.numel(), window, stride)[:max_windows]
     device = model.device
     nlls = []

@@ -64,6 +64,12 @@ def hf_flash_attention_forward(module, query, key, value, attention_mask, **kwar
         raise NotImplementedError("hf_flash is inference-only (no backward pass); use model.eval(), or "
                                   "attn_implementation='sdpa' for training")
     _refuse_sinks(kwargs)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
+        # What transformers passes through untouched: a caller's own 4-D pattern, which the kernels (causal, window,
+        # padding) cannot follow.
+        raise ValueError(f"hf_flash attends with a 2-D [batch, length] padding mask, but this forward got attention_mask "
+                         f"of shape {tuple(attention_mask.shape)}: an arbitrary attention pattern needs "
+                         f"attn_implementation='sdpa' or 'eager'")
     if isinstance(key, PagedKV):
         return paged_attention_forward(module, query, key, attention_mask, **kwargs), None
     return flash_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -142,12 +148,13 @@ def _store_and_attend(module, query, kv, plan, *, scaling, sliding_window, softc
 
 
 def continuous_batching_attention_forward(module, query, key, value, attention_mask, *, cache, cu_seq_lens_q,
-                                          cu_seq_lens_k, max_seqlen_q, max_seqlen_k, sliding_window=None, softcap=None,
-                                          read_index, write_index, **kwargs):
+                                          cu_seq_lens_k, max_seqlen_q, max_seqlen_k, scaling=None, sliding_window=None,
+                                          softcap=None, dropout=0.0, read_index, write_index, **kwargs):
     """``"paged|hf_flash"``: what continuous batching (``generate_batch``) calls before transformers 5.23, with its own
     paged cache, where 5.23 calls ``"hf_flash"`` itself. Store the new states, read every key of the batch's
     sequences back packed, attend varlen. (transformers' ``flash_paged`` would do the same but takes the window from
     a module attribute that Mistral lacks: Mistral would attend past its window.)"""
+    _check_inference(dropout)
     _refuse_sinks(kwargs)
     if kwargs.get("block_table") is not None:  # transformers' decode fast path, which leaves the indices unset
         raise NotImplementedError("hf_flash's continuous-batching attention reads the cache through read_index and "
@@ -159,7 +166,7 @@ def continuous_batching_attention_forward(module, query, key, value, attention_m
     k, v = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, read_index=read_index,
                         write_index=write_index)
     out = flash_attn_varlen_func(query.transpose(1, 2).squeeze(0).to(k.dtype), k, v, cu_seq_lens_q, cu_seq_lens_k,
-                                 max_seqlen_q, max_seqlen_k, softmax_scale=module.scaling, causal=True,
+                                 max_seqlen_q, max_seqlen_k, softmax_scale=scaling, causal=True,
                                  window_size=(sliding_window - 1, 0) if sliding_window else (-1, -1), softcap=softcap)
     return out[None].to(query.dtype), None
 

@@ -19,7 +19,7 @@ import time
 import torch
 
 import hf_flash  # noqa: F401  (registers attn_implementation="hf_flash")
-from hf_flash.evaluation import load_model, load_text, load_tokenizer, token_nll, with_dtype
+from hf_flash.evaluation import check_windows, load_model, load_text, load_tokenizer, token_nll, with_dtype
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REFERENCE = ("sdpa", "fp32")
@@ -56,6 +56,10 @@ def parse_args(argv=None):
     on_cuda = torch.device(args.device).type == "cuda"
     args.stride = args.window if args.stride is None else args.stride
     args.max_windows = (16 if on_cuda else 2) if args.max_windows is None else args.max_windows
+    try:  # before the model is loaded (tens of seconds)
+        check_windows(args.window, args.stride, args.max_windows)
+    except ValueError as e:
+        parser.error(f"{e} (--window, --stride, --max-windows)")
     dtypes = (args.dtypes or ("fp32,bf16" if on_cuda else "fp32")).split(",")
     unknown = set(dtypes) - set(DTYPES)
     if unknown:

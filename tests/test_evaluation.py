@@ -116,9 +116,13 @@ def test_load_model_from_a_local_directory(tiny_llama, tmp_path):
     assert copy.dtype == torch.float32 and model.dtype == torch.bfloat16  # the source keeps its weights
 
 
-def test_perplexity_rejects_bad_stride(tiny_llama):
-    with pytest.raises(ValueError, match="stride"):
-        perplexity(tiny_llama, torch.zeros(1, 8, dtype=torch.long), window=4, stride=5, progress=False)
+@pytest.mark.parametrize(("options", "bad"), [({"window": 4, "stride": 5}, "stride"),
+                                              ({"window": 1, "stride": 1}, "window=1"),
+                                              ({"window": 4, "stride": 4, "max_windows": 0}, "max_windows=0")])
+def test_perplexity_rejects_bad_windows(tiny_llama, options, bad):
+    """Windows that would score nothing (a NaN perplexity) or fail inside are refused, naming the argument."""
+    with pytest.raises(ValueError, match=bad):
+        perplexity(tiny_llama, torch.zeros(1, 8, dtype=torch.long), progress=False, **options)
 
 
 # ------------------------------------------------------------------------------------------------ the model

@@ -115,6 +115,24 @@ def test_packed_sequences_match_separate_runs():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("cache", [None, "dynamic", "paged"])
+def test_arbitrary_4d_mask_is_refused(cache):
+    """A caller's own 4-D mask reaches the attention untouched; hf_flash cannot follow an arbitrary pattern, so it
+    says so (not an IndexError deep in unpadding), and a PagedCache stores nothing of the refused forward."""
+    model, _ = tiny_model("llama")
+    model.set_attn_implementation("hf_flash")
+    ids = torch.randint(1, 128, (2, 7))
+    pattern = torch.ones(7, 7, dtype=torch.bool).tril().expand(2, 1, 7, 7)
+    caches = {None: None, "dynamic": transformers.DynamicCache(config=model.config), "paged": PagedCache(model.config)}
+    given = {} if cache is None else {CACHE_NAME: caches[cache]}
+    with torch.no_grad(), pytest.raises(ValueError, match=r"2-D \[batch, length\] padding mask.*\(2, 1, 7, 7\)"):
+        model(input_ids=ids, attention_mask=pattern, **given)
+    if cache == "paged":  # (a DynamicCache keeps what transformers' layers stored before the attention raised)
+        assert caches[cache].get_seq_length() == 0 and caches[cache].memory_stats()["tokens"] == 0
+        with torch.no_grad():  # the same forward with the 2-D mask it stands for goes through
+            assert torch.isfinite(model(input_ids=ids, attention_mask=torch.ones(2, 7), **given).logits).all()
+
+
 def test_generate_through_triton_kernels(device):
     """The same generate, with every attention call forced through the Triton kernels (interpreter on CPU)."""
     model, _ = tiny_model("qwen2")
@@ -251,6 +269,31 @@ def test_a_block_table_from_continuous_batching_is_refused():
         continuous_batching_attention_forward(attention, q, kv, kv, None, cache=UntouchableCache(), cu_seq_lens_q=cu,
                                               cu_seq_lens_k=cu, max_seqlen_q=3, max_seqlen_k=3, read_index=[],
                                               write_index=[], block_table=torch.zeros(1, 1, 1, dtype=torch.int32))
+
+
+def test_continuous_batching_attention_takes_the_scaling_it_is_given():
+    """"paged|hf_flash" attends with the ``scaling`` transformers passes (a model may scale otherwise than its
+    module's attribute says), and refuses dropout as the other paths do."""
+    from hf_flash.integration import continuous_batching_attention_forward
+
+    class PackedCache:  # what transformers' paged cache returns: every key of the batch's sequences, packed
+        def update(self, key_states, value_states, **kwargs):
+            return key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
+
+    model, _ = tiny_model("llama")
+    attention = model.model.layers[0].self_attn
+    q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    args = dict(cache=PackedCache(), cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_seqlen_q=5, max_seqlen_k=5,
+                read_index=[], write_index=[])
+    scaling = 0.7  # not the module's 16 ** -0.5
+    got, _ = continuous_batching_attention_forward(attention, q, k, v, None, scaling=scaling, **args)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(2, 1),
+                                                            v.double().repeat_interleave(2, 1), is_causal=True,
+                                                            scale=scaling)
+    torch.testing.assert_close(got.double(), want.transpose(1, 2), atol=1e-5, rtol=0)  # fp32 kernel vs fp64
+    with pytest.raises(ValueError, match="dropout"):
+        continuous_batching_attention_forward(attention, q, k, v, None, scaling=scaling, dropout=0.1, **args)
 
 
 def test_models_listing_their_flash_kernels_are_refused():

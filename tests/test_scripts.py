@@ -97,3 +97,11 @@ def test_plot_says_when_there_is_nothing_to_draw(tmp_path):
     done = run("plot_benchmarks.py", str(empty), "--out-dir", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 1
     assert "no prefill, varlen, append, decode, generate results" in done.stderr
+
+
+def test_perplexity_refuses_windows_that_score_nothing(tmp_path):
+    """Before the model loads: a window of one token, no windows at all, or a stride past the window."""
+    for args, bad in ((["--window", "1"], "window=1"), (["--max-windows", "0"], "max_windows=0"),
+                      (["--window", "8", "--stride", "9"], "stride=9")):
+        done = run("perplexity.py", *args, cwd=tmp_path)
+        assert done.returncode == 2 and bad in done.stderr, done.stderr
