@@ -168,11 +168,10 @@ class PagedCache(Cache):
             raise ValueError(f"num_pages must be a positive int, got {num_pages!r}")
         if max_memory is not None and (not isinstance(max_memory, int) or max_memory < 1):
             raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
-        layer_types = getattr(config, "layer_types", None) or []
-        others = sorted(set(layer_types) - set(self.ATTENTION_LAYER_TYPES))
-        if others:
-            raise ValueError(f"PagedCache holds attention layers only, but this model's layer_types include "
-                             f"{others}; use the model's default cache (and attn_implementation='sdpa')")
+        reason = self.why_not_for(config)
+        if reason is not None:
+            raise ValueError(f"PagedCache cannot hold this model's K/V: {reason}; use the model's default cache "
+                             f"(generate() picks it for such models)")
         self.num_layers = config.num_hidden_layers
         self.config_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         # The KV heads of every pool: taken from the first key states, since tensor parallelism gives each rank a share
@@ -191,6 +190,23 @@ class PagedCache(Cache):
         self._table_tensor = None  # (page table version, host block table)
         self._donor_layers = None  # the layers of a gone cache whose pools the first step takes over (take_pools)
         super().__init__(layers=[PagedLayer(self) for _ in range(self.num_layers)])
+
+    @classmethod
+    def why_not_for(cls, config):
+        """Why a PagedCache cannot hold the K/V of a model with this ``config`` (None if it can): one pool per layer, every
+        layer storing its own K/V with the same head dim and KV heads."""
+        config = config.get_text_config(decoder=True)
+        others = sorted(set(getattr(config, "layer_types", None) or []) - set(cls.ATTENTION_LAYER_TYPES))
+        if others:
+            return f"its layer_types include {others}, and a PagedCache holds attention layers only"
+        if getattr(config, "num_kv_shared_layers", 0):  # Gemma 3n / 4: later layers attend with earlier layers' K/V
+            return (f"its last {config.num_kv_shared_layers} layers attend with the K/V of earlier layers "
+                    f"(num_kv_shared_layers), and every layer of a PagedCache stores its own")
+        per_layer = sorted((getattr(config, "per_layer_attributes", None) or set())
+                           & {"head_dim", "num_key_value_heads", "num_attention_heads"})
+        if per_layer:  # transformers' heterogeneous configs (Gemma 4's global_head_dim, say)
+            return f"its {', '.join(per_layer)} vary from layer to layer, and a PagedCache's pools share one shape"
+        return None
 
     @property
     def num_pages(self):

@@ -86,6 +86,11 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
         return result
     cache = model_kwargs.get(CACHE_NAME)
     if given is None and type(cache) is DynamicCache and generation_config.cache_implementation is None:
+        reason = PagedCache.why_not_for(self.config)
+        if reason is not None:
+            warn_once(f"generate() keeps transformers' cache for {type(self).__name__} (no PagedCache, CUDA graphs or "
+                      f"chunked prefill): {reason}")
+            return result
         bound = _prepare_cache_signature.bind(self, generation_config, model_kwargs, *args, **kwargs).arguments
         copies = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         sequences = bound["batch_size"] * copies

@@ -1,5 +1,7 @@
 """Model-level equivalence: tiny random models of each supported family, hf_flash against transformers' own
 attention (sdpa; eager for Gemma2, whose soft-cap sdpa does not implement), fp32 on CPU."""
+import logging
+
 import pytest
 import torch
 import transformers
@@ -131,6 +133,35 @@ def test_arbitrary_4d_mask_is_refused(cache):
         assert caches[cache].get_seq_length() == 0 and caches[cache].memory_stats()["tokens"] == 0
         with torch.no_grad():  # the same forward with the 2-D mask it stands for goes through
             assert torch.isfinite(model(input_ids=ids, attention_mask=torch.ones(2, 7), **given).logits).all()
+
+
+_GEMMA4 = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
+               vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, max_position_embeddings=256, pad_token_id=0)
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    ({"global_head_dim": 32}, "head_dim vary from layer to layer"),  # as every Gemma 4 config has
+    ({"global_head_dim": 16, "num_kv_shared_layers": 2}, "num_kv_shared_layers"),  # Gemma 3n / 4's small models
+])
+def test_models_a_paged_cache_cannot_hold_keep_transformers_cache(extra, reason, caplog):
+    """Layers of other shapes, or layers attending with an earlier layer's K/V (which over a PagedCache re-planned the
+    step and committed nothing: the prompt was forgotten at the next step), are refused by PagedCache; generate() keeps
+    transformers' cache for such models, says why, and gives sdpa's tokens."""
+    config = transformers.Gemma4TextConfig(**_GEMMA4, **extra)
+    with pytest.raises(ValueError, match=reason):
+        PagedCache(config)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids = torch.randint(1, 128, (2, 12))
+    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "return_dict_in_generate": True}
+    want = model.generate(input_ids=ids, **options).sequences
+    model.set_attn_implementation("hf_flash")
+    with caplog.at_level(logging.WARNING, logger="hf_flash"):
+        got = model.generate(input_ids=ids, **options)
+    assert torch.equal(got.sequences, want)
+    assert not isinstance(getattr(got, CACHE_NAME), PagedCache)
+    assert any("keeps transformers' cache for Gemma4ForCausalLM" in r.getMessage() and reason in r.getMessage()
+               for r in caplog.records)
 
 
 def test_generate_through_triton_kernels(device):
