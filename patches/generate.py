@@ -131,8 +131,10 @@ def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
     chunk = max(PAGE_SIZE, PREFILL_CHUNK_TOKENS // max(batch, 1) // PAGE_SIZE * PAGE_SIZE)
     if batch * prompt >= TWO_CHUNKS_FROM:
         chunk = min(chunk, -(-prompt // (2 * PAGE_SIZE)) * PAGE_SIZE)  # half the prompt, in whole pages
+    # Asked for the prompt's hidden states or attentions, transformers' chunked prefill returns the last chunk's only.
+    per_token_outputs = generation_config.output_hidden_states or generation_config.output_attentions
     if not (isinstance(cache, PagedCache) and generation_config.prefill_chunk_size is None
-            and cache.get_seq_length() == 0 and prompt > chunk
+            and cache.get_seq_length() == 0 and prompt > chunk and not per_token_outputs
             and all(name in _TEXT_INPUTS for name, value in model_kwargs.items() if isinstance(value, torch.Tensor))):
         return _original_prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
     generation_config.prefill_chunk_size = chunk

@@ -139,14 +139,14 @@ def test_a_step_that_cannot_be_captured_says_how_to_decode_eagerly():
     assert "lengths [] 0" in child.stdout, child.stdout
 
 
-def _generate_with_forward_widths(model, ids, mask, new):
+def _generate_with_forward_widths(model, ids, mask, new, **kwargs):
     """hf_flash's generate() on the torch backend, and the width of the input ids of each of its forward calls."""
     widths = []
     hook = model.model.register_forward_pre_hook(
         lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
     try:
         with ops.use_backend("torch"):
-            return _generate(model, "hf_flash", ids, mask, new=new), widths
+            return _generate(model, "hf_flash", ids, mask, new=new, **kwargs), widths
     finally:
         hook.remove()
 
@@ -175,6 +175,23 @@ def test_long_prompts_are_prefilled_in_two_chunks_at_least(monkeypatch, lengths,
     got, seen = _generate_with_forward_widths(model, ids, mask, new=4)
     assert seen[:len(widths)] == widths
     assert torch.equal(got.sequences, _generate(model, reference, ids, mask, new=4).sequences)
+
+
+@pytest.mark.parametrize("asked", ["output_hidden_states", "output_attentions"])
+def test_prompts_are_prefilled_whole_when_their_per_token_outputs_are_asked_for(monkeypatch, asked):
+    """transformers' chunked prefill returns the last chunk's hidden states and attentions only: asked for them, a
+    long prompt is prefilled in one call, and the prompt's hidden states are sdpa's, every position of them."""
+    monkeypatch.setattr(generate_patch, "TWO_CHUNKS_FROM", 40)
+    model, reference = tiny_model("qwen3")
+    ids, mask = left_padded_batch([40])
+    got, seen = _generate_with_forward_widths(model, ids, mask, new=4, **{asked: True})
+    want = _generate(model, reference, ids, mask, new=4, **{asked: True})
+    assert seen[:2] == [40, 1]
+    assert torch.equal(got.sequences, want.sequences)
+    if asked == "output_hidden_states":
+        assert len(got.hidden_states[0]) == len(want.hidden_states[0])
+        for g, w in zip(got.hidden_states[0], want.hidden_states[0]):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=0)  # fp32: summation order only
 
 
 def test_compile_criteria_for_a_paged_cache():
