@@ -35,23 +35,39 @@ def _refuse_sinks(kwargs):
         raise NotImplementedError("hf_flash does not implement attention sinks (s_aux) yet")
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    deterministic=False, return_attn_probs=False):
-    """``flash_attn.flash_attn_func`` on ``hf_flash.ops.attention`` (``deterministic``: always)."""
+def _check_unsupported(dropout_p, alibi_slopes):
     _check_inference(dropout_p)
-    return ops.attention(q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=tuple(window_size),
-                         softcap=softcap or 0.0, return_softmax_lse=return_attn_probs)
+    if alibi_slopes is not None:
+        raise NotImplementedError("hf_flash has no ALiBi (alibi_slopes); use attn_implementation='sdpa' or 'eager'")
+
+
+def _flash_attn_result(result, return_attn_probs):
+    # flash-attn returns (out, softmax_lse, S_dmask); S_dmask holds dropout's pattern, and hf_flash has no dropout.
+    return (*result, None) if return_attn_probs else result
+
+
+# The two functions below take flash-attn 2's arguments in flash-attn 2's order (callers pass them by position too).
+# Rows that see no key give out 0 and lse -inf (flash-attn 2: +inf without splits).
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """``flash_attn.flash_attn_func`` on ``hf_flash.ops.attention`` (``deterministic``: always)."""
+    _check_unsupported(dropout_p, alibi_slopes)
+    return _flash_attn_result(ops.attention(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                                            window_size=tuple(window_size), softcap=softcap or 0.0,
+                                            return_softmax_lse=return_attn_probs), return_attn_probs)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, deterministic=False,
-                           return_attn_probs=False):
-    """``flash_attn.flash_attn_varlen_func`` on ``hf_flash.ops.attention_varlen``."""
-    _check_inference(dropout_p)
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """``flash_attn.flash_attn_varlen_func`` on ``hf_flash.ops.attention_varlen`` (``block_table``: K/V in pages)."""
+    _check_unsupported(dropout_p, alibi_slopes)
     # transformers' collators and position-id helpers produce int64 offsets; the kernels index with int32.
-    return ops.attention_varlen(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), max_seqlen_q, max_seqlen_k,
-                                softmax_scale=softmax_scale, causal=causal, window_size=tuple(window_size),
-                                softcap=softcap or 0.0, return_softmax_lse=return_attn_probs)
+    return _flash_attn_result(ops.attention_varlen(q, k, v, cu_seqlens_q.int(), cu_seqlens_k.int(), max_seqlen_q,
+                                                   max_seqlen_k, softmax_scale=softmax_scale, causal=causal,
+                                                   window_size=tuple(window_size), softcap=softcap or 0.0,
+                                                   block_table=block_table, return_softmax_lse=return_attn_probs),
+                              return_attn_probs)
 
 
 def hf_flash_attention_forward(module, query, key, value, attention_mask, **kwargs):

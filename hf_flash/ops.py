@@ -28,6 +28,7 @@ import contextlib
 import functools
 import itertools
 import math
+import numbers
 import operator
 import os
 from typing import Optional
@@ -199,18 +200,20 @@ def _check_qkv(q, k, v, *, batch_dims, names=("k", "v")):
     return q, k, v
 
 
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _is_number(x):  # numpy's scalars too, as flash-attn takes them; not bools
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _check_options(softmax_scale, window_size, softcap, head_dim):
+def _check_options(softmax_scale, causal, window_size, softcap, head_dim):
+    if isinstance(causal, torch.Tensor) or causal not in (True, False):  # a truthy string would silently be causal
+        raise ValueError(f"causal must be a bool, got {causal!r}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
     elif not (_is_number(softmax_scale) and 0 < softmax_scale <= _SCALE_MAX):  # NaN fails both comparisons
         raise ValueError(f"softmax_scale must be a positive number of at most {_SCALE_MAX:.4g} (its product with "
                          f"log2(e) must be finite in float32), got {softmax_scale!r}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
     if softcap is None:
         softcap = 0.0
@@ -218,7 +221,7 @@ def _check_options(softmax_scale, window_size, softcap, head_dim):
             and (softcap == 0 or softmax_scale <= softcap * _FP32_MAX)):
         raise ValueError(f"softcap must be 0 (off) or a positive number of at most {_SCALE_MAX:.4g} with "
                          f"softmax_scale / softcap finite in float32, got {softcap!r}")
-    return float(softmax_scale), (int(window_size[0]), int(window_size[1])), float(softcap)
+    return float(softmax_scale), bool(causal), (int(window_size[0]), int(window_size[1])), float(softcap)
 
 
 def _clip_window(window, longest):
@@ -423,7 +426,8 @@ def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
     q, k, v = _check_qkv(q, k, v, batch_dims=2)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch size {k.shape[0]} but q has {q.shape[0]}")
-    softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
+    softmax_scale, causal, window, softcap = _check_options(softmax_scale, causal, window_size, softcap,
+                                                             q.shape[-1])
     seqlen_q = q.shape[1]
     zeros, q_len, k_len = _dense_lengths(q.shape[0], seqlen_q, k.shape[1], q.device)
     out, lse = _run_prefill(q, k, v, zeros, q_len, zeros, k_len, seqlen_q, softmax_scale=softmax_scale, causal=causal,
@@ -459,7 +463,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     k = _check_tensor("k", k, 4 if paged else 3)
     v = _check_tensor("v", v, 4 if paged else 3)
     q, k, v = _check_qkv(q[None], k if paged else k[None], v if paged else v[None], batch_dims=2)
-    softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
+    softmax_scale, causal, window, softcap = _check_options(softmax_scale, causal, window_size, softcap,
+                                                             q.shape[-1])
     cu_seqlens_q, q_len = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
     cu_seqlens_k, k_len = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
     if k_len.numel() != q_len.numel():
@@ -532,7 +537,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table=None,
     v_cache = _check_tensor("v_cache", v_cache, 4, in_place=True)
     q4 = q[None] if packed else q
     _check_qkv(q4, k_cache, v_cache, batch_dims=2, names=("k_cache", "v_cache"))
-    softmax_scale, window, softcap = _check_options(softmax_scale, window_size, softcap, q.shape[-1])
+    softmax_scale, causal, window, softcap = _check_options(softmax_scale, causal, window_size, softcap,
+                                                             q.shape[-1])
     if packed:
         cu_seqlens_q, q_len = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
         batch, q_start = q_len.numel(), cu_seqlens_q[:-1]

@@ -1,5 +1,6 @@
 """Model-level equivalence: tiny random models of each supported family, hf_flash against transformers' own
 attention (sdpa; eager for Gemma2, whose soft-cap sdpa does not implement), fp32 on CPU."""
+import inspect
 import logging
 
 import pytest
@@ -281,6 +282,32 @@ def test_attention_sinks_are_refused():
     kv = torch.randn(1, 2, 3, 16)
     with pytest.raises(NotImplementedError, match="s_aux"):
         hf_flash_attention_forward(attention, q, kv, kv, None, s_aux=torch.zeros(4))
+
+
+def test_flash_attn_functions_take_flash_attns_arguments_in_its_order():
+    """flash-attn 2's parameters, in its order (callers pass them by position): an ALiBi given as the ninth argument
+    must be refused, not land in ``deterministic``; ``return_attn_probs`` gives its three values."""
+    from hf_flash.integration import flash_attn_func, flash_attn_varlen_func
+
+    common = ["dropout_p", "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes", "deterministic",
+              "return_attn_probs"]  # flash_attn_interface.py, flash-attn 2.6 to 2.8
+    assert list(inspect.signature(flash_attn_func).parameters) == ["q", "k", "v", *common]
+    assert list(inspect.signature(flash_attn_varlen_func).parameters) == [
+        "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", *common, "block_table"]
+    q, k, v = torch.randn(2, 5, 4, 16), torch.randn(2, 5, 2, 16), torch.randn(2, 5, 2, 16)
+    with pytest.raises(NotImplementedError, match="alibi_slopes"):
+        flash_attn_func(q, k, v, 0.0, None, True, (-1, -1), 0.0, torch.ones(4))
+    out, lse, dropout_mask = flash_attn_func(q, k, v, 0.0, None, True, (-1, -1), 0.0, None, False, True)
+    want, want_lse = ops.attention(q, k, v, causal=True, return_softmax_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse) and dropout_mask is None
+    assert torch.equal(flash_attn_func(q, k, v, 0.0, None, True, (-1, -1), 0.0, None, True), want)
+    # K/V in pages of 5, the sequences' pages swapped in the pool: through block_table, the packed call's attention.
+    cu = torch.tensor([0, 5, 10], dtype=torch.int32)
+    packed = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, 5, 5, causal=True)
+    paged = flash_attn_varlen_func(q.flatten(0, 1), k.flip(0), v.flip(0), cu, cu, 5, 5, causal=True,
+                                   block_table=torch.tensor([[1], [0]], dtype=torch.int32))
+    torch.testing.assert_close(paged, packed, atol=1e-6, rtol=0)
+    torch.testing.assert_close(packed, want.flatten(0, 1), atol=1e-6, rtol=0)
 
 
 def test_a_block_table_from_continuous_batching_is_refused():

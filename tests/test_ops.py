@@ -190,6 +190,8 @@ INVALID = {
     "window-int": _case("attention", lambda g: {"window_size": 4}, "window_size"),
     "window-bool": _case("attention", lambda g: {"window_size": (True, -1)}, "window_size"),
     "scale-bool": _case("attention", lambda g: {"softmax_scale": True}, "softmax_scale"),
+    "causal-string": _case("attention", lambda g: {"causal": "no"}, "causal must be a bool"),
+    "causal-tensor": _case("kvcache", lambda g: {"causal": torch.tensor(True)}, "causal must be a bool"),
     "softcap-negative": _case("attention", lambda g: {"softcap": -1.0}, "softcap"),
     "softcap-nan": _case("attention", lambda g: {"softcap": NAN}, "softcap"),
     "scale-zero": _case("attention", lambda g: {"softmax_scale": 0.0}, "softmax_scale"),
@@ -318,6 +320,17 @@ def test_invalid_argument(entry, change, match, good, kernels_forbidden):
     fn, kwargs = _valid(good)[entry]
     with pytest.raises(ValueError, match=match):
         fn(**{**kwargs, **change(good)})
+
+
+def test_numpy_scalars_are_taken_as_python_numbers(good):
+    """flash-attn takes numpy's scalars for the scale, the soft-cap and the window (configs read from arrays)."""
+    import numpy as np
+
+    fn, kwargs = _valid(good)["attention"]
+    python = {"softmax_scale": 0.25, "softcap": 5.0, "window_size": (2, 0), "causal": True}
+    numpy_ = {"softmax_scale": np.float32(0.25), "softcap": np.float64(5.0),
+              "window_size": (np.int64(2), np.int32(0)), "causal": np.bool_(True)}
+    assert torch.equal(fn(**{**kwargs, **numpy_}), fn(**{**kwargs, **python}))
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
