@@ -409,7 +409,8 @@ class PagedCache(Cache):
 
     def _valid_new_tokens(self, attention_mask, q_len, batch_size):
         """Bool ``[B, q_len]`` on the host: which new tokens are not padding (from the 2-D mask's last ``q_len``
-        columns), or None when all are. Padding is never stored; valid tokens keep their order."""
+        columns), or None when all are. Padding is never stored; valid tokens keep their order. A mask that also covers
+        the positions the cache holds must leave visible, in each sequence, as many of them as the cache stored."""
         if attention_mask is None:
             return None
         if not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
@@ -417,7 +418,22 @@ class PagedCache(Cache):
             raise ValueError(f"PagedCache needs a 2-D [batch, length] padding mask (got "
                              f"{type(attention_mask).__name__} "
                              f"{tuple(getattr(attention_mask, 'shape', ()))}); use attn_implementation='hf_flash'")
-        valid = attention_mask[:, -q_len:].bool().cpu()
+        table = self.page_table
+        new = attention_mask[:, -q_len:].bool()
+        covers_stored = table.seen and attention_mask.shape[1] == table.seen + q_len
+        if not covers_stored:
+            valid = new.cpu()
+            return None if bool(valid.all()) else valid
+        visible = attention_mask[:, : table.seen].bool().sum(-1, dtype=torch.int32)
+        host = torch.cat([new.flatten().int(), visible]).cpu()  # one read for both
+        valid, visible = host[: new.numel()].view(new.shape).bool(), host[new.numel():].tolist()
+        if visible != table.lengths:
+            # The kernels attend every stored token: masking one now (generate() feeds the pad tokens it appends after
+            # an EOS as tokens, and a next turn's mask usually hides them) would silently be ignored.
+            raise ValueError(f"attention_mask leaves {visible} of the {table.seen} positions this PagedCache holds "
+                             f"visible, but it stores {table.lengths} tokens there (per sequence): a PagedCache cannot "
+                             f"hide tokens it stored (such as the pad tokens generate() appends after an EOS); pass "
+                             f"the mask its earlier steps had (1 at those pads), or use a DynamicCache")
         return None if bool(valid.all()) else valid
 
     # ---------------------------------------------------------------- what generate() and friends call

@@ -131,6 +131,33 @@ def test_chat_continues_on_a_callers_cache(device):
     assert cache.page_table.lengths == [turn.shape[1] + 11]
 
 
+def test_a_next_turn_hiding_stored_tokens_is_refused(device):
+    """A batched chat where one sequence stops at an EOS: the pad tokens generate() gives it afterwards are fed to the
+    model and stored. A next turn whose mask hides them (``ids != pad``, what transformers infers without a mask)
+    cannot be honoured by a PagedCache, whose kernels attend every stored token: refused, naming the mask, with the
+    cache as it was. With the mask of the first turn (the pads visible) the turn goes on, with sdpa's tokens."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([9, 6]))
+    free = _generate(model, reference, ids, mask, do_sample=False, eos_token_id=None).sequences
+    eos = int(free[0, ids.shape[1] + 1])  # the first sequence stops at its second new token
+    assert eos not in free[1, ids.shape[1]:].tolist()
+    options = {"do_sample": False, "eos_token_id": eos, "max_new_tokens": 6}
+    cache, dynamic = PagedCache(model.config, page_size=4), transformers.DynamicCache(config=model.config)
+    first = _generate(model, "hf_flash", ids, mask, **options, **{CACHE_NAME: cache})
+    assert torch.equal(first.sequences, _generate(model, reference, ids, mask, **options, **{CACHE_NAME: dynamic}).sequences)
+    assert (first.sequences[0, ids.shape[1] + 2:] == 0).all()  # padding after the EOS, stored in the cache
+    turn = torch.cat([first.sequences, torch.randint(1, 128, (2, 3), device=device)], 1)
+    before = cache.snapshot()
+    with pytest.raises(ValueError, match=r"attention_mask leaves \[\d+, \d+\] of the \d+ positions .* cannot hide"):
+        _generate(model, "hf_flash", turn, (turn != 0).long(), **{CACHE_NAME: cache})
+    assert cache.snapshot() == before
+    history = torch.cat([mask, torch.ones((2, turn.shape[1] - mask.shape[1]), dtype=mask.dtype, device=device)], 1)
+    got = _generate(model, "hf_flash", turn, history, do_sample=False, eos_token_id=None, **{CACHE_NAME: cache})
+    want = _generate(model, reference, turn, history, do_sample=False, eos_token_id=None, **{CACHE_NAME: dynamic})
+    assert torch.equal(got.sequences, want.sequences)
+
+
 def test_a_call_without_a_cache_takes_over_the_last_ones_pools_and_graphs(device):
     """generate() without a cache, twice at one size, the first output dropped: the second call's cache takes over the
     first's pools and the step graphs captured over them, and gives sdpa's tokens. An output the caller keeps is not
