@@ -12,6 +12,7 @@ place that sees the attention mask. So ``update`` returns a ``PagedKV`` view of 
 first layer plans it: pages, dropped left padding, slot mapping and lengths), writes the layer's tokens into their
 pages, attends over them in place and reports the layer done (``layer_done``).
 """
+import contextlib
 import dataclasses
 import operator
 import weakref
@@ -193,8 +194,8 @@ class PagedCache(Cache):
 
     @classmethod
     def why_not_for(cls, config):
-        """Why a PagedCache cannot hold the K/V of a model with this ``config`` (None if it can): one pool per layer, every
-        layer storing its own K/V with the same head dim and KV heads."""
+        """Why a PagedCache cannot hold the K/V of a model with this ``config`` (None if it can): one pool per layer,
+        every layer storing its own K/V with the same head dim and KV heads."""
         config = config.get_text_config(decoder=True)
         others = sorted(set(getattr(config, "layer_types", None) or []) - set(cls.ATTENTION_LAYER_TYPES))
         if others:
@@ -428,12 +429,14 @@ class PagedCache(Cache):
         host = torch.cat([new.flatten().int(), visible]).cpu()  # one read for both
         valid, visible = host[: new.numel()].view(new.shape).bool(), host[new.numel():].tolist()
         if visible != table.lengths:
-            # The kernels attend every stored token: masking one now (generate() feeds the pad tokens it appends after
-            # an EOS as tokens, and a next turn's mask usually hides them) would silently be ignored.
+            # The kernels attend exactly the stored tokens: a mask hiding one of them now (generate() feeds the pad
+            # tokens it appends after an EOS as tokens, and a next turn's mask usually hides them), or showing a
+            # position that was padding, would silently be ignored.
             raise ValueError(f"attention_mask leaves {visible} of the {table.seen} positions this PagedCache holds "
-                             f"visible, but it stores {table.lengths} tokens there (per sequence): a PagedCache cannot "
-                             f"hide tokens it stored (such as the pad tokens generate() appends after an EOS); pass "
-                             f"the mask its earlier steps had (1 at those pads), or use a DynamicCache")
+                             f"visible, but it stores {table.lengths} tokens there (per sequence): the mask must hide "
+                             f"the positions that were padding when they were processed and show every other, such as "
+                             f"the pad tokens generate() appends after an EOS, which it stores; pass the mask the "
+                             f"earlier steps had, or use a DynamicCache")
         return None if bool(valid.all()) else valid
 
     # ---------------------------------------------------------------- what generate() and friends call
@@ -519,6 +522,20 @@ class PagedCache(Cache):
         """Back to what ``snapshot()`` saw; pages taken since are free again (their contents are never read)."""
         self._step = None
         self.page_table.restore(snapshot)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Steps inside that raise, wherever, leave the cache as it was when the block began: the pages it held then
+        stay allocated until the block ends (beams a fork drops, a crop: their pages are not written over), and are
+        restored if anything raises."""
+        self._abandon_open_step()
+        before = self.page_table.pin()
+        try:
+            yield
+        except BaseException:
+            self.restore(before)
+            raise
+        self.page_table.unpin(before)
 
     def memory_stats(self):
         """Pages used and free, bytes allocated to the pools and the bytes the held tokens need, tokens held."""

@@ -83,8 +83,8 @@ def hf_flash_attention_forward(module, query, key, value, attention_mask, **kwar
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() != 2:
         # What transformers passes through untouched: a caller's own 4-D pattern, which the kernels (causal, window,
         # padding) cannot follow.
-        raise ValueError(f"hf_flash attends with a 2-D [batch, length] padding mask, but this forward got attention_mask "
-                         f"of shape {tuple(attention_mask.shape)}: an arbitrary attention pattern needs "
+        raise ValueError(f"hf_flash attends with a 2-D [batch, length] padding mask, but this forward got "
+                         f"attention_mask of shape {tuple(attention_mask.shape)}: an arbitrary attention pattern needs "
                          f"attn_implementation='sdpa' or 'eager'")
     if isinstance(key, PagedKV):
         return paged_attention_forward(module, query, key, attention_mask, **kwargs), None

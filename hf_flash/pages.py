@@ -24,15 +24,32 @@ untouched:
     padding.
 ``snapshot()`` / ``restore(snapshot)``
     The whole table, for a transaction spanning many steps (``generate()`` on a caller's cache).
+``pin()`` / ``unpin(snapshot)``
+    A snapshot whose pages stay allocated until it is unpinned (or restored): pages the transaction's steps release
+    (beams dropped by a fork, a crop) are not reused for new tokens, so ``restore`` finds their contents intact.
 ``add_pages(count)``
     The pools grew by ``count`` pages.
 """
 import bisect
 import dataclasses
+import typing
 
 
 class PoolExhaustedError(RuntimeError):
     """The page pool cannot hold the tokens asked for; nothing was written."""
+
+
+class Snapshot(typing.NamedTuple):
+    """The whole table at one moment (copies): what ``restore`` goes back to."""
+
+    num_pages: int
+    refs: list
+    pinned: list
+    free: list
+    pages: list
+    lengths: list
+    pads: list
+    seen: int
 
 
 @dataclasses.dataclass
@@ -52,6 +69,7 @@ class PageTable:
         self.page_size = page_size
         self.num_pages = 0
         self.refs, self.free = [], []
+        self.pinned = []  # per page, the pins among its references (no sequence reads or writes through those)
         self.pages, self.lengths = [], []
         self.pads = []  # per sequence, its padded positions in increasing order
         self.seen = 0
@@ -78,7 +96,7 @@ class PageTable:
         for b, page in self._shared_partial_pages(new_tokens):
             writers[page] = writers.get(page, 0) + 1
         # A shared page written by all of its sharers needs one copy fewer: the last writer keeps the page itself.
-        return grow + sum(w if w < self.refs[p] else w - 1 for p, w in writers.items())
+        return grow + sum(w if w < self._sharers(p) else w - 1 for p, w in writers.items())
 
     def slots(self, b, start, count):
         """Pool slots (``page * page_size + row``) of positions ``start .. start + count - 1`` of sequence ``b``."""
@@ -86,14 +104,15 @@ class PageTable:
         return [pages[pos // ps] * ps + pos % ps for pos in range(start, start + count)]
 
     def snapshot(self):
-        return (self.num_pages, list(self.refs), list(self.free), [list(p) for p in self.pages], list(self.lengths),
-                [list(p) for p in self.pads], self.seen)
+        return Snapshot(self.num_pages, list(self.refs), list(self.pinned), list(self.free),
+                        [list(p) for p in self.pages], list(self.lengths), [list(p) for p in self.pads], self.seen)
 
     # ----------------------------------------------------------------------------------------- transitions
 
     def add_pages(self, count):
         """Make ``count`` more page ids (the pools grew); new pages are taken first."""
         self.refs += [0] * count
+        self.pinned += [0] * count
         self.free = list(range(self.num_pages + count - 1, self.num_pages - 1, -1)) + self.free
         self.num_pages += count
 
@@ -121,7 +140,7 @@ class PageTable:
         step = StepChanges(first=first, q_len=q_len, lengths_before=list(self.lengths),
                            pads_before=None if pads is None else [len(p) for p in self.pads], copies=[], appended=[])
         for b, shared in self._shared_partial_pages(new_tokens):
-            if self.refs[shared] > 1:  # the last of the sharers keeps the page itself
+            if self._sharers(shared) > 1:  # the last of the sharers keeps the page itself
                 fresh = self._take()
                 self.refs[shared] -= 1
                 self.pages[b][-1] = fresh
@@ -188,10 +207,26 @@ class PageTable:
         self.seen = keep
         self.version += 1
 
+    def pin(self):
+        """``snapshot()``, its pages held until ``unpin`` or ``restore`` of it."""
+        snapshot = self.snapshot()
+        for page in (page for pages in self.pages for page in pages):
+            self.refs[page] += 1
+            self.pinned[page] += 1
+        return snapshot
+
+    def unpin(self, snapshot):
+        """Let go of the pages ``pin()`` held (the transaction kept its changes)."""
+        for pages in snapshot.pages:
+            for page in pages:
+                self.pinned[page] -= 1
+            self._release(pages)
+
     def restore(self, snapshot):
-        """Back to ``snapshot()``'s state; pages made since stay, free."""
-        num_pages, refs, free, pages, lengths, pads, seen = snapshot
+        """Back to ``snapshot()``'s state (a pin's included: its pins are gone); pages made since stay, free."""
+        num_pages, refs, pinned, free, pages, lengths, pads, seen = snapshot
         self.refs = refs + [0] * (self.num_pages - num_pages)
+        self.pinned = pinned + [0] * (self.num_pages - num_pages)
         self.free = list(range(self.num_pages - 1, num_pages - 1, -1)) + free
         self.pages, self.lengths, self.seen, self.open_step = [list(p) for p in pages], list(lengths), seen, None
         self.pads = [list(p) for p in pads]
@@ -208,7 +243,11 @@ class PageTable:
         if not self.pages:
             return []
         return [(b, p[-1]) for b, (p, n, new) in enumerate(zip(self.pages, self.lengths, new_tokens))
-                if new and n % self.page_size and self.refs[p[-1]] > 1]
+                if new and n % self.page_size and self._sharers(p[-1]) > 1]
+
+    def _sharers(self, page):
+        """The sequences holding ``page`` (its references less the pins)."""
+        return self.refs[page] - self.pinned[page]
 
     def _take(self):
         page = self.free.pop()

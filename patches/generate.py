@@ -70,12 +70,8 @@ def generate(self, *args, **kwargs):
     cache = _callers_paged_cache(kwargs)
     if cache is None:
         return _original_generate(self, *args, **kwargs)
-    before = cache.snapshot()
-    try:
+    with cache.transaction():
         return _original_generate(self, *args, **kwargs)
-    except BaseException:
-        cache.restore(before)
-        raise
 
 
 @functools.wraps(_original_prepare_cache)

@@ -319,13 +319,14 @@ class Shadow:
         self.cache = cache
         empty = torch.empty(0, KV_HEADS, HEAD_DIM)
         self.kv = [[(empty, empty) for _ in range(batch)] for _ in range(cache.num_layers)]
+        self.mask = torch.zeros(batch, 0, dtype=torch.long)  # every position's, as generate() carries it
 
     def step(self, q_len, valid=None):
         """``q_len`` new positions per sequence, of which the last ``valid[b]`` are tokens (left padding)."""
         batch = len(self.kv[0])
         valid = [q_len] * batch if valid is None else valid
         mask = torch.tensor([[0] * (q_len - n) + [1] * n for n in valid])
-        mask = torch.cat([torch.ones(batch, self.cache.get_seq_length(), dtype=torch.long), mask], 1)
+        self.mask = mask = torch.cat([self.mask[:, : self.cache.get_seq_length()], mask], 1)
         for layer, seqs in enumerate(self.kv):
             k, v = torch.randn(batch, KV_HEADS, q_len, HEAD_DIM), torch.randn(batch, KV_HEADS, q_len, HEAD_DIM)
             q = torch.randn(batch, HEADS, q_len, HEAD_DIM)
@@ -343,6 +344,7 @@ class Shadow:
 
     def select(self, rows):
         self.kv = [[seqs[r] for r in rows] for seqs in self.kv]
+        self.mask = self.mask[rows]
 
     def keep(self, lengths):
         self.kv = [[(k[:n], v[:n]) for (k, v), n in zip(seqs, lengths)] for seqs in self.kv]

@@ -145,11 +145,13 @@ def test_a_next_turn_hiding_stored_tokens_is_refused(device):
     options = {"do_sample": False, "eos_token_id": eos, "max_new_tokens": 6}
     cache, dynamic = PagedCache(model.config, page_size=4), transformers.DynamicCache(config=model.config)
     first = _generate(model, "hf_flash", ids, mask, **options, **{CACHE_NAME: cache})
-    assert torch.equal(first.sequences, _generate(model, reference, ids, mask, **options, **{CACHE_NAME: dynamic}).sequences)
+    want = _generate(model, reference, ids, mask, **options, **{CACHE_NAME: dynamic})
+    assert torch.equal(first.sequences, want.sequences)
     assert (first.sequences[0, ids.shape[1] + 2:] == 0).all()  # padding after the EOS, stored in the cache
     turn = torch.cat([first.sequences, torch.randint(1, 128, (2, 3), device=device)], 1)
     before = cache.snapshot()
-    with pytest.raises(ValueError, match=r"attention_mask leaves \[\d+, \d+\] of the \d+ positions .* cannot hide"):
+    refused = r"attention_mask leaves \[\d+, \d+\] of the \d+ positions .* the mask must hide"
+    with pytest.raises(ValueError, match=refused):
         _generate(model, "hf_flash", turn, (turn != 0).long(), **{CACHE_NAME: cache})
     assert cache.snapshot() == before
     history = torch.cat([mask, torch.ones((2, turn.shape[1] - mask.shape[1]), dtype=mask.dtype, device=device)], 1)

@@ -116,6 +116,45 @@ def test_a_failed_turn_leaves_the_cache_as_it_was(layer, phase, site, fault, dec
     assert torch.equal(first, want_first) and torch.equal(retried, want)
 
 
+def _stored_keys(cache):
+    """Every layer's stored keys, each sequence's gathered through its pages."""
+    table = cache.page_table
+    return [[layer.keys[torch.tensor(pages)].flatten(0, 1)[:n] for pages, n in zip(table.pages, table.lengths)]
+            for layer in cache.layers]
+
+
+def test_a_failed_beam_search_turn_leaves_the_stored_tokens_as_they_were(device):
+    """Beam search drops beams mid-call (a fork): their pages were freed and written over by the next steps, so a
+    failed turn gave back page lists whose contents had changed. The transaction holds them: after the failure the
+    cache stores exactly the same K/V, and a retried turn gives the uninterrupted turn's tokens."""
+    model, reference = _model(device)
+    ids, mask, more = _turns(device)
+    options = {"new": 8, "num_beams": 2, "do_sample": False}
+
+    class FailAtCall(transformers.LogitsProcessor):
+        def __init__(self, call):
+            self.fail = FailOnce(KeyboardInterrupt, call)
+
+        def __call__(self, input_ids, scores):
+            self.fail.hit()
+            return scores
+
+    cache = PagedCache(model.config, page_size=4)
+    first = _generate(model, "hf_flash", ids[:1], mask[:1], cache=cache, **options)  # two beams' rows left
+    turn, turn_mask = _second_turn(first, mask[:1], more[:1])
+    before, stored = cache.snapshot(), _stored_keys(cache)
+    with pytest.raises(KeyboardInterrupt, match="injected"):
+        _generate(model, "hf_flash", turn, turn_mask, cache=cache, logits_processor=[FailAtCall(6)], **options)
+    assert cache.snapshot() == before
+    assert all(torch.equal(a, b) for layer_a, layer_b in zip(stored, _stored_keys(cache))
+               for a, b in zip(layer_a, layer_b, strict=True))
+    retried = _generate(model, "hf_flash", turn, turn_mask, cache=cache, **options)
+    dynamic = transformers.DynamicCache(config=model.config)
+    want_first = _generate(model, reference, ids[:1], mask[:1], cache=dynamic, **options)
+    want = _generate(model, reference, *_second_turn(want_first, mask[:1], more[:1]), cache=dynamic, **options)
+    assert torch.equal(first, want_first) and torch.equal(retried, want)
+
+
 def test_a_forward_that_raises_outside_hf_flash_is_undone_when_the_cache_is_next_used(device):
     """A plain forward (no generate()) that raises after some layers stored: the next forward aborts that step first,
     and reads in between see the last committed step."""
@@ -173,4 +212,4 @@ def test_bad_batch_operations_change_nothing(method, bad, error, match):
         getattr(cache, method)(bad)
     assert cache.snapshot() == before
     cache.batch_select_indices(torch.tensor([False, True]))  # a bool mask selects, as with DynamicCache
-    assert cache.page_table.lengths == [before[4][1]]
+    assert cache.page_table.lengths == [before.lengths[1]]

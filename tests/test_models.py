@@ -137,8 +137,9 @@ def test_arbitrary_4d_mask_is_refused(cache):
 
 
 _GEMMA4 = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
-               vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, max_position_embeddings=256, pad_token_id=0)
+               num_key_value_heads=2, head_dim=16, sliding_window=8,
+               layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=128,
+               hidden_size_per_layer_input=8, max_position_embeddings=256, pad_token_id=0)
 
 
 @pytest.mark.parametrize(("extra", "reason"), [

@@ -8,9 +8,10 @@ from hf_flash.pages import PageTable, PoolExhaustedError
 
 
 def check_invariants(table):
-    """Reference counts are the number of sequences holding each page; the free list is exactly the unheld pages;
-    every sequence has the pages its length needs and stores every position it saw but its padded ones."""
-    counts = [0] * table.num_pages
+    """Reference counts are the number of sequences holding each page plus its pins; the free list is exactly the
+    unheld pages; every sequence has the pages its length needs and stores every position it saw but its padded
+    ones."""
+    counts = list(table.pinned)
     for pages, n, pads in zip(table.pages, table.lengths, table.pads, strict=True):
         assert len(pages) == table.pages_for(n)
         assert n + len(pads) == table.seen and pads == sorted(set(pads)) and all(0 <= p < table.seen for p in pads)
@@ -46,7 +47,7 @@ def test_abort_restores_the_table_exactly():
             assert table.snapshot() == before
         else:
             table.commit_step()
-            assert table.lengths == [n + new for n, new in zip(before[4] or [0] * len(new_tokens), new_tokens)]
+            assert table.lengths == [n + new for n, new in zip(before.lengths or [0] * len(new_tokens), new_tokens)]
         check_invariants(table)
 
 
@@ -94,11 +95,40 @@ def test_snapshot_survives_growth_and_restores():
     table.begin_step([4, 2], 4)
     table.commit_step()
     table.restore(snap)
-    assert (table.pages, table.lengths, table.seen, table.num_pages) == ([snap[3][0]], [3], 3, 8)
+    assert (table.pages, table.lengths, table.seen, table.num_pages) == ([snap.pages[0]], [3], 3, 8)
     check_invariants(table)
     with pytest.raises(RuntimeError, match="already open"):
         table.begin_step([1], 1)
         table.begin_step([1], 1)
+
+
+def test_a_pinned_snapshots_pages_are_not_reused_until_unpinned():
+    """A transaction's pin keeps the pages it saw: a fork that drops a sequence and the steps after it take other
+    pages (so a restore finds the dropped sequence's tokens where they were); a pinned last page shared with no
+    sequence is written in place, not copied; unpinning frees what no sequence holds any more."""
+    table = PageTable(page_size=4, num_pages=16)
+    table.begin_step([6, 5], 6, [[], [0]])
+    table.commit_step()
+    held = [list(p) for p in table.pages]
+    pin = table.pin()
+    check_invariants(table)
+    step = table.begin_step([1, 1], 1)
+    assert not step.copies  # pins are no sharers: nothing to copy on write
+    table.commit_step()
+    table.fork([0, 0])  # the second sequence dropped: its pages stay pinned
+    for _ in range(6):
+        table.begin_step([1, 1], 1)
+        table.commit_step()
+        assert not {p for pages in table.pages for p in pages[2:]} & set(held[1])
+        check_invariants(table)
+    table.unpin(pin)
+    check_invariants(table)
+    assert set(held[1]) <= set(table.free)
+    pin = table.pin()
+    table.fork([1, 1])
+    table.restore(pin)
+    assert table.pages == pin.pages and table.pinned == [0] * 16
+    check_invariants(table)
 
 
 def test_a_step_needing_more_than_the_free_pages_changes_nothing():
