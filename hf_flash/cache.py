@@ -513,6 +513,13 @@ class PagedCache(Cache):
         if max_length != 0 and keep < seen:
             self.page_table.crop(max(keep, 0))
 
+    def fits_one_more_token(self):
+        """Whether a step of one token per sequence fits in the pools (or they grow): at most a new page and a copy of
+        a shared last page each, counted exactly only when fewer pages than that are free."""
+        table = self.page_table
+        return (self.grow or len(table.free) >= 2 * table.batch_size
+                or table.pages_needed([1] * table.batch_size) <= len(table.free))
+
     def snapshot(self):
         """The bookkeeping, for ``restore``: what a transaction over several steps (``generate()``) rolls back to."""
         self._abandon_open_step()

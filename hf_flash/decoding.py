@@ -68,7 +68,8 @@ def why_not_compiled(model, logits_processor, generation_config, synced_gpus, mo
     extra = [name for name in _EXTRA_OUTPUTS if getattr(generation_config, name, False)]
     if generation_config.return_dict_in_generate and extra:
         return f"{', '.join(extra)} asked for"
-    readers = [type(p).__name__ for p in logits_processor if not isinstance(p, SCORES_ONLY_PROCESSORS)]
+    # Exact types: a subclass may read the ids in a __call__ of its own.
+    readers = [type(p).__name__ for p in logits_processor if type(p) not in SCORES_ONLY_PROCESSORS]
     if readers:
         return f"logits processors that read the generated ids ({', '.join(readers)})"
     # A graph reads a processor's tensor (suppressed token ids) at the address it had when captured; the graphs of a
@@ -107,9 +108,12 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
     # As transformers' loop: sequences an EOS criterion finished get padding.
     eos_stops = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     pad = generation_config._pad_token_tensor if eos_stops else None
-    # Only the length is known without waiting for the GPU: any other criterion's verdict is read at every step.
-    reads_tokens = any(not isinstance(c, MaxLengthCriteria) for c in stopping_criteria)
-    sequences = input_ids.new_empty((batch, max(generation_config.max_length, prompt_length + 1)))
+    # Only the length is known without waiting for the GPU: any other criterion's verdict (a subclass of
+    # MaxLengthCriteria's too) is read at every step. A caller's MaxLengthCriteria replaces generate()'s own.
+    reads_tokens = any(type(c) is not MaxLengthCriteria for c in stopping_criteria)
+    max_length = min((c.max_length for c in stopping_criteria if type(c) is MaxLengthCriteria),
+                     default=generation_config.max_length)
+    sequences = input_ids.new_empty((batch, max(max_length, prompt_length + 1)))
     sequences[:, :prompt_length] = input_ids
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     logits = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True).logits
@@ -132,13 +136,18 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
                 tokens = torch.where(unfinished, tokens, pad)
             sequences[:, length] = tokens
             length += 1
-            unfinished &= ~stopping_criteria(sequences[:, :length], None)
+            unfinished &= ~stopping_criteria(sequences[:, :length], None).bool()  # a criterion may answer in ints
             # Streamed from their copy in the sequences: the next replay overwrites ``tokens`` (the graph's output).
             if length >= sequences.shape[1]:
                 _stream(streamer, sequences[:, length - 1])
                 break
             if verdict is not None:
                 verdict.record(unfinished)
+                # A caller's pool that holds exactly the tokens of a call stopping here has no room for the step
+                # queued past the end: wait for the verdict first.
+                if not cache.fits_one_more_token() and verdict.all_finished():
+                    _stream(streamer, sequences[:, length - 1])
+                    break
             # The next step is queued before the host waits for this one's tokens or verdict: the GPU never idles.
             next_tokens = next_tokens_after(tokens)
             _stream(streamer, sequences[:, length - 1])
@@ -148,7 +157,7 @@ def sample(model, input_ids, logits_processor, stopping_criteria, generation_con
             tokens = next_tokens
     if streamer is not None:
         streamer.end()
-    sequences = sequences[:, :length]
+    sequences = sequences[:, :length].contiguous()  # as transformers' (callers view it), not holding the buffer
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=sequences, **{CACHE_NAME: cache})
     return sequences

@@ -94,6 +94,47 @@ def test_eos_pads_finished_sequences_and_stops(device):
     assert cache_of(got).get_seq_length() == got.sequences.shape[1] - 1
 
 
+class _StopAtTwelve(transformers.MaxLengthCriteria):
+    """A MaxLengthCriteria of the caller's own that stops earlier than its max_length says (and answers in ints)."""
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), int(input_ids.shape[1] >= 12), device=input_ids.device)
+
+
+@pytest.mark.parametrize("criterion", [transformers.MaxLengthCriteria(12), transformers.MaxLengthCriteria(40),
+                                       _StopAtTwelve(99)], ids=["shorter", "longer", "subclass-in-ints"])
+def test_a_callers_length_criterion_is_followed(criterion, device):
+    """A caller's MaxLengthCriteria replaces generate()'s own (max_new_tokens=20: 29 tokens here), whether it stops
+    sooner or later; a subclass's verdict is read as any criterion's. sdpa's tokens and length, from the loop."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([9, 5]))
+    options = {"do_sample": False, "max_new_tokens": 20, "eos_token_id": None,
+               "stopping_criteria": transformers.StoppingCriteriaList([criterion])}
+    want = _generate(model, reference, ids, mask, **options).sequences
+    got = _generate(model, "hf_flash", ids, mask, **options)
+    assert torch.equal(got.sequences, want) and got.sequences.is_contiguous()
+    assert _steps_of_the_loop(cache_of(got))
+
+
+def test_a_pool_holding_exactly_the_calls_tokens_suffices(device):
+    """The loop queues a step before it reads whether the last one finished every sequence; in a caller's pool with no
+    page left for that step past the end, it reads the verdict first, as transformers' loop would, and the call ends
+    at the EOS with sdpa's tokens (and a contiguous output, which a caller may view)."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = torch.randint(1, 128, (1, 8), device=device), torch.ones(1, 8, dtype=torch.long, device=device)
+    free = _generate(model, reference, ids, mask, do_sample=False, eos_token_id=None, max_new_tokens=10).sequences
+    eos = int(free[0, 8 + 4])  # the fifth new token
+    assert eos not in free[0, 8:12].tolist()
+    options = {"do_sample": False, "eos_token_id": eos, "max_new_tokens": 10}
+    want = _generate(model, reference, ids, mask, **options).sequences
+    cache = PagedCache(model.config, page_size=4, num_pages=3)  # 12 slots: the prompt and the 4 new tokens stored
+    got = _generate(model, "hf_flash", ids, mask, **options, **{CACHE_NAME: cache})
+    assert torch.equal(got.sequences, want) and got.sequences.view(-1).numel() == 13
+    assert _steps_of_the_loop(cache) and cache.get_seq_length() == 12
+
+
 def test_streamer_gets_every_token(device):
     """A streamer sees the prompt, then each new token once, then the end."""
     model, _ = tiny_model("llama")
@@ -229,7 +270,12 @@ def test_what_the_loop_does_not_cover_runs_transformers_loop_and_says_why(device
     model.to(device)
     ids, mask = (t.to(device) for t in left_padded_batch([8, 5]))
     shifted = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) + 50  # a continuation whose context is elsewhere
+    class LengthTemperature(transformers.TemperatureLogitsWarper):  # a scores-only processor's subclass reading ids
+        def __call__(self, input_ids, scores):
+            return scores / (self.temperature * 10 / input_ids.shape[-1])
+
     cases = [({"repetition_penalty": 1.3}, "RepetitionPenaltyLogitsProcessor"),
+             ({"logits_processor": [LengthTemperature(0.7)]}, "LengthTemperature"),
              ({"suppress_tokens": [5, 6]}, "SuppressTokensLogitsProcessor"),
              ({"output_scores": True}, "output_scores asked for"),
              ({"position_ids": shifted}, "position_ids that do not end at")]
