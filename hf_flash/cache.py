@@ -13,6 +13,7 @@ first layer plans it: pages, dropped left padding, slot mapping and lengths), wr
 pages, attends over them in place and reports the layer done (``layer_done``).
 """
 import contextlib
+import copy
 import dataclasses
 import operator
 import weakref
@@ -27,6 +28,12 @@ def _pinned(host_tensor, device):
     # A copy from pageable memory would wait for every kernel queued before it, and the host could no longer run
     # ahead of the GPU from one decode step to the next; from pinned memory it is queued like a kernel.
     return host_tensor.pin_memory() if device.type == "cuda" else host_tensor
+
+
+def _normal_tensors():
+    """Pools made under ``torch.inference_mode()`` would be inference tensors, which no later step outside it may
+    write: a caller's next turn, or the next generate() call taking over kept pools."""
+    return torch.inference_mode(False)
 
 
 def to_device(host_tensor, device):
@@ -89,6 +96,7 @@ class PagedLayer(CacheLayerMixin):
     """One layer's K/V pools; the bookkeeping lives in the ``PagedCache`` that owns the layer."""
 
     is_sliding = False  # every token is kept; sliding windows are applied by the kernels
+    supports_early_init = False  # the pools' heads are those of the first key states (a tensor-parallel share)
 
     def __init__(self, cache):
         super().__init__()
@@ -98,10 +106,14 @@ class PagedLayer(CacheLayerMixin):
     def cache(self):
         return self._cache()
 
+    def __getstate__(self):  # copies and pickles: the owning cache's __setstate__ binds the layer to the new cache
+        return {name: value for name, value in self.__dict__.items() if name != "_cache"}
+
     def lazy_initialization(self, key_states, value_states):
         # On the key states' device: under device_map each layer's pages stay beside its weights.
-        self.keys = key_states.new_zeros(self.cache.pool_shape(key_states))
-        self.values = torch.zeros_like(self.keys)
+        with _normal_tensors():
+            self.keys = key_states.new_zeros(self.cache.pool_shape(key_states))
+            self.values = torch.zeros_like(self.keys)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -192,6 +204,12 @@ class PagedCache(Cache):
         self._donor_layers = None  # the layers of a gone cache whose pools the first step takes over (take_pools)
         super().__init__(layers=[PagedLayer(self) for _ in range(self.num_layers)])
 
+    def __setstate__(self, state):  # copy.deepcopy, pickle: the copied layers belong to the copy
+        self.__dict__.update(state)
+        self.layers = [copy.copy(layer) for layer in self.layers]  # (copy.copy would share the original's layers)
+        for layer in self.layers:
+            layer._cache = weakref.ref(self)
+
     @classmethod
     def why_not_for(cls, config):
         """Why a PagedCache cannot hold the K/V of a model with this ``config`` (None if it can): one pool per layer,
@@ -203,6 +221,9 @@ class PagedCache(Cache):
         if getattr(config, "num_kv_shared_layers", 0):  # Gemma 3n / 4: later layers attend with earlier layers' K/V
             return (f"its last {config.num_kv_shared_layers} layers attend with the K/V of earlier layers "
                     f"(num_kv_shared_layers), and every layer of a PagedCache stores its own")
+        if getattr(config, "kv_lora_rank", None):  # DeepSeek V2 / V3's latent attention (MLA)
+            return ("its attention stores compressed latent K/V (kv_lora_rank), whose keys and values differ in "
+                    "shape")
         per_layer = sorted((getattr(config, "per_layer_attributes", None) or set())
                            & {"head_dim", "num_key_value_heads", "num_attention_heads"})
         if per_layer:  # transformers' heterogeneous configs (Gemma 4's global_head_dim, say)
@@ -246,10 +267,11 @@ class PagedCache(Cache):
 
     def _grow_pools(self, needed):
         extra = max(self.num_pages, needed)
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((extra, *layer.keys.shape[1:]))])
-                layer.values = torch.cat([layer.values, layer.values.new_zeros((extra, *layer.values.shape[1:]))])
+        with _normal_tensors():
+            for layer in self.layers:
+                if layer.is_initialized:
+                    layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((extra, *layer.keys.shape[1:]))])
+                    layer.values = torch.cat([layer.values, layer.values.new_zeros((extra, *layer.values.shape[1:]))])
         self.page_table.add_pages(extra)
 
     def _copy_pages(self, src, dst):
@@ -475,6 +497,8 @@ class PagedCache(Cache):
         self._abandon_open_step()
         batch = self.batch_size
         t = torch.as_tensor(indices)
+        if t.numel() == 0 and batch:  # no sequence left, yet positions seen: a next step would start mid-sequence
+            raise ValueError(f"{name} selects no sequence; reset() the cache to empty it")
         if t.dtype == torch.bool:
             if t.shape != (batch,):
                 raise ValueError(f"{name} as a bool mask must have shape ({batch},), got {tuple(t.shape)}")

@@ -129,6 +129,78 @@ def test_a_second_generate_continues_the_cache(family, device):
     assert cache.page_table.lengths == [12 + 7 + 6 + 9 - 1, 5 + 7 + 6 + 9 - 1]  # pads never stored
 
 
+def test_turns_under_inference_mode_and_outside_it(device):
+    """Pools made under torch.inference_mode() are ordinary tensors: a caller's next turn outside it, and the next
+    generate() taking over the kept pools of one made inside it, write them (inference tensors would refuse), with
+    DynamicCache's tokens."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([7, 4]))
+    more = torch.randint(1, 128, (2, 3), device=device)
+    outs = {}
+    for impl, cache in ((reference, transformers.DynamicCache(config=model.config)),
+                        ("hf_flash", PagedCache(model.config, page_size=4))):
+        with torch.inference_mode():
+            first = _generate(model, impl, ids, mask, do_sample=False, cache=cache)
+        turn = torch.cat([first, more], dim=1)
+        outs[impl] = _generate(model, impl, turn, torch.cat([mask, torch.ones_like(turn[:, mask.shape[1]:])], dim=1),
+                               do_sample=False, cache=cache)
+    assert torch.equal(outs["hf_flash"], outs[reference])
+    with torch.inference_mode():
+        inside = _generate(model, "hf_flash", ids, mask, do_sample=False)  # its pools are kept for the next call
+    assert torch.equal(_generate(model, "hf_flash", ids, mask, do_sample=False), inside)
+
+
+def test_copies_and_pickles_of_a_cache_are_caches_of_their_own():
+    """copy.deepcopy (transformers' recipe for reusing a prompt's cache) and pickle give a cache whose layers belong
+    to it: the copy continues alone, with the original's tokens, and the original is untouched."""
+    import copy
+    import pickle
+
+    model, _ = tiny_model("llama")
+    ids, mask = left_padded_batch([9, 5])
+    cache = PagedCache(model.config, page_size=4)
+    first = _generate(model, "hf_flash", ids, mask, new=4, do_sample=False, cache=cache)
+    before = cache.snapshot()
+    turn = torch.cat([first, torch.randint(1, 128, (2, 3))], 1)
+    turn_mask = torch.cat([mask, torch.ones(2, turn.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
+    results = []
+    for clone in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert all(layer.cache is clone for layer in clone.layers) and clone.snapshot() == before
+        results.append(_generate(model, "hf_flash", turn, turn_mask, new=4, do_sample=False, cache=clone))
+        assert clone.get_seq_length() == turn.shape[1] + 4 - 1 and cache.snapshot() == before
+    assert torch.equal(results[0], results[1])
+    assert torch.equal(_generate(model, "hf_flash", turn, turn_mask, new=4, do_sample=False, cache=cache), results[0])
+
+
+def test_early_initialization_leaves_the_pools_to_the_first_step():
+    """transformers' early_initialization (export, compiled chunked prefill) skips PagedCache's layers: their pools
+    take the heads of the first key states (a tensor-parallel share), and a generate() after it runs as usual."""
+    model, reference = tiny_model("llama")
+    cache = PagedCache(model.config, page_size=4)
+    cache.early_initialization(batch_size=2, num_heads=2, head_dim=16, dtype=torch.float32, device=torch.device("cpu"))
+    assert not any(layer.is_initialized for layer in cache.layers)
+    ids, mask = left_padded_batch([6, 3])
+    got = _generate(model, "hf_flash", ids, mask, new=4, do_sample=False, cache=cache)
+    assert torch.equal(got, _generate(model, reference, ids, mask, new=4, do_sample=False))
+
+
+def test_latent_attention_models_keep_transformers_cache():
+    """DeepSeek V3's latent K/V (kv_lora_rank: keys and values of other shapes) cannot go in pages: PagedCache
+    refuses it, and generate() keeps transformers' cache, with sdpa's tokens."""
+    config = transformers.DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, max_position_embeddings=256, pad_token_id=0)
+    with pytest.raises(ValueError, match="kv_lora_rank"):
+        PagedCache(config)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids, mask = left_padded_batch([6, 4])
+    want = _generate(model, "sdpa", ids, mask, new=5, do_sample=False)
+    assert torch.equal(_generate(model, "hf_flash", ids, mask, new=5, do_sample=False), want)
+
+
 def test_beam_search_matches_sdpa(device):
     model, _ = tiny_model("mistral")
     model.to(device)

@@ -199,6 +199,7 @@ def test_a_cache_made_for_another_model_is_refused_before_any_change(change, dev
     ("reorder_cache", torch.tensor([0.0, 1.0]), ValueError, "beam_idx must be a 1-D sequence of ints"),
     ("batch_select_indices", torch.tensor([True, False, True]), ValueError, r"bool mask must have shape \(2,\)"),
     ("batch_select_indices", [5], IndexError, "indices"),
+    ("batch_select_indices", [], ValueError, "selects no sequence"),
     ("batch_repeat_interleave", 0, ValueError, "repeats must be a positive int"),
     ("crop", 1.5, ValueError, "max_length must be an int"),
 ])
