@@ -21,6 +21,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .internals import warn_once
 from .pages import PageTable
 
 
@@ -259,6 +260,8 @@ class PagedCache(Cache):
         shape = self.pool_shape(key_states)
         if not all(d.is_initialized and d.keys.shape == shape and d.keys.dtype == key_states.dtype
                    and d.keys.device == key_states.device for d in donors):
+            warn_once("the K/V pools taken over (generate() keeps the last call's) do not fit this cache (another "
+                      "batch size, length, dtype or device): new pools, and new CUDA graphs over them")
             return False
         for layer, donor in zip(self.layers, donors):
             layer.keys, layer.values = donor.keys.zero_(), donor.values.zero_()

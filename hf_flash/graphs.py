@@ -7,9 +7,10 @@ functions go through this module's ``run_step``:
 
 * ``decode_step``, hf_flash's own decode loop (``hf_flash.decoding``): the forward and the choice of the next token.
 * ``forward_step``, the "compiled call" transformers' loops ask for (``get_compiled_call``: greedy search and
-  sampling with processors that read the ids, assisted decoding), answered by ``DecodeGraphs``: the forward alone,
-  returning logits. Beam search never asks (transformers 5.17 to 5.25 call the model itself there): its steps run
-  eagerly, and the log says so once.
+  sampling with processors that read the ids, an assistant model's steps), answered by ``DecodeGraphs``: the forward
+  alone, returning logits, for steps of one token a sequence; forwards of several (prefill chunks, assisted
+  decoding's checks of its candidates) run eagerly. Beam search never asks (transformers 5.17 to 5.25 call the model
+  itself there): its steps run eagerly. The log says so once (``hf_flash.patches.generate``).
 
 Host work stays outside the graph, as in FlashInfer's plan/run split: the caller begins the step (the cache plans
 pages, slots and lengths), ``run_step`` copies the plan, the token ids and the positions into the graph's static
@@ -21,6 +22,7 @@ arguments); the second one captures it.
 """
 import contextlib
 import functools
+import inspect
 import itertools
 import weakref
 
@@ -50,6 +52,9 @@ _STEP_ARGS = {"input_ids", "position_ids", "attention_mask", CACHE_NAME, "use_ca
 # static first compile would be followed by a recompile at the second step, whose lengths differ); a new batch size
 # compiles once more.
 COMPILE_BACKENDS = {"cuda": "inductor"}
+# Each batch size, and each token choice (greedy, or sampling with its processors), compiles the step anew (dynamo
+# guards on them); past torch's default of 8 compiles a function, every further one would run uncompiled unsaid.
+STEP_RECOMPILE_LIMIT = 64
 _INDUCTOR_OPTIONS = {"fallback_random": True, "coordinate_descent_tuning": True, "triton.enable_pdl": True}
 _compiled = {}  # compile settings (step function first) -> its torch.compile wrapper
 # The BLAS library of the step's matmuls (the projections and the MLP, at as many rows as the batch has sequences),
@@ -94,8 +99,18 @@ def compiled(step_function, device, compile_config=None):
                              **(config["options"] or {}), "triton.cudagraphs": False}
     key = (step_function, *(repr(sorted(v.items())) if isinstance(v, dict) else v for v in config.values()))
     if key not in _compiled:
-        _compiled[key] = torch.compile(step_function, **config)
+        _compiled[key] = torch.compile(step_function, **config, **_recompile_limit())
     return _compiled[key]
+
+
+@functools.cache
+def _recompile_limit():
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        return {"recompile_limit": STEP_RECOMPILE_LIMIT}
+    warn_once(f"this torch's torch.compile takes no recompile_limit: past {torch._dynamo.config.recompile_limit} "
+              f"batch sizes and token choices in one process (torch._dynamo.config.recompile_limit), decode steps "
+              f"run uncompiled")
+    return {}
 
 
 @functools.cache  # a process's torch does not change: asked once, not at every step of transformers' loop

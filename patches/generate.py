@@ -81,13 +81,13 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
     if self.config._attn_implementation != NAME or self.config.is_encoder_decoder:
         return result
     cache = model_kwargs.get(CACHE_NAME)
+    bound = _prepare_cache_signature.bind(self, generation_config, model_kwargs, *args, **kwargs).arguments
     if given is None and type(cache) is DynamicCache and generation_config.cache_implementation is None:
         reason = PagedCache.why_not_for(self.config)
         if reason is not None:
             warn_once(f"generate() keeps transformers' cache for {type(self).__name__} (no PagedCache, CUDA graphs or "
                       f"chunked prefill): {reason}")
             return result
-        bound = _prepare_cache_signature.bind(self, generation_config, model_kwargs, *args, **kwargs).arguments
         copies = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         sequences = bound["batch_size"] * copies
         pages_per_sequence = -(-bound["max_cache_length"] // PAGE_SIZE)
@@ -95,10 +95,23 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
     elif cache is None and generation_config.use_cache and any(isinstance(v, Cache) for v in model_kwargs.values()):
         warn_once(f"generate() keeps its cache under another name than {CACHE_NAME!r} in this transformers release, "
                   f"so it runs on transformers' own cache: no PagedCache, CUDA graphs or chunked prefill")
-    if (generation_config.num_beams or 1) > 1 and self._valid_auto_compile_criteria(model_kwargs, generation_config):
+    cache = model_kwargs.get(CACHE_NAME)
+    if isinstance(cache, PagedCache) and cache.cuda_graphs and not generation_config.disable_compile:
+        _say_what_runs_eagerly(self, generation_config, bound.get("generation_mode"))
+    return result
+
+
+def _say_what_runs_eagerly(model, generation_config, mode):
+    """Log (once) the decode steps over a PagedCache that hf_flash's compiled loop and CUDA graphs do not cover."""
+    if not graphs_run_on(model.device):
+        warn_once(f"decode steps on {model.device.type} run eagerly: hf_flash's compiled decode loop and its CUDA "
+                  f"graphs are CUDA-only")
+    elif (generation_config.num_beams or 1) > 1:
         warn_once("beam search runs its decode steps eagerly, not as CUDA graphs: transformers' beam search calls the "
                   "model itself, not its compiled call")
-    return result
+    elif mode is not None and getattr(mode, "value", mode) == "assisted_generation":
+        warn_once("assisted decoding checks its candidates (several tokens a sequence) eagerly; the assistant's own "
+                  "steps are replayed as CUDA graphs")
 
 
 def _default_cache(model, num_pages):
@@ -110,6 +123,9 @@ def _default_cache(model, num_pages):
     cache = PagedCache(model.config, page_size=PAGE_SIZE, grow=True, num_pages=num_pages)
     if kept is not None and kept[0]() is None:  # take_pools lets them go at the first step if they do not fit
         cache.take_pools(kept[1])
+    elif kept is not None:
+        warn_once("generate() makes new K/V pools (and captures its CUDA graphs anew) while the last call's output "
+                  "still holds that call's cache: its pools serve the next call once nothing holds the output")
     _kept[model] = (weakref.ref(cache), cache.layers)
     return cache
 
@@ -129,8 +145,12 @@ def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
         chunk = min(chunk, -(-prompt // (2 * PAGE_SIZE)) * PAGE_SIZE)  # half the prompt, in whole pages
     # Asked for the prompt's hidden states or attentions, transformers' chunked prefill returns the last chunk's only.
     per_token_outputs = generation_config.output_hidden_states or generation_config.output_attentions
+    held = cache.get_seq_length() if isinstance(cache, PagedCache) else 0
+    if held and prompt - held > chunk:
+        # transformers 5.17 chunks the whole conversation's ids, history included, not the ones the cache lacks.
+        warn_once("a chat's next turn on a PagedCache holding tokens is prefilled in one forward, not in chunks")
     if not (isinstance(cache, PagedCache) and generation_config.prefill_chunk_size is None
-            and cache.get_seq_length() == 0 and prompt > chunk and not per_token_outputs
+            and not held and prompt > chunk and not per_token_outputs
             and all(name in _TEXT_INPUTS for name, value in model_kwargs.items() if isinstance(value, torch.Tensor))):
         return _original_prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
     generation_config.prefill_chunk_size = chunk

@@ -201,10 +201,13 @@ def test_a_next_turn_hiding_stored_tokens_is_refused(device):
     assert torch.equal(got.sequences, want.sequences)
 
 
-def test_a_call_without_a_cache_takes_over_the_last_ones_pools_and_graphs(device):
+def test_a_call_without_a_cache_takes_over_the_last_ones_pools_and_graphs(device, caplog):
     """generate() without a cache, twice at one size, the first output dropped: the second call's cache takes over the
     first's pools and the step graphs captured over them, and gives sdpa's tokens. An output the caller keeps is not
-    taken over (its cache is left as it was); a call of another size frees the kept pools; release_kept_pools too."""
+    taken over (its cache is left as it was); a call of another size frees the kept pools; release_kept_pools too.
+    Either miss is logged: new pools mean new graphs."""
+    transformers.utils.logging.warning_once.cache_clear()
+    caplog.set_level(logging.WARNING, logger="hf_flash")
     model, reference = tiny_model("llama")
     model.to(device)
     ids, mask = (t.to(device) for t in left_padded_batch([9, 4]))
@@ -221,6 +224,7 @@ def test_a_call_without_a_cache_takes_over_the_last_ones_pools_and_graphs(device
     third = _same_tokens_as_sdpa(model, reference, ids, mask, greedy)
     assert cache_of(third).layers[0].keys is not pools
     assert kept_cache.page_table.lengths == lengths and torch.equal(pools, contents)
+    assert any("still holds that call's cache" in r.getMessage() for r in caplog.records)
 
     del second, kept_cache, pools, contents
     kept_pools = weakref.ref(cache_of(third).layers[0].keys)
@@ -230,6 +234,7 @@ def test_a_call_without_a_cache_takes_over_the_last_ones_pools_and_graphs(device
     longer = _same_tokens_as_sdpa(model, reference, ids, mask, {**greedy, "max_new_tokens": 40})
     gc.collect()
     assert kept_pools() is None  # another size: not taken over, freed
+    assert any("do not fit this cache" in r.getMessage() for r in caplog.records)
     kept_pools = weakref.ref(cache_of(longer).layers[0].keys)
     del longer
     hf_flash.release_kept_pools(model)
@@ -302,6 +307,27 @@ def test_beam_search_says_its_steps_run_eagerly(device, caplog):
     assert any("beam search runs its decode steps eagerly" in r.getMessage() for r in caplog.records)
 
 
+def test_steps_that_run_eagerly_are_said(device, caplog, monkeypatch):
+    """What hf_flash's compiled loop and CUDA graphs do not cover is logged: assisted decoding's candidate checks
+    (several tokens a sequence), and every step on a device without CUDA graphs. The tokens are sdpa's."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    assistant, _ = tiny_model("llama")
+    assistant.to(device).set_attn_implementation("hf_flash")
+    ids, mask = (t.to(device) for t in left_padded_batch([8]))
+    want = _generate(model, reference, ids, mask, do_sample=False).sequences
+    cases = [({"assistant_model": assistant}, "assisted decoding checks its candidates"),
+             ({}, f"decode steps on {device} run eagerly")]
+    for options, said in cases:
+        if not options:  # as on a device without CUDA graphs
+            monkeypatch.setattr(generate_patch, "graphs_run_on", lambda device: False)
+        transformers.utils.logging.warning_once.cache_clear()
+        with caplog.at_level(logging.WARNING, logger="hf_flash"):
+            got = _generate(model, "hf_flash", ids, mask, do_sample=False, **options)
+        assert torch.equal(got.sequences, want)
+        assert any(said in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 def test_an_interrupted_step_leaves_the_callers_cache_as_it_was(device, monkeypatch):
     """An interrupt in the fourth step of the loop, after the step ran (its tokens are in the pages): generate()
     raises it, the runner aborts the step, and the caller's cache holds exactly what it held before the call
@@ -356,6 +382,24 @@ def test_the_whole_step_compiles_without_a_graph_break(monkeypatch):
         torch._dynamo.reset()
     # One compile (dynamo may restart its trace once, after a shape it found static), none for the second call.
     assert 1 <= first <= 2 and counter.frame_count == first, (first, counter.frame_count)
+
+
+def test_more_batch_sizes_than_torchs_recompile_limit_stay_compiled(monkeypatch):
+    """Each batch size compiles the step anew; past torch's default of 8 compiles a function, dynamo would run every
+    further one uncompiled, unsaid. The steps' own limit keeps the tenth batch size compiled."""
+    counter = CompileCounterWithBackend("eager")
+    monkeypatch.setitem(graphs.COMPILE_BACKENDS, "cpu", counter)
+    monkeypatch.setattr(graphs, "_compiled", {})
+    torch._dynamo.reset()
+    model, _ = tiny_model("llama")
+    try:
+        for batch in range(1, 11):
+            compiled_before = counter.frame_count
+            ids = torch.randint(1, 128, (batch, 4))
+            _generate(model, "hf_flash", ids, torch.ones_like(ids), do_sample=False, max_new_tokens=3)
+            assert counter.frame_count > compiled_before, f"batch {batch} ran uncompiled"
+    finally:
+        torch._dynamo.reset()
 
 
 def test_a_call_with_another_compile_config_gets_its_own_step_graphs(monkeypatch):

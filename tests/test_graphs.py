@@ -177,6 +177,26 @@ def test_long_prompts_are_prefilled_in_two_chunks_at_least(monkeypatch, lengths,
     assert torch.equal(got.sequences, _generate(model, reference, ids, mask, new=4).sequences)
 
 
+def test_a_long_next_turn_is_prefilled_whole_and_says_so(monkeypatch, caplog):
+    """A chat's next turn on a caller's cache holding tokens: transformers 5.17 would chunk the whole conversation's
+    ids, history included, so the tokens the cache lacks go in one forward, and the log says so; sdpa's tokens."""
+    monkeypatch.setattr(generate_patch, "TWO_CHUNKS_FROM", 40)
+    transformers.utils.logging.warning_once.cache_clear()
+    model, reference = tiny_model("qwen3")
+    ids, mask = left_padded_batch([9])
+    cache, dynamic = PagedCache(model.config, page_size=4), transformers.DynamicCache(config=model.config)
+    first = _generate(model, "hf_flash", ids, mask, new=4, **{CACHE_NAME: cache}).sequences
+    assert torch.equal(first, _generate(model, reference, ids, mask, new=4, **{CACHE_NAME: dynamic}).sequences)
+    turn = torch.cat([first, torch.randint(1, 128, (1, 40))], 1)  # 41 tokens the cache lacks: the last answer's too
+    with caplog.at_level(logging.WARNING, logger="hf_flash"):
+        got, seen = _generate_with_forward_widths(model, turn, torch.ones_like(turn), new=4, **{CACHE_NAME: cache})
+    assert seen[:2] == [41, 1]
+    assert any("next turn on a PagedCache holding tokens is prefilled in one forward" in r.getMessage()
+               for r in caplog.records)
+    want = _generate(model, reference, turn, torch.ones_like(turn), new=4, **{CACHE_NAME: dynamic})
+    assert torch.equal(got.sequences, want.sequences)
+
+
 @pytest.mark.parametrize("asked", ["output_hidden_states", "output_attentions"])
 def test_prompts_are_prefilled_whole_when_their_per_token_outputs_are_asked_for(monkeypatch, asked):
     """transformers' chunked prefill returns the last chunk's hidden states and attentions only: asked for them, a
