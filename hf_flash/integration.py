@@ -88,7 +88,12 @@ def hf_flash_attention_forward(module, query, key, value, attention_mask, **kwar
                          f"attn_implementation='sdpa' or 'eager'")
     if isinstance(key, PagedKV):
         return paged_attention_forward(module, query, key, attention_mask, **kwargs), None
-    return flash_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    try:
+        return flash_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    except StopIteration as e:  # escaping a forward, it would silently end a caller's loop over batches
+        raise RuntimeError("transformers' flash path takes the dtype for fp32 inputs from an nn.Linear of the "
+                           "attention module, and this one has none (GPT-2's Conv1D, say): run the model in fp16 or "
+                           "bf16, or with attn_implementation='sdpa'") from e
 
 
 def paged_attention_forward(module, query, kv, attention_mask, *, scaling=None, sliding_window=None, softcap=None,
@@ -187,8 +192,19 @@ def continuous_batching_attention_forward(module, query, key, value, attention_m
     return out[None].to(query.dtype), None
 
 
+def attention_mask(*args, use_vmap=False, mask_function=None, **kwargs):
+    """transformers' flash mask function (the 2-D padding mask, or None when there is no padding), refusing the masks
+    it would drop: a model's own deviation from causal attention (image tokens attending both ways, blocks), which
+    transformers builds from extra mask functions (``use_vmap``) or blocks OR-ed onto it."""
+    if use_vmap or getattr(mask_function, "__name__", None) == "or_mask":
+        raise ValueError("this model's attention mask is not causal (tokens attending both ways, such as image "
+                         "tokens, or a mask function of its own), and hf_flash's kernels attend causally, by sliding "
+                         "window or bidirectionally only: use attn_implementation='sdpa' or 'eager'")
+    return flash_attention_mask(*args, **kwargs, **({} if mask_function is None else {"mask_function": mask_function}))
+
+
 def register():
     """Register the attention functions and the mask function under hf_flash's names (idempotent)."""
     AttentionInterface.register(NAME, hf_flash_attention_forward)
     AttentionInterface.register(f"paged|{NAME}", continuous_batching_attention_forward)
-    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    AttentionMaskInterface.register(NAME, attention_mask)

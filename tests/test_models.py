@@ -166,6 +166,43 @@ def test_models_a_paged_cache_cannot_hold_keep_transformers_cache(extra, reason,
                for r in caplog.records)
 
 
+def test_image_tokens_attending_both_ways_are_refused():
+    """Gemma 3's image tokens attend each other both ways: a mask transformers' flash mask function would drop (5.17
+    loads the model for flash attention; 5.25 lets its text model take hf_flash by a dict). Refused, naming sdpa;
+    the same model on text alone runs, with sdpa's logits."""
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                layer_types=["sliding_attention", "full_attention"], pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    ids = torch.randint(1, 290, (1, 16))
+    ids[0, 3], ids[0, 4:8], ids[0, 8] = 297, 299, 298
+    image = {"pixel_values": torch.randn(1, 3, 28, 28), "token_type_ids": (ids == 299).long()}
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        model.set_attn_implementation({"text_config": "hf_flash", "vision_config": "sdpa"})
+        with pytest.raises(ValueError, match="attention mask is not causal.*attn_implementation='sdpa'"):
+            model(input_ids=ids, **image)
+        torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-4, rtol=0)
+
+
+def test_an_fp32_model_without_linear_attention_layers_says_why():
+    """transformers' flash path picks the dtype of fp32 inputs from an nn.Linear of the attention module; GPT-2's
+    Conv1D has none and its StopIteration, escaping the forward, would silently end a caller's loop over batches.
+    A RuntimeError says what to do; in fp16 the model runs."""
+    config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="hf_flash").eval()
+    ids = torch.randint(1, 128, (2, 9))
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="nn.Linear.*fp16 or bf16"):
+            list(map(lambda batch: model(batch[None]).logits, ids))
+        model.half()
+        assert torch.isfinite(model(ids).logits).all()
+
+
 def test_generate_through_triton_kernels(device):
     """The same generate, with every attention call forced through the Triton kernels (interpreter on CPU)."""
     model, _ = tiny_model("qwen2")
