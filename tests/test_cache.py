@@ -6,6 +6,7 @@ for one test that runs the Triton kernels (interpreter).
 The bookkeeping tests read the cache's page table (``page_table.pages``, ``.lengths``, ``.refs``): it is what is being
 tested. Every step also checks the attention output against the float64 reference over the keys the test
 itself stored, so wrong pages show up as wrong attention, not only as wrong lists."""
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -109,10 +110,14 @@ def test_greedy_generate_matches_dynamic_cache(family, page_size, device):
     assert cache.memory_stats()["pages_free"] == 0
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_a_second_generate_continues_the_cache(family, device):
+@pytest.mark.parametrize(("family", "first_turn_mode"), [("llama", contextlib.nullcontext),
+                                                       ("mistral", contextlib.nullcontext),
+                                                       ("llama", torch.inference_mode)],
+                         ids=["llama", "mistral", "llama-first-turn-in-inference-mode"])
+def test_a_second_generate_continues_the_cache(family, first_turn_mode, device):
     """A chat's next turn: the same cache passed again with the conversation so far plus new prompt tokens. Only the
-    tokens the cache lacks are run (the last answer token and the new ones); the answer must equal DynamicCache's."""
+    tokens the cache lacks are run (the last answer token and the new ones); the answer must equal DynamicCache's.
+    Pools made under torch.inference_mode() are ordinary tensors, which a next turn outside it writes."""
     model, reference = tiny_model(family)
     model.to(device)
     ids, mask = (t.to(device) for t in left_padded_batch([12, 5]))
@@ -120,7 +125,8 @@ def test_a_second_generate_continues_the_cache(family, device):
     outs = {}
     for impl, cache in ((reference, transformers.DynamicCache(config=model.config)),
                         ("hf_flash", PagedCache(model.config, page_size=4))):
-        first = _generate(model, impl, ids, mask, new=7, do_sample=False, cache=cache)
+        with first_turn_mode():
+            first = _generate(model, impl, ids, mask, new=7, do_sample=False, cache=cache)
         turn = torch.cat([first, more], dim=1)
         outs[impl] = _generate(model, impl, turn, torch.cat([mask, torch.ones_like(turn[:, mask.shape[1]:])], dim=1),
                                new=9, do_sample=False, cache=cache)
@@ -129,25 +135,13 @@ def test_a_second_generate_continues_the_cache(family, device):
     assert cache.page_table.lengths == [12 + 7 + 6 + 9 - 1, 5 + 7 + 6 + 9 - 1]  # pads never stored
 
 
-def test_turns_under_inference_mode_and_outside_it(device):
-    """Pools made under torch.inference_mode() are ordinary tensors: a caller's next turn outside it, and the next
-    generate() taking over the kept pools of one made inside it, write them (inference tensors would refuse), with
-    DynamicCache's tokens."""
-    model, reference = tiny_model("llama")
+def test_kept_pools_made_under_inference_mode_serve_the_next_call(device):
+    """The next generate() outside inference mode takes over the kept pools of one made inside it, and writes them."""
+    model, _ = tiny_model("llama")
     model.to(device)
     ids, mask = (t.to(device) for t in left_padded_batch([7, 4]))
-    more = torch.randint(1, 128, (2, 3), device=device)
-    outs = {}
-    for impl, cache in ((reference, transformers.DynamicCache(config=model.config)),
-                        ("hf_flash", PagedCache(model.config, page_size=4))):
-        with torch.inference_mode():
-            first = _generate(model, impl, ids, mask, do_sample=False, cache=cache)
-        turn = torch.cat([first, more], dim=1)
-        outs[impl] = _generate(model, impl, turn, torch.cat([mask, torch.ones_like(turn[:, mask.shape[1]:])], dim=1),
-                               do_sample=False, cache=cache)
-    assert torch.equal(outs["hf_flash"], outs[reference])
     with torch.inference_mode():
-        inside = _generate(model, "hf_flash", ids, mask, do_sample=False)  # its pools are kept for the next call
+        inside = _generate(model, "hf_flash", ids, mask, do_sample=False)
     assert torch.equal(_generate(model, "hf_flash", ids, mask, do_sample=False), inside)
 
 
