@@ -31,9 +31,10 @@ def _pinned(host_tensor, device):
     return host_tensor.pin_memory() if device.type == "cuda" else host_tensor
 
 
-def _normal_tensors():
-    """Pools made under ``torch.inference_mode()`` would be inference tensors, which no later step outside it may
-    write: a caller's next turn, or the next generate() call taking over kept pools."""
+def normal_tensors():
+    """Tensors made in here are ordinary even under ``torch.inference_mode()``: pools and a graph's static buffers
+    made there would be inference tensors, which no later step outside it may write (a caller's next turn, the next
+    generate() call taking over kept pools and the graphs over them)."""
     return torch.inference_mode(False)
 
 
@@ -112,7 +113,7 @@ class PagedLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states, value_states):
         # On the key states' device: under device_map each layer's pages stay beside its weights.
-        with _normal_tensors():
+        with normal_tensors():
             self.keys = key_states.new_zeros(self.cache.pool_shape(key_states))
             self.values = torch.zeros_like(self.keys)
         self.is_initialized = True
@@ -270,7 +271,7 @@ class PagedCache(Cache):
 
     def _grow_pools(self, needed):
         extra = max(self.num_pages, needed)
-        with _normal_tensors():
+        with normal_tensors():
             for layer in self.layers:
                 if layer.is_initialized:
                     layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((extra, *layer.keys.shape[1:]))])

@@ -31,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import ops
-from .cache import PagedCache, copy_from_host
+from .cache import PagedCache, copy_from_host, normal_tensors
 from .internals import CACHE_NAME, warn_once
 
 # The arguments of a decode step that a graph reproduces; a step with any other argument set runs eagerly.
@@ -249,7 +249,8 @@ def _run(step, key, cache, plan, input_ids, position_ids):
     key = (model_id, batch, plan.num_splits, what, cache.num_pages)
     graphs = _captured.setdefault(cache.layers[0].keys, {})
     if key not in graphs:
-        graphs[key] = _StepGraph(cache, batch, device)
+        with normal_tensors():  # later steps outside inference mode write them
+            graphs[key] = _StepGraph(cache, batch, device)
     step_graph = graphs[key]
     step_graph.load(plan, input_ids, position_ids, device)
     if step_graph.graph is None:
@@ -268,7 +269,8 @@ def _first_run(step, step_graph, device):
         # running the next one reads the next one's, here as on CUDA.
         output = step(step_graph.input_ids, step_graph.position_ids)
         if step_graph.output is None:
-            step_graph.output = output
+            with normal_tensors():
+                step_graph.output = output.clone()
         else:
             step_graph.output.copy_(output)
         return step_graph.output

@@ -192,15 +192,17 @@ def continuous_batching_attention_forward(module, query, key, value, attention_m
     return out[None].to(query.dtype), None
 
 
-def attention_mask(*args, use_vmap=False, mask_function=None, **kwargs):
+def attention_mask(*args, mask_function=None, config=None, **kwargs):
     """transformers' flash mask function (the 2-D padding mask, or None when there is no padding), refusing the masks
-    it would drop: a model's own deviation from causal attention (image tokens attending both ways, blocks), which
-    transformers builds from extra mask functions (``use_vmap``) or blocks OR-ed onto it."""
-    if use_vmap or getattr(mask_function, "__name__", None) == "or_mask":
+    it would drop: spans a causal model's own mask opens both ways (image tokens, blocks), which transformers ORs onto
+    the causal mask. A model whose attention is bidirectional (EmbeddingGemma) is attended so by the flash path."""
+    bidirectional = getattr(config, "use_bidirectional_attention", False) or not getattr(config, "is_causal", True)
+    if getattr(mask_function, "__name__", None) == "or_mask" and not bidirectional:
         raise ValueError("this model's attention mask is not causal (tokens attending both ways, such as image "
                          "tokens, or a mask function of its own), and hf_flash's kernels attend causally, by sliding "
                          "window or bidirectionally only: use attn_implementation='sdpa' or 'eager'")
-    return flash_attention_mask(*args, **kwargs, **({} if mask_function is None else {"mask_function": mask_function}))
+    return flash_attention_mask(*args, **kwargs, **({} if mask_function is None else {"mask_function": mask_function}),
+                                **({} if config is None else {"config": config}))
 
 
 def register():

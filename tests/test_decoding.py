@@ -201,6 +201,30 @@ def test_a_next_turn_hiding_stored_tokens_is_refused(device):
     assert torch.equal(got.sequences, want.sequences)
 
 
+def test_steps_under_inference_mode_leave_buffers_a_next_call_can_write(device):
+    """A call under torch.inference_mode() through hf_flash's loop makes the step's static buffers and the pools; a
+    chat's next turn outside it on the caller's cache, and a next call without a cache taking over the kept pools and
+    graphs, write them: sdpa's tokens."""
+    model, reference = tiny_model("llama")
+    model.to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch([7, 4]))
+    greedy = {"do_sample": False, "eos_token_id": None}
+    with torch.inference_mode():
+        inside = _same_tokens_as_sdpa(model, reference, ids, mask, greedy)
+    del inside
+    _same_tokens_as_sdpa(model, reference, ids, mask, greedy)  # takes over the kept pools and graphs
+    cache, dynamic = PagedCache(model.config, page_size=4), transformers.DynamicCache(config=model.config)
+    with torch.inference_mode():
+        first = _generate(model, "hf_flash", ids, mask, **greedy, **{CACHE_NAME: cache}).sequences
+    assert _steps_of_the_loop(cache)
+    turn = torch.cat([first, torch.randint(1, 128, (2, 3), device=device)], 1)
+    turn_mask = torch.cat([mask, torch.ones_like(turn[:, mask.shape[1]:])], 1)
+    got = _generate(model, "hf_flash", turn, turn_mask, **greedy, **{CACHE_NAME: cache})
+    _generate(model, reference, ids, mask, **greedy, **{CACHE_NAME: dynamic})
+    want = _generate(model, reference, turn, turn_mask, **greedy, **{CACHE_NAME: dynamic})
+    assert torch.equal(got.sequences, want.sequences)
+
+
 def test_a_call_without_a_cache_takes_over_the_last_ones_pools_and_graphs(device, caplog):
     """generate() without a cache, twice at one size, the first output dropped: the second call's cache takes over the
     first's pools and the step graphs captured over them, and gives sdpa's tokens. An output the caller keeps is not

@@ -189,6 +189,25 @@ def test_image_tokens_attending_both_ways_are_refused():
         torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-4, rtol=0)
 
 
+def test_a_bidirectional_gemma3_encoder_matches_sdpa():
+    """EmbeddingGemma's encoder (use_bidirectional_attention) ORs a both-ways span onto the causal mask too, but its
+    attention is bidirectional, with a two-sided window on sliding layers: the flash path attends so, with sdpa's
+    states, where a causal model's OR-ed spans are refused."""
+    config = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"], use_bidirectional_attention=True, pad_token_id=0)
+    model = transformers.Gemma3TextModel(config).eval()
+    ids, mask = torch.randint(1, 128, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0
+    states = {}
+    for impl in ("sdpa", "hf_flash"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            states[impl] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(states["hf_flash"][mask.bool()], states["sdpa"][mask.bool()], atol=1e-4, rtol=0)
+
+
 def test_an_fp32_model_without_linear_attention_layers_says_why():
     """transformers' flash path picks the dtype of fp32 inputs from an nn.Linear of the attention module; GPT-2's
     Conv1D has none and its StopIteration, escaping the forward, would silently end a caller's loop over batches.
