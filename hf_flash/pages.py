@@ -26,7 +26,8 @@ untouched:
     The whole table, for a transaction spanning many steps (``generate()`` on a caller's cache).
 ``pin()`` / ``unpin(snapshot)``
     A snapshot whose pages stay allocated until it is unpinned (or restored): pages the transaction's steps release
-    (beams dropped by a fork, a crop) are not reused for new tokens, so ``restore`` finds their contents intact.
+    (beams dropped by a fork, a crop) are not reused for new tokens, and a step writing into the rows of a page that
+    the pin holds (after a crop below them) writes a copy, so ``restore`` finds their contents intact.
 ``add_pages(count)``
     The pools grew by ``count`` pages.
 """
@@ -45,6 +46,7 @@ class Snapshot(typing.NamedTuple):
     num_pages: int
     refs: list
     pinned: list
+    held: list
     free: list
     pages: list
     lengths: list
@@ -70,6 +72,7 @@ class PageTable:
         self.num_pages = 0
         self.refs, self.free = [], []
         self.pinned = []  # per page, the pins among its references (no sequence reads or writes through those)
+        self.held = []  # per page, how many of its leading rows a pin holds (0: none)
         self.pages, self.lengths = [], []
         self.pads = []  # per sequence, its padded positions in increasing order
         self.seen = 0
@@ -92,11 +95,14 @@ class PageTable:
         if not self.pages:
             return sum(self.pages_for(n) for n in new_tokens)
         grow = sum(self.pages_for(n + new) - len(p) for n, new, p in zip(self.lengths, new_tokens, self.pages))
-        writers = {}
+        writers, over_held = {}, set()
         for b, page in self._shared_partial_pages(new_tokens):
             writers[page] = writers.get(page, 0) + 1
-        # A shared page written by all of its sharers needs one copy fewer: the last writer keeps the page itself.
-        return grow + sum(w if w < self._sharers(p) else w - 1 for p, w in writers.items())
+            if self._over_held(b, page):
+                over_held.add(page)
+        # A shared page written by all of its sharers needs one copy fewer: the last writer keeps the page itself
+        # (unless a pin holds the rows written: then every writer copies, at worst one page more than needed).
+        return grow + sum(w if w < self._sharers(p) or p in over_held else w - 1 for p, w in writers.items())
 
     def slots(self, b, start, count):
         """Pool slots (``page * page_size + row``) of positions ``start .. start + count - 1`` of sequence ``b``."""
@@ -104,7 +110,7 @@ class PageTable:
         return [pages[pos // ps] * ps + pos % ps for pos in range(start, start + count)]
 
     def snapshot(self):
-        return Snapshot(self.num_pages, list(self.refs), list(self.pinned), list(self.free),
+        return Snapshot(self.num_pages, list(self.refs), list(self.pinned), list(self.held), list(self.free),
                         [list(p) for p in self.pages], list(self.lengths), [list(p) for p in self.pads], self.seen)
 
     # ----------------------------------------------------------------------------------------- transitions
@@ -113,6 +119,7 @@ class PageTable:
         """Make ``count`` more page ids (the pools grew); new pages are taken first."""
         self.refs += [0] * count
         self.pinned += [0] * count
+        self.held += [0] * count
         self.free = list(range(self.num_pages + count - 1, self.num_pages - 1, -1)) + self.free
         self.num_pages += count
 
@@ -140,7 +147,7 @@ class PageTable:
         step = StepChanges(first=first, q_len=q_len, lengths_before=list(self.lengths),
                            pads_before=None if pads is None else [len(p) for p in self.pads], copies=[], appended=[])
         for b, shared in self._shared_partial_pages(new_tokens):
-            if self._sharers(shared) > 1:  # the last of the sharers keeps the page itself
+            if self._sharers(shared) > 1 or self._over_held(b, shared):  # the last sharer keeps it, if no pin holds
                 fresh = self._take()
                 self.refs[shared] -= 1
                 self.pages[b][-1] = fresh
@@ -210,9 +217,11 @@ class PageTable:
     def pin(self):
         """``snapshot()``, its pages held until ``unpin`` or ``restore`` of it."""
         snapshot = self.snapshot()
-        for page in (page for pages in self.pages for page in pages):
-            self.refs[page] += 1
-            self.pinned[page] += 1
+        for pages, length in zip(self.pages, self.lengths):
+            for i, page in enumerate(pages):
+                self.refs[page] += 1
+                self.pinned[page] += 1
+                self.held[page] = max(self.held[page], min(self.page_size, length - i * self.page_size))
         return snapshot
 
     def unpin(self, snapshot):
@@ -220,13 +229,16 @@ class PageTable:
         for pages in snapshot.pages:
             for page in pages:
                 self.pinned[page] -= 1
+                if not self.pinned[page]:
+                    self.held[page] = 0
             self._release(pages)
 
     def restore(self, snapshot):
         """Back to ``snapshot()``'s state (a pin's included: its pins are gone); pages made since stay, free."""
-        num_pages, refs, pinned, free, pages, lengths, pads, seen = snapshot
+        num_pages, refs, pinned, held, free, pages, lengths, pads, seen = snapshot
         self.refs = refs + [0] * (self.num_pages - num_pages)
         self.pinned = pinned + [0] * (self.num_pages - num_pages)
+        self.held = held + [0] * (self.num_pages - num_pages)
         self.free = list(range(self.num_pages - 1, num_pages - 1, -1)) + free
         self.pages, self.lengths, self.seen, self.open_step = [list(p) for p in pages], list(lengths), seen, None
         self.pads = [list(p) for p in pads]
@@ -243,7 +255,11 @@ class PageTable:
         if not self.pages:
             return []
         return [(b, p[-1]) for b, (p, n, new) in enumerate(zip(self.pages, self.lengths, new_tokens))
-                if new and n % self.page_size and self._sharers(p[-1]) > 1]
+                if new and n % self.page_size and (self._sharers(p[-1]) > 1 or self._over_held(b, p[-1]))]
+
+    def _over_held(self, b, page):
+        """Whether sequence ``b``'s next token goes into rows of ``page`` that a pin holds (after a crop below them)."""
+        return self.lengths[b] % self.page_size < self.held[page]
 
     def _sharers(self, page):
         """The sequences holding ``page`` (its references less the pins)."""

@@ -129,6 +129,17 @@ def test_a_pinned_snapshots_pages_are_not_reused_until_unpinned():
     table.restore(pin)
     assert table.pages == pin.pages and table.pinned == [0] * 16
     check_invariants(table)
+    # A crop below the rows a pin holds, then a step: the step writes a copy of the page, never the pinned rows.
+    pin = table.pin()
+    table.crop(table.seen - 2)
+    kept_page = table.pages[0][-1]
+    assert table.lengths[0] % 4 and table.held[kept_page] > table.lengths[0] % 4  # the crop cut into a held page
+    step = table.begin_step([1, 1], 1)
+    assert (0, kept_page) == step.copies[0][:2] and table.pages[0][-1] != kept_page
+    table.commit_step()
+    table.restore(pin)
+    assert table.pages == pin.pages and table.held == [0] * 16
+    check_invariants(table)
 
 
 def test_a_step_needing_more_than_the_free_pages_changes_nothing():
