@@ -38,6 +38,16 @@ def normal_tensors():
     return torch.inference_mode(False)
 
 
+def _int_or_none(value):
+    """``value`` as an int if it is one (numpy's and 0-d tensors' too, as DynamicCache takes them), not a bool."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def to_device(host_tensor, device):
     """Copy host bookkeeping to ``device`` without a sync."""
     return _pinned(host_tensor, device).to(device, non_blocking=True)
@@ -302,9 +312,11 @@ class PagedCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Called by each attention layer with its new ``[B, H_kv, S, D]`` states; returns a ``PagedKV`` view
         (twice, for the model's ``key, value`` unpacking). The attention function stores and attends."""
-        if not isinstance(layer_idx, int) or not 0 <= layer_idx < self.num_layers:
+        index = _int_or_none(layer_idx)
+        if index is None or not 0 <= index < self.num_layers:
             raise ValueError(f"layer_idx {layer_idx!r} is out of range: this PagedCache was made for a model with "
                              f"{self.num_layers} layers")
+        layer_idx = index
         self._check_states(key_states, value_states, layer_idx)
         layer = self.layers[layer_idx]
         if layer.is_initialized and key_states.device != layer.keys.device:
@@ -521,10 +533,11 @@ class PagedCache(Cache):
         self.page_table.fork(self._sequences("beam_idx", beam_idx))
 
     def batch_repeat_interleave(self, repeats):
-        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        count = _int_or_none(repeats)
+        if count is None or count < 1:
             raise ValueError(f"repeats must be a positive int, got {repeats!r}")
         self._abandon_open_step()
-        self.page_table.fork([b for b in range(self.batch_size) for _ in range(repeats)])
+        self.page_table.fork([b for b in range(self.batch_size) for _ in range(count)])
 
     def batch_select_indices(self, indices):
         self.page_table.fork(self._sequences("indices", indices))

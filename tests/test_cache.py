@@ -493,12 +493,26 @@ def test_copy_on_write_fits_a_pool_with_exactly_the_pages_needed():
     assert cache.memory_stats()["pages_free"] == 0
 
 
+def test_update_takes_the_layer_index_as_dynamic_cache_does():
+    """An int of numpy's or a 0-d tensor names a layer as an int does; past the layers, or a bool, is refused."""
+    import numpy as np
+
+    cache = _cache()
+    k = torch.randn(1, KV_HEADS, 3, HEAD_DIM)
+    for index in (np.int64(1), torch.tensor(1)):
+        view, _ = cache.update(k, k, index)
+        assert view.layer_idx == 1 and type(view.layer_idx) is int
+    for bad in (2, -1, True, 1.0):
+        with pytest.raises(ValueError, match="layer_idx .* is out of range"):
+            cache.update(k, k, bad)
+
+
 def test_batch_repeat_interleave_and_select_indices():
     cache = _cache(num_pages=32)
     shadow = Shadow(cache, 2)
     shadow.step(5, valid=[5, 3])
     used = cache.memory_stats()["pages_used"]
-    cache.batch_repeat_interleave(3)
+    cache.batch_repeat_interleave(torch.tensor(3))  # a 0-d tensor (or numpy's int) as DynamicCache takes it
     shadow.select([0, 0, 0, 1, 1, 1])
     shadow.check()
     assert cache.batch_size == 6 and cache.memory_stats()["pages_used"] == used

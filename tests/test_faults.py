@@ -201,6 +201,7 @@ def test_a_cache_made_for_another_model_is_refused_before_any_change(change, dev
     ("batch_select_indices", [5], IndexError, "indices"),
     ("batch_select_indices", [], ValueError, "selects no sequence"),
     ("batch_repeat_interleave", 0, ValueError, "repeats must be a positive int"),
+    ("batch_repeat_interleave", 2.0, ValueError, "repeats must be a positive int"),
     ("crop", 1.5, ValueError, "max_length must be an int"),
 ])
 def test_bad_batch_operations_change_nothing(method, bad, error, match):
