@@ -544,10 +544,9 @@ class PagedCache(Cache):
 
     def crop(self, max_length):
         """Drop the newest positions: ``crop(-n)`` removes ``n``; ``crop(n > 0)`` keeps the first ``n``."""
-        try:
-            max_length = operator.index(max_length)  # ints and 0-d integer tensors (transformers 5.17 passes one)
-        except TypeError:
-            raise ValueError(f"max_length must be an int, got {max_length!r}") from None
+        given, max_length = max_length, _int_or_none(max_length)  # transformers 5.17 passes a 0-d tensor
+        if max_length is None:
+            raise ValueError(f"max_length must be an int, got {given!r}")
         self._abandon_open_step()
         seen = self.page_table.seen
         keep = seen + max_length if max_length < 0 else min(max_length, seen)

@@ -23,6 +23,7 @@ import weakref
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.utils import GenerationMixin
 
 from .. import decoding
@@ -109,7 +110,7 @@ def _say_what_runs_eagerly(model, generation_config, mode):
     elif (generation_config.num_beams or 1) > 1:
         warn_once("beam search runs its decode steps eagerly, not as CUDA graphs: transformers' beam search calls the "
                   "model itself, not its compiled call")
-    elif mode is not None and getattr(mode, "value", mode) == "assisted_generation":
+    elif mode == GenerationMode.ASSISTED_GENERATION:
         warn_once("assisted decoding checks its candidates (several tokens a sequence) eagerly; the assistant's own "
                   "steps are replayed as CUDA graphs")
 
